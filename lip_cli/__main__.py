@@ -1,0 +1,3 @@
+from lip_cli.cli import main
+
+main()

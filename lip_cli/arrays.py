@@ -1,0 +1,286 @@
+"""Features and labels on disk: formats, validation and chunked reading.
+
+Formats: `.npy` (memory-mapped), `.npz`, `.pt`/`.pth` (weights_only, memory-mapped where the file
+allows) and `.safetensors` (read slice by slice). A container may hold the labels beside the
+features; otherwise `labels.npy` beside the features file is used.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lip_cli.errors import LipError, first_line
+
+FEATURE_KEYS = ("features", "feats", "embeddings", "x", "X")
+LABEL_KEYS = ("labels", "targets", "label", "y", "Y")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+ARRAY_SUFFIXES = (".npy", ".npz", ".pt", ".pth", ".safetensors")
+
+
+@dataclass(frozen=True)
+class ArraySource:
+    """One array in a file, read by row ranges so that large caches never load whole."""
+
+    path: Path
+    key: str | None
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    reader: Callable[[int, int], Tensor]
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if self.shape else 0
+
+    @property
+    def name(self) -> str:
+        return str(self.path) if self.key is None else f"{self.path}[{self.key}]"
+
+    def read(self, start: int = 0, stop: int | None = None) -> Tensor:
+        stop = self.rows if stop is None else stop
+        try:
+            return self.reader(start, stop)
+        except (OSError, ValueError, RuntimeError) as error:
+            raise LipError(f"{self.name}: cannot read rows {start}-{stop} ({first_line(error)})") from error
+
+
+def _torch_dtype(numpy_dtype: np.dtype, path: Path) -> torch.dtype:
+    try:
+        return torch.from_numpy(np.empty(0, dtype=numpy_dtype)).dtype
+    except TypeError as error:
+        raise LipError(f"{path}: arrays of dtype {numpy_dtype} are not supported") from error
+
+
+def _from_numpy(array: np.ndarray, path: Path, key: str | None) -> ArraySource:
+    return ArraySource(
+        path=path,
+        key=key,
+        shape=tuple(array.shape),
+        dtype=_torch_dtype(array.dtype, path),
+        reader=lambda a, b: torch.from_numpy(np.array(array[a:b])),  # a copy: memmaps are read-only
+    )
+
+
+def _from_tensor(tensor: Tensor, path: Path, key: str | None) -> ArraySource:
+    return ArraySource(
+        path=path, key=key, shape=tuple(tensor.shape), dtype=tensor.dtype, reader=lambda a, b: tensor[a:b]
+    )
+
+
+def _open_npy(path: Path) -> dict[str | None, ArraySource]:
+    array = np.load(path, mmap_mode="r", allow_pickle=False)
+    return {None: _from_numpy(array, path, None)}
+
+
+def _open_npz(path: Path) -> dict[str | None, ArraySource]:
+    with np.load(path, allow_pickle=False) as archive:
+        return {key: _from_numpy(archive[key], path, key) for key in archive.files}
+
+
+def load_torch_file(path: Path) -> object:
+    """torch.load with weights_only=True (memory-mapped where the file format allows it)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as error:
+        raise LipError(
+            f"{path}: holds pickled objects other than tensors and plain containers; lip never runs "
+            "pickled code (weights_only=True). Re-save it from your own code as a state dict "
+            "(torch.save(model.state_dict(), path)) or as .safetensors"
+        ) from error
+    except RuntimeError as error:
+        if "mmap" not in str(error):
+            raise
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _open_torch(path: Path) -> dict[str | None, ArraySource]:
+    content = load_torch_file(path)
+    if isinstance(content, Tensor):
+        return {None: _from_tensor(content, path, None)}
+    if isinstance(content, dict):
+        return {
+            str(key): _from_tensor(value, path, str(key))
+            for key, value in content.items()
+            if isinstance(value, Tensor)
+        }
+    raise LipError(f"{path}: holds a {type(content).__name__}, expected a tensor or a dict of tensors")
+
+
+def _open_safetensors(path: Path) -> dict[str | None, ArraySource]:
+    from safetensors import safe_open
+
+    handle = safe_open(str(path), framework="pt")
+    sources: dict[str | None, ArraySource] = {}
+    for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+        tensor_slice = handle.get_slice(key)
+        dtype = SAFETENSORS_DTYPES.get(tensor_slice.get_dtype())
+        if dtype is None:
+            continue
+        sources[key] = ArraySource(
+            path=path,
+            key=key,
+            shape=tuple(tensor_slice.get_shape()),
+            dtype=dtype,
+            reader=lambda a, b, s=tensor_slice: s[a:b],
+        )
+    return sources
+
+
+OPENERS = {
+    ".npy": _open_npy,
+    ".npz": _open_npz,
+    ".pt": _open_torch,
+    ".pth": _open_torch,
+    ".safetensors": _open_safetensors,
+}
+
+
+def open_arrays(path: Path) -> dict[str | None, ArraySource]:
+    """Every array in a file, by key (None for a file that holds one bare array)."""
+    path = Path(path)
+    if not path.exists():
+        raise LipError(f"{path}: no such file")
+    if path.is_dir():
+        raise LipError(f"{path}: is a folder, expected one of {', '.join(ARRAY_SUFFIXES)}")
+    opener = OPENERS.get(path.suffix.lower())
+    if opener is None:
+        raise LipError(f"{path}: unknown array format; use one of {', '.join(ARRAY_SUFFIXES)}")
+    if path.stat().st_size == 0:
+        raise LipError(f"{path}: file is empty")
+    try:
+        sources = opener(path)
+    except LipError:
+        raise
+    except Exception as error:  # every loader has its own error types for a corrupt file
+        raise LipError(f"{path}: not a readable {path.suffix} file ({first_line(error)})") from error
+    if not sources:
+        raise LipError(f"{path}: holds no arrays")
+    return sources
+
+
+def _pick(sources: dict[str | None, ArraySource], names: tuple[str, ...]) -> ArraySource | None:
+    for name in names:
+        if name in sources:
+            return sources[name]
+    return None
+
+
+def open_features(path: Path) -> tuple[ArraySource, ArraySource | None]:
+    """The features array of a file, and a labels array when the same file holds one."""
+    sources = open_arrays(path)
+    labels = _pick(sources, LABEL_KEYS)
+    features = sources[None] if None in sources else _pick(sources, FEATURE_KEYS)
+    if features is None:
+        others = [key for key in sources if sources[key] is not labels]
+        if len(others) != 1:
+            raise LipError(
+                f"{path}: cannot tell which array holds the features among {sorted(map(str, sources))}; "
+                f"name it one of {', '.join(FEATURE_KEYS)}"
+            )
+        features = sources[others[0]]
+    check_features(features)
+    return features, labels
+
+
+def open_labels(path: Path) -> ArraySource:
+    """The labels array of a file: its only array, or the one named like labels."""
+    sources = open_arrays(path)
+    if len(sources) == 1:
+        return next(iter(sources.values()))
+    labels = _pick(sources, LABEL_KEYS)
+    if labels is None:
+        raise LipError(
+            f"{path}: cannot tell which array holds the labels among {sorted(map(str, sources))}; "
+            f"name it one of {', '.join(LABEL_KEYS)}"
+        )
+    return labels
+
+
+def find_labels(
+    features_path: Path, labels_path: Path | None, embedded: ArraySource | None
+) -> tuple[ArraySource, str]:
+    """The labels for a features file, and where they came from, in the documented order."""
+    if labels_path is not None:
+        return open_labels(labels_path), f"--labels {labels_path}"
+    if embedded is not None:
+        return embedded, f"the features file ({embedded.name})"
+    beside = Path(features_path).parent / "labels.npy"
+    if beside.exists():
+        return open_labels(beside), f"{beside} beside the features"
+    raise LipError(
+        f"{features_path}: no labels found; pass --labels, store a 'labels' array in the features "
+        "file, or put labels.npy beside it"
+    )
+
+
+def check_features(features: ArraySource) -> None:
+    if len(features.shape) != 2:
+        raise LipError(f"{features.name}: features must be 2-D (samples x dims), got shape {features.shape}")
+    if features.dtype not in FLOAT_DTYPES:
+        raise LipError(f"{features.name}: features must be floating point, got {features.dtype}")
+    if features.rows == 0:
+        raise LipError(f"{features.name}: holds no samples")
+
+
+def check_labels(labels: ArraySource, features: ArraySource, num_classes: int) -> None:
+    """Shapes, dtypes and ranges of the labels against the features and the layer."""
+    if labels.rows != features.rows:
+        raise LipError(
+            f"{labels.name}: {labels.rows} labels but {features.rows} feature rows in {features.name}"
+        )
+    if len(labels.shape) == 1:
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise LipError(f"{labels.name}: class labels must be integers, got {labels.dtype}")
+        values = labels.read()
+        low, high = int(values.min()), int(values.max())
+        if low < 0 or high >= num_classes:
+            raise LipError(
+                f"{labels.name}: labels range over {low}..{high} but the layer has {num_classes} "
+                f"classes (0..{num_classes - 1})"
+            )
+    elif len(labels.shape) == 2:
+        if labels.shape[1] != num_classes:
+            raise LipError(
+                f"{labels.name}: label matrix has {labels.shape[1]} columns but the layer has "
+                f"{num_classes} classes"
+            )
+    else:
+        raise LipError(f"{labels.name}: labels must be a class vector or an (n, classes) matrix")
+
+
+def label_classes(labels: ArraySource) -> int | None:
+    """The number of classes a label matrix fixes, or None for class ids (any count above the max)."""
+    return labels.shape[1] if len(labels.shape) == 2 else None
+
+
+def iter_batches(
+    features: ArraySource, labels: ArraySource, chunk_rows: int
+) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """(start row, features, labels) in chunks of `chunk_rows`, checked for NaN and Inf."""
+    for start in range(0, features.rows, chunk_rows):
+        stop = min(start + chunk_rows, features.rows)
+        x = features.read(start, stop)
+        if not bool(torch.isfinite(x).all()):
+            raise LipError(f"{features.name}: rows {start}-{stop - 1} hold NaN or Inf values")
+        y = labels.read(start, stop)
+        if y.dtype.is_floating_point and not bool(torch.isfinite(y).all()):
+            raise LipError(f"{labels.name}: rows {start}-{stop - 1} hold NaN or Inf values")
+        yield start, x, y

@@ -1,0 +1,202 @@
+"""Checkpoints: read them safely, find the classifier layer, write a patched copy atomically.
+
+Formats: a torch state dict in `.pt`/`.pth` (also nested under a key such as `state_dict` or
+`model`, with every other entry kept) loaded with weights_only=True only, and `.safetensors`
+(metadata kept). Every tensor that is not patched is written back bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from lip_cli.arrays import load_torch_file
+from lip_cli.errors import LipError, first_line
+from lip_cli.files import atomic_output
+
+NESTED_KEYS = ("state_dict", "model", "model_state_dict", "module", "net", "network", "weights")
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors")
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: its flat state dict and what is needed to write it back as it was."""
+
+    path: Path
+    format: str  # "pt" or "safetensors"
+    state: dict[str, Tensor]
+    container: object = None  # the whole object of a .pt file
+    nested_key: str | None = None  # where `state` sits inside `container`
+    metadata: dict[str, str] = field(default_factory=dict)  # safetensors header metadata
+
+
+@dataclass(frozen=True)
+class LinearLayer:
+    """A 2-D weight (torch layout: out_features x in_features) and its bias, by module path."""
+
+    name: str
+    weight_key: str
+    bias_key: str | None
+    out_features: int
+    in_features: int
+    dtype: torch.dtype
+
+    @property
+    def shape_text(self) -> str:
+        return f"{self.out_features}x{self.in_features}"
+
+
+def _is_state_dict(value: object) -> bool:
+    return isinstance(value, dict) and any(isinstance(v, Tensor) for v in value.values())
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Read a checkpoint file without running any pickled code."""
+    path = Path(path)
+    if not path.exists():
+        raise LipError(f"{path}: no such file")
+    if path.is_dir():
+        raise LipError(f"{path}: is a folder, expected a {' / '.join(CHECKPOINT_SUFFIXES)} file")
+    suffix = path.suffix.lower()
+    if suffix not in CHECKPOINT_SUFFIXES:
+        raise LipError(f"{path}: unknown checkpoint format; use one of {', '.join(CHECKPOINT_SUFFIXES)}")
+    if path.stat().st_size == 0:
+        raise LipError(f"{path}: file is empty")
+    try:
+        if suffix == ".safetensors":
+            return _load_safetensors(path)
+        return _load_torch(path)
+    except LipError:
+        raise
+    except Exception as error:  # each loader has its own error types for a corrupt file
+        raise LipError(f"{path}: not a readable {suffix} checkpoint ({first_line(error)})") from error
+
+
+def _load_safetensors(path: Path) -> Checkpoint:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata() or {})
+        state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    return Checkpoint(path=path, format="safetensors", state=state, metadata=metadata)
+
+
+def _load_torch(path: Path) -> Checkpoint:
+    content = load_torch_file(path)
+    if _is_state_dict(content):
+        return Checkpoint(path=path, format="pt", state=content, container=content)
+    if isinstance(content, dict):
+        for key in NESTED_KEYS:
+            if _is_state_dict(content.get(key)):
+                return Checkpoint(
+                    path=path, format="pt", state=content[key], container=content, nested_key=key
+                )
+    raise LipError(
+        f"{path}: holds no state dict (a dict of tensors, at the top or under one of "
+        f"{', '.join(NESTED_KEYS)})"
+    )
+
+
+def linear_layers(state: dict[str, Tensor]) -> list[LinearLayer]:
+    """Every 2-D `<name>.weight` in a state dict, with its `<name>.bias` when it fits."""
+    layers = []
+    for key, tensor in state.items():
+        if not isinstance(tensor, Tensor) or tensor.ndim != 2 or not key.endswith("weight"):
+            continue
+        name = key[: -len(".weight")] if key.endswith(".weight") else key
+        bias_key = f"{name}.bias"
+        bias = state.get(bias_key)
+        has_bias = isinstance(bias, Tensor) and tuple(bias.shape) == (tensor.shape[0],)
+        layers.append(
+            LinearLayer(
+                name=name,
+                weight_key=key,
+                bias_key=bias_key if has_bias else None,
+                out_features=int(tensor.shape[0]),
+                in_features=int(tensor.shape[1]),
+                dtype=tensor.dtype,
+            )
+        )
+    return layers
+
+
+def _listing(layers: list[LinearLayer], limit: int = 8) -> str:
+    shown = ", ".join(f"{layer.name} ({layer.shape_text})" for layer in layers[:limit])
+    more = f" and {len(layers) - limit} more" if len(layers) > limit else ""
+    return shown + more if shown else "none"
+
+
+def find_layer(
+    checkpoint: Checkpoint,
+    name: str | None,
+    in_features: int,
+    num_classes: int | None,
+    min_classes: int = 1,
+) -> LinearLayer:
+    """The classifier layer: the one named, or the only 2-D weight that fits the features and labels.
+
+    `num_classes` is fixed by a label matrix; with class ids only `min_classes` (max id + 1) is known.
+    """
+    layers = linear_layers(checkpoint.state)
+    path = checkpoint.path
+    if name is not None:
+        wanted = name[: -len(".weight")] if name.endswith(".weight") else name
+        layer = next((layer for layer in layers if layer.name == wanted), None)
+        if layer is None:
+            if wanted + ".weight" in checkpoint.state or wanted in checkpoint.state:
+                key = wanted + ".weight" if wanted + ".weight" in checkpoint.state else wanted
+                shape = tuple(checkpoint.state[key].shape)
+                raise LipError(f"{path}: `{key}` has shape {shape}; the classifier layer must be 2-D")
+            raise LipError(f"{path}: no layer `{wanted}`; 2-D layers: {_listing(layers)}")
+        if layer.in_features != in_features:
+            raise LipError(
+                f"{path}: `{layer.weight_key}` is {layer.shape_text} (classes x inputs) but the "
+                f"features have {in_features} columns; pass --layer to choose another layer"
+            )
+        return layer
+
+    def fits(layer: LinearLayer) -> bool:
+        if layer.in_features != in_features:
+            return False
+        return layer.out_features == num_classes if num_classes else layer.out_features >= min_classes
+
+    matches = [layer for layer in layers if fits(layer)]
+    if len(matches) == 1:
+        return matches[0]
+    wanted_classes = f"{num_classes}" if num_classes else f"at least {min_classes}"
+    if not matches:
+        raise LipError(
+            f"{path}: no 2-D layer takes {in_features} inputs to {wanted_classes} classes; "
+            f"2-D layers: {_listing(layers)}; pass --layer"
+        )
+    raise LipError(
+        f"{path}: several layers take {in_features} inputs to {wanted_classes} classes: "
+        f"{_listing(matches)}; pass --layer to choose one"
+    )
+
+
+def write_checkpoint(checkpoint: Checkpoint, updates: dict[str, Tensor], output: Path) -> None:
+    """Write the checkpoint with `updates` replacing tensors, in its own format, atomically."""
+    state = type(checkpoint.state)(checkpoint.state)
+    for key, tensor in updates.items():
+        old = state[key]
+        if tensor.shape != old.shape or tensor.dtype != old.dtype:
+            raise ValueError(f"update of {key} changes its shape or dtype")
+        state[key] = tensor.contiguous()
+    with atomic_output(output) as temporary:
+        if checkpoint.format == "safetensors":
+            from safetensors.torch import save_file
+
+            save_file(dict(state), str(temporary), metadata={"format": "pt", **checkpoint.metadata})
+        else:
+            if hasattr(checkpoint.state, "_metadata"):
+                state._metadata = checkpoint.state._metadata  # type: ignore[attr-defined]
+            container: object = state
+            if checkpoint.nested_key is not None:
+                container = type(checkpoint.container)(checkpoint.container)  # type: ignore[call-arg]
+                container[checkpoint.nested_key] = state  # type: ignore[index]
+            with open(temporary, "wb") as handle:
+                torch.save(container, handle)

@@ -1,0 +1,179 @@
+"""The `lip` command: options in, library calls, results out. No numerics here.
+
+Library modules (and so torch) are imported inside the commands so that `lip --help` and shell
+completion stay instant.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lip_cli.errors import EXIT_INTERRUPTED, LipError
+
+app = typer.Typer(
+    name="lip",
+    help=(
+        "Repair the classifier layer of a model trained on noisy labels, with no backprop "
+        "(PSP + LAP, Si et al., arXiv 2505.16159)."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+class Device(StrEnum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class ComputeDtype(StrEnum):
+    float64 = "float64"
+    float32 = "float32"
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Map user-facing failures to one line on stderr and the exit code of `lip_cli.errors`."""
+    from lip_cli import report
+
+    try:
+        yield
+    except LipError as failure:
+        report.error(str(failure))
+        raise typer.Exit(failure.exit_code) from None
+    except KeyboardInterrupt:
+        report.error("interrupted; nothing was written")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+JsonOption = Annotated[
+    bool, typer.Option("--json", help="Print one JSON document on stdout and nothing else there.")
+]
+LayerOption = Annotated[
+    str | None,
+    typer.Option(
+        "--layer",
+        help="Module path of the classifier layer (fc -> fc.weight, fc.bias). "
+        "Found from the shapes when left out.",
+    ),
+]
+
+
+@app.command()
+def repair(
+    checkpoint: Annotated[
+        Path, typer.Argument(help="Checkpoint: a .pt/.pth state dict (also nested) or .safetensors.")
+    ],
+    features: Annotated[
+        Path,
+        typer.Option(
+            "--features",
+            "-f",
+            help="Training features at the input of the layer (n x q): .npy, .npz, .pt, .safetensors.",
+        ),
+    ],
+    k: Annotated[
+        int,
+        typer.Option(
+            "--k",
+            "-k",
+            min=0,
+            help="Singular components kept as they are (PSP); the rest are re-fitted (LAP).",
+        ),
+    ],
+    labels: Annotated[
+        Path | None,
+        typer.Option(
+            "--labels",
+            "-l",
+            help="Training labels: class ids (n) or an (n x classes) matrix. Default: the features "
+            "file's own labels array, else labels.npy beside it.",
+        ),
+    ] = None,
+    layer: LayerOption = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Where to write the repaired checkpoint. Default: <name>.lip<ext> beside it.",
+        ),
+    ] = None,
+    val_features: Annotated[
+        Path | None,
+        typer.Option("--val-features", help="Validation features, to measure accuracy before and after."),
+    ] = None,
+    val_labels: Annotated[
+        Path | None,
+        typer.Option(
+            "--val-labels", help="Validation labels (default: a labels array inside --val-features)."
+        ),
+    ] = None,
+    device: Annotated[Device, typer.Option("--device", help="Where the statistics pass runs.")] = Device.cpu,
+    compute_dtype: Annotated[
+        ComputeDtype,
+        typer.Option("--compute-dtype", help="Precision of the pass over the features; sums are float64."),
+    ] = ComputeDtype.float64,
+    chunk_rows: Annotated[
+        int, typer.Option("--chunk-rows", min=1, help="Feature rows read at a time (bounds memory).")
+    ] = 65536,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Compute and report, write nothing.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Repair a checkpoint's classifier layer: keep the top-k singular components, re-fit the tail."""
+    with user_errors():
+        from lip_cli import jobs, report
+
+        request = jobs.RepairRequest(
+            checkpoint=checkpoint,
+            features=features,
+            k=k,
+            labels=labels,
+            layer=layer,
+            output=output,
+            val_features=val_features,
+            val_labels=val_labels,
+            device=device.value,
+            compute_dtype=compute_dtype.value,
+            chunk_rows=chunk_rows,
+            force=force,
+            dry_run=dry_run,
+        )
+        with report.progress_bar(enabled=not json_output) as progress:
+            result = jobs.repair_checkpoint(request, progress)
+        if json_output:
+            for message in result.warnings:
+                report.warning(message)
+            report.print_json(report.repair_document(result))
+        else:
+            report.render_repair(result)
+
+
+@app.command()
+def demo(
+    folder: Annotated[Path, typer.Argument(help="Folder to create the demo files in.")] = Path("demo"),
+    force: Annotated[bool, typer.Option("--force", help="Replace demo files already there.")] = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Make a small noisy-label problem, train a classifier on it (CPU, seconds), cache its features."""
+    with user_errors():
+        from lip_cli import demo as demo_module
+        from lip_cli import report
+
+        result = demo_module.make_demo(folder, force=force)
+        if json_output:
+            report.print_json(result.document())
+        else:
+            report.render_demo(result)
+
+
+def main() -> None:
+    app()

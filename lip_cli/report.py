@@ -1,0 +1,247 @@
+"""The terminal: rich tables, bars and progress on stderr, and JSON documents for stdout.
+
+The only module that imports rich. Human output goes to stderr so that stdout carries nothing but
+the `--json` document.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+if TYPE_CHECKING:
+    from lip_cli.jobs import Progress, RepairReport
+
+_BLOCKS = " ▏▎▍▌▋▊▉█"
+_SPARKS = "▁▂▃▄▅▆▇█"
+_stderr: Console | None = None
+
+
+def stderr() -> Console:
+    """The console for everything meant for people."""
+    global _stderr
+    if _stderr is None or _stderr.file is not sys.stderr:
+        _stderr = Console(stderr=True, highlight=False)
+    return _stderr
+
+
+def error(message: str) -> None:
+    stderr().print(Text("error: ", style="bold red") + Text(message), soft_wrap=True)
+
+
+def warning(message: str) -> None:
+    stderr().print(Text("warning: ", style="bold yellow") + Text(message), soft_wrap=True)
+
+
+def print_json(document: dict[str, Any]) -> None:
+    """One JSON document alone on stdout."""
+    sys.stdout.write(json.dumps(document, indent=2, allow_nan=False) + "\n")
+    sys.stdout.flush()
+
+
+def bar(value: float, maximum: float, width: int = 24) -> str:
+    """A horizontal bar of `width` cells for value / maximum, in eighths of a cell."""
+    if maximum <= 0 or value <= 0:
+        return ""
+    eighths = round(min(value / maximum, 1.0) * width * 8)
+    return _BLOCKS[-1] * (eighths // 8) + (_BLOCKS[eighths % 8] if eighths % 8 else "")
+
+
+def sparkline(values: Sequence[float], width: int = 60) -> str:
+    """Values as one line of block heights (averaged into `width` cells when longer)."""
+    if not values:
+        return ""
+    cells = min(width, len(values))
+    buckets = [
+        values[i * len(values) // cells : max((i + 1) * len(values) // cells, i * len(values) // cells + 1)]
+        for i in range(cells)
+    ]
+    means = [sum(bucket) / len(bucket) for bucket in buckets]
+    top = max(means)
+    if top <= 0:
+        return _SPARKS[0] * cells
+    return "".join(
+        _SPARKS[min(len(_SPARKS) - 1, int(mean / top * (len(_SPARKS) - 1) + 0.5))] for mean in means
+    )
+
+
+@contextlib.contextmanager
+def progress_bar(enabled: bool = True, delay: float = 0.5) -> Iterator[Progress]:
+    """A progress callback that shows a bar only on a terminal and once a pass takes a moment."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = stderr()
+    started = time.monotonic()
+    live: dict[str, Any] = {}
+
+    def update(task: str, done: int, total: int) -> None:
+        if not enabled or not console.is_terminal or time.monotonic() - started < delay:
+            return
+        if "bar" not in live:
+            live["bar"] = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                console=console,
+                transient=True,
+            )
+            live["bar"].start()
+        tasks = live.setdefault("tasks", {})
+        if task not in tasks:
+            tasks[task] = live["bar"].add_task(task, total=total)
+        live["bar"].update(tasks[task], completed=done)
+
+    try:
+        yield update
+    finally:
+        if "bar" in live:
+            live["bar"].stop()
+
+
+def spectrum_rows(count: int, k: int, head: int = 5, around: int = 2, tail: int = 3) -> list[int | None]:
+    """Indices to show of a long spectrum: the head, both sides of k, the tail; None marks a gap."""
+    wanted = set(range(min(head, count)))
+    wanted |= set(range(max(0, k - around), min(count, k + around)))
+    wanted |= set(range(max(0, count - tail), count))
+    rows: list[int | None] = []
+    previous = -1
+    for index in sorted(wanted):
+        if index != previous + 1:
+            rows.append(None)
+        rows.append(index)
+        previous = index
+    return rows
+
+
+def _spectrum_table(before: Sequence[float], after: Sequence[float], k: int) -> Table:
+    table = Table(
+        title="singular values of W",
+        title_justify="left",
+        caption=f"1..{k} kept (PSP), the rest re-fitted (LAP)",
+    )
+    table.add_column("i", justify="right")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    table.add_column("", no_wrap=True)
+    top = max([*before, *map(abs, after), 0.0])
+    for index in spectrum_rows(len(before), k):
+        if index is None:
+            table.add_row("…", "", "", "")
+            continue
+        if index == k and k > 0:
+            table.add_section()
+        part = "[cyan]" if index < k else "[magenta]"
+        table.add_row(
+            str(index + 1),
+            f"{before[index]:.4g}",
+            f"{after[index]:.4g}",
+            f"{part}{bar(abs(after[index]), top)}[/]",
+        )
+    return table
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.2f}%"
+
+
+def _change(before: float, after: float) -> str:
+    delta = 100 * (after - before)
+    style = "green" if delta > 0 else "red" if delta < 0 else "dim"
+    return f"[{style}]{delta:+.2f} pt[/]"
+
+
+def render_repair(report: RepairReport) -> None:
+    console = stderr()
+    layer = report.layer
+    summary = Table.grid(padding=(0, 2))
+    summary.add_column(style="bold")
+    summary.add_column()
+    summary.add_row("checkpoint", str(report.checkpoint))
+    summary.add_row(
+        "layer",
+        f"{layer.name}  ({layer.out_features} classes x {layer.in_features} inputs, "
+        f"{str(layer.dtype).removeprefix('torch.')}, {'with' if report.has_bias else 'no'} bias)",
+    )
+    summary.add_row("samples", f"{report.samples:,}  (labels from {report.labels_origin})")
+    if report.val_labels_origin:
+        summary.add_row("validation labels", report.val_labels_origin)
+    summary.add_row("k / rank", f"{report.k} / {report.rank}")
+    summary.add_row("energy kept by top k", _percent(report.energy_kept))
+    summary.add_row(
+        "effective rank", f"{report.effective_rank_before:.2f} -> {report.effective_rank_after:.2f}"
+    )
+    console.print(summary)
+    console.print()
+    console.print(_spectrum_table(report.singular_values_before, report.singular_values_after, report.k))
+    accuracy = Table(title="accuracy of the layer's predictions", title_justify="left")
+    for column in ("data", "before", "after", "change"):
+        accuracy.add_column(column, justify="left" if column == "data" else "right")
+    for name, label in (("train", "training (given labels)"), ("val", "validation")):
+        if f"{name}_before" in report.accuracy:
+            before, after = report.accuracy[f"{name}_before"], report.accuracy[f"{name}_after"]
+            accuracy.add_row(label, _percent(before), _percent(after), _change(before, after))
+    console.print(accuracy)
+    for message in report.warnings:
+        warning(message)
+    if report.output is None:
+        console.print("dry run: nothing written")
+    else:
+        console.print(f"wrote [bold]{report.output}[/]")
+
+
+def repair_document(report: RepairReport) -> dict[str, Any]:
+    from lip_cli import __version__
+
+    layer = report.layer
+    return {
+        "lip_version": __version__,
+        "checkpoint": str(report.checkpoint),
+        "layer": layer.name,
+        "weight_key": layer.weight_key,
+        "bias_key": layer.bias_key,
+        "weight_shape": [layer.out_features, layer.in_features],
+        "dtype": str(layer.dtype).removeprefix("torch."),
+        "samples": report.samples,
+        "labels_source": report.labels_origin,
+        "val_labels_source": report.val_labels_origin,
+        "k": report.k,
+        "rank": report.rank,
+        "energy_kept": report.energy_kept,
+        "effective_rank_before": report.effective_rank_before,
+        "effective_rank_after": report.effective_rank_after,
+        "singular_values_before": report.singular_values_before,
+        "singular_values_after": report.singular_values_after,
+        "unexcited_directions": report.unexcited,
+        "accuracy": report.accuracy,
+        "output": None if report.output is None else str(report.output),
+        "warnings": report.warnings,
+    }
+
+
+def render_demo(result: Any) -> None:
+    console = stderr()
+    settings = result.settings
+    console.print(
+        f"made a {settings.classes}-class problem with {settings.noise_rate:.0%} symmetric label noise, "
+        f"trained a small MLP on it ({settings.train_samples:,} samples, classifier layer `fc`, "
+        f"{settings.width} features)"
+    )
+    console.print(
+        f"accuracy on its noisy training labels {_percent(result.train_accuracy_noisy)}, "
+        f"on clean validation labels {_percent(result.val_accuracy)}"
+    )
+    for name in ("model.pt", "features.npy", "labels.npy", "val.npz"):
+        console.print(f"  {result.folder / name}")
+    console.print(
+        f"next: lip repair {result.folder / 'model.pt'} --features {result.folder / 'features.npy'} "
+        f"--val-features {result.folder / 'val.npz'} --k 8"
+    )
