@@ -129,6 +129,30 @@ def _listing(layers: list[LinearLayer], limit: int = 8) -> str:
     return shown + more if shown else "none"
 
 
+def layer_by_name(checkpoint: Checkpoint, name: str) -> LinearLayer:
+    """The 2-D layer at a module path (`fc` or `fc.weight`), or an error listing the 2-D layers."""
+    layers = linear_layers(checkpoint.state)
+    wanted = name.removesuffix(".weight")
+    layer = next((layer for layer in layers if layer.name == wanted), None)
+    if layer is not None:
+        return layer
+    for key in (f"{wanted}.weight", wanted):
+        value = checkpoint.state.get(key)
+        if isinstance(value, Tensor):
+            raise LipError(
+                f"{checkpoint.path}: `{key}` has shape {tuple(value.shape)}; the classifier layer must be 2-D"
+            )
+    raise LipError(f"{checkpoint.path}: no layer `{wanted}`; 2-D layers: {_listing(layers)}")
+
+
+def likely_classifier(checkpoint: Checkpoint) -> LinearLayer:
+    """The last 2-D layer of the state dict: where classifiers sit in every common architecture."""
+    layers = linear_layers(checkpoint.state)
+    if not layers:
+        raise LipError(f"{checkpoint.path}: holds no 2-D weight")
+    return layers[-1]
+
+
 def find_layer(
     checkpoint: Checkpoint,
     name: str | None,
@@ -140,23 +164,16 @@ def find_layer(
 
     `num_classes` is fixed by a label matrix; with class ids only `min_classes` (max id + 1) is known.
     """
-    layers = linear_layers(checkpoint.state)
-    path = checkpoint.path
     if name is not None:
-        wanted = name[: -len(".weight")] if name.endswith(".weight") else name
-        layer = next((layer for layer in layers if layer.name == wanted), None)
-        if layer is None:
-            if wanted + ".weight" in checkpoint.state or wanted in checkpoint.state:
-                key = wanted + ".weight" if wanted + ".weight" in checkpoint.state else wanted
-                shape = tuple(checkpoint.state[key].shape)
-                raise LipError(f"{path}: `{key}` has shape {shape}; the classifier layer must be 2-D")
-            raise LipError(f"{path}: no layer `{wanted}`; 2-D layers: {_listing(layers)}")
+        layer = layer_by_name(checkpoint, name)
         if layer.in_features != in_features:
             raise LipError(
-                f"{path}: `{layer.weight_key}` is {layer.shape_text} (classes x inputs) but the "
+                f"{checkpoint.path}: `{layer.weight_key}` is {layer.shape_text} (classes x inputs) but the "
                 f"features have {in_features} columns; pass --layer to choose another layer"
             )
         return layer
+    layers = linear_layers(checkpoint.state)
+    path = checkpoint.path
 
     def fits(layer: LinearLayer) -> bool:
         if layer.in_features != in_features:

@@ -125,7 +125,7 @@ def repair(
         int, typer.Option("--chunk-rows", min=1, help="Feature rows read at a time (bounds memory).")
     ] = 65536,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Compute and report, write nothing.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
+    force: ForceOption = False,
     json_output: JsonOption = False,
 ) -> None:
     """Repair a checkpoint's classifier layer: keep the top-k singular components, re-fit the tail."""
@@ -155,6 +155,96 @@ def repair(
             report.print_json(report.repair_document(result))
         else:
             report.render_repair(result)
+
+
+PlotOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--plot", help="Also save a PNG figure here (needs matplotlib: pip install 'lip-cli[plot]')."
+    ),
+]
+ForceOption = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
+
+
+@app.command()
+def inspect(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint: .pt/.pth (also nested) or .safetensors.")],
+    layer: Annotated[
+        str | None,
+        typer.Option(
+            "--layer", help="Show this layer's full spectrum instead of the table of all 2-D weights."
+        ),
+    ] = None,
+    top: Annotated[int, typer.Option("--top", min=1, help="Singular values listed in the layer view.")] = 20,
+    features: Annotated[
+        Path | None,
+        typer.Option(
+            "--features", "-f", help="Training features: adds the accuracy that each k would give after LAP."
+        ),
+    ] = None,
+    labels: Annotated[
+        Path | None,
+        typer.Option("--labels", "-l", help="Training labels (found as in `lip repair` when left out)."),
+    ] = None,
+    device: Annotated[Device, typer.Option("--device", help="Where the statistics pass runs.")] = Device.cpu,
+    chunk_rows: Annotated[
+        int, typer.Option("--chunk-rows", min=1, help="Feature rows read at a time (bounds memory).")
+    ] = 65536,
+    plot: PlotOption = None,
+    force: ForceOption = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Show singular-value spectra: every 2-D weight, or one layer in full (and the accuracy for each k)."""
+    with user_errors():
+        from lip_cli import files, jobs, plots, report
+
+        if plot is not None:
+            files.check_output(plot, [checkpoint], force)
+        with report.progress_bar(enabled=not json_output) as progress:
+            if layer is None and features is None and labels is None:
+                table = jobs.inspect_checkpoint(checkpoint, progress)
+                if json_output:
+                    report.print_json(report.inspect_document(table))
+                else:
+                    report.render_inspect(table)
+                if plot is not None:
+                    plots.plot_layer(jobs.inspect_layer(checkpoint, None), plot)
+                return
+            result = jobs.inspect_layer(
+                checkpoint, layer, features, labels, device.value, chunk_rows, progress=progress
+            )
+        if plot is not None:
+            plots.plot_layer(result, plot)
+        if json_output:
+            report.print_json(report.layer_document(result))
+        else:
+            report.render_layer(result, top)
+
+
+@app.command()
+def compare(
+    checkpoint_a: Annotated[Path, typer.Argument(help="First checkpoint (A), e.g. trained on clean labels.")],
+    checkpoint_b: Annotated[Path, typer.Argument(help="Second checkpoint (B), e.g. noisy or repaired.")],
+    layer: Annotated[
+        str | None, typer.Option("--layer", help="Layer to compare (default: the last 2-D weight of A).")
+    ] = None,
+    plot: PlotOption = None,
+    force: ForceOption = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Compare one layer in two checkpoints: spectra, subspace similarity phi(i, j), principal angles."""
+    with user_errors():
+        from lip_cli import files, jobs, plots, report
+
+        if plot is not None:
+            files.check_output(plot, [checkpoint_a, checkpoint_b], force)
+        result = jobs.compare_checkpoints(checkpoint_a, checkpoint_b, layer)
+        if plot is not None:
+            plots.plot_comparison(result, plot)
+        if json_output:
+            report.print_json(report.compare_document(result))
+        else:
+            report.render_compare(result)
 
 
 @app.command()

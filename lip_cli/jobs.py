@@ -60,6 +60,38 @@ def _finite_or_fail(tensor: Tensor, where: str) -> None:
         raise LipError(f"{where} holds NaN or Inf values")
 
 
+def _classifier_for(
+    model: checkpoint.Checkpoint,
+    name: str | None,
+    train: LabelledFeatures,
+    val: LabelledFeatures | None = None,
+) -> tuple[checkpoint.LinearLayer, Tensor, Tensor | None]:
+    """The classifier layer that fits the features and labels, its weight and bias, all checked."""
+    layer = checkpoint.find_layer(
+        model,
+        name,
+        in_features=train.features.shape[1],
+        num_classes=arrays.label_classes(train.labels),
+        min_classes=_minimum_classes(train.labels),
+    )
+    for data in (train, val):
+        if data is not None:
+            arrays.check_labels(data.labels, data.features, layer.out_features)
+    weight, bias = _layer_tensors(model, layer)
+    return layer, weight, bias
+
+
+def _layer_tensors(
+    model: checkpoint.Checkpoint, layer: checkpoint.LinearLayer
+) -> tuple[Tensor, Tensor | None]:
+    weight = model.state[layer.weight_key]
+    bias = model.state[layer.bias_key] if layer.bias_key else None
+    _finite_or_fail(weight, f"{model.path}: `{layer.weight_key}`")
+    if bias is not None:
+        _finite_or_fail(bias, f"{model.path}: `{layer.bias_key}`")
+    return weight, bias
+
+
 @dataclass(frozen=True)
 class RepairRequest:
     """Everything `lip repair` needs; the defaults are the command's defaults."""
@@ -143,21 +175,7 @@ def repair_checkpoint(request: RepairRequest, progress: Progress = _no_progress)
             )
 
     model = checkpoint.load_checkpoint(request.checkpoint)
-    layer = checkpoint.find_layer(
-        model,
-        request.layer,
-        in_features=train.features.shape[1],
-        num_classes=arrays.label_classes(train.labels),
-        min_classes=_minimum_classes(train.labels),
-    )
-    for data in (train, val):
-        if data is not None:
-            arrays.check_labels(data.labels, data.features, layer.out_features)
-    weight = model.state[layer.weight_key]
-    bias = model.state[layer.bias_key] if layer.bias_key else None
-    _finite_or_fail(weight, f"{model.path}: `{layer.weight_key}`")
-    if bias is not None:
-        _finite_or_fail(bias, f"{model.path}: `{layer.bias_key}`")
+    layer, weight, bias = _classifier_for(model, request.layer, train, val)
 
     stats = lip.LapStatistics(weight, bias, compute_dtype=compute_dtype, device=device)
     if not 0 <= request.k <= stats.svd.rank:
@@ -224,3 +242,194 @@ def _accuracy(
         for index, weight in enumerate(weights):
             correct[index] += lip.count_correct(lip.head_logits(x, weight, bias, compute_dtype), y)
     return [count / data.features.rows for count in correct]
+
+
+ENERGY_LEVELS = (0.9, 0.95, 0.99)
+
+
+@dataclass(frozen=True)
+class LayerSpectrum:
+    """Spectral statistics of one 2-D weight, seen as W = weight.T."""
+
+    name: str
+    shape: tuple[int, int]  # torch layout: (out_features, in_features)
+    dtype: str
+    singular_values: list[float]
+    rank: int
+    is_classifier: bool = False
+
+    @property
+    def spectral_norm(self) -> float:
+        return self.singular_values[0] if self.singular_values else 0.0
+
+    @property
+    def stable_rank(self) -> float:
+        return spectra.stable_rank(torch.tensor(self.singular_values, dtype=torch.float64))
+
+    @property
+    def effective_rank(self) -> float:
+        return spectra.effective_rank(torch.tensor(self.singular_values, dtype=torch.float64))
+
+    @property
+    def top_energy(self) -> float:
+        """Share of the energy in the top 10% of the components."""
+        return spectra.top_energy_share(torch.tensor(self.singular_values, dtype=torch.float64))
+
+    @property
+    def cumulative_energy(self) -> list[float]:
+        return spectra.energy(torch.tensor(self.singular_values, dtype=torch.float64)).tolist()
+
+    @property
+    def k_for_energy(self) -> dict[float, int]:
+        values = torch.tensor(self.singular_values, dtype=torch.float64)
+        return {level: spectra.k_for_energy(values, level) for level in ENERGY_LEVELS}
+
+
+def layer_spectrum(
+    model: checkpoint.Checkpoint, layer: checkpoint.LinearLayer, is_classifier: bool = False
+) -> LayerSpectrum:
+    weight, _ = _layer_tensors(model, layer)
+    values = spectra.singular_values(weight)
+    return LayerSpectrum(
+        name=layer.name,
+        shape=(layer.out_features, layer.in_features),
+        dtype=str(layer.dtype).removeprefix("torch."),
+        singular_values=values.tolist(),
+        rank=spectra.numerical_rank(values, (layer.out_features, layer.in_features)),
+        is_classifier=is_classifier,
+    )
+
+
+@dataclass
+class InspectReport:
+    """`lip inspect` without --layer: every 2-D weight of a checkpoint."""
+
+    checkpoint: Path
+    layers: list[LayerSpectrum]
+    other_tensors: int  # tensors that are not 2-D weights (biases, norms, convolutions, buffers)
+
+
+def inspect_checkpoint(path: Path, progress: Progress = _no_progress) -> InspectReport:
+    model = checkpoint.load_checkpoint(path)
+    layers = checkpoint.linear_layers(model.state)
+    if not layers:
+        raise LipError(f"{path}: holds no 2-D weight")
+    classifier = checkpoint.likely_classifier(model)
+    spectra_list = []
+    for index, layer in enumerate(layers):
+        spectra_list.append(layer_spectrum(model, layer, is_classifier=layer == classifier))
+        progress("spectra", index + 1, len(layers))
+    return InspectReport(Path(path), spectra_list, len(model.state) - len(layers))
+
+
+@dataclass
+class LayerReport:
+    """`lip inspect --layer`: one layer's full spectrum, and the accuracy each k would give."""
+
+    checkpoint: Path
+    spectrum: LayerSpectrum
+    samples: int | None = None
+    labels_origin: str | None = None
+    k_curve: list[dict[str, float]] | None = None  # {k, train_accuracy} after PSP + LAP at k
+
+
+def inspect_layer(
+    path: Path,
+    layer_name: str | None,
+    features: Path | None = None,
+    labels: Path | None = None,
+    device: str = "cpu",
+    chunk_rows: int = 65536,
+    progress: Progress = _no_progress,
+) -> LayerReport:
+    """The spectrum of one layer; with features, the training accuracy after LAP for every k."""
+    if labels is not None and features is None:
+        raise LipError("--labels needs --features")
+    model = checkpoint.load_checkpoint(path)
+    if features is None:
+        layer = (
+            checkpoint.layer_by_name(model, layer_name) if layer_name else checkpoint.likely_classifier(model)
+        )
+        return LayerReport(Path(path), layer_spectrum(model, layer, is_classifier=True))
+    train = open_labelled_features(features, labels)
+    layer, weight, bias = _classifier_for(model, layer_name, train)
+    stats = lip.LapStatistics(weight, bias, device=resolve_device(device))
+    for x, y in _batches(train, chunk_rows, "statistics", progress):
+        stats.update(x, y)
+    curve = lip.KCurve(stats, lip.k_grid(stats.svd.rank))
+    for x, y in _batches(train, chunk_rows, "accuracy for each k", progress):
+        curve.update(x, y)
+    return LayerReport(
+        checkpoint=Path(path),
+        spectrum=layer_spectrum(model, layer, is_classifier=True),
+        samples=train.features.rows,
+        labels_origin=train.labels_origin,
+        k_curve=[
+            {"k": k, "train_accuracy": accuracy}
+            for k, accuracy in zip(curve.ks, curve.accuracies(), strict=True)
+        ],
+    )
+
+
+def comparison_sizes(rank: int) -> list[int]:
+    """The subspace sizes shown in a comparison: 1, 2, 5, 10, 20, 50, ... up to the rank."""
+    sizes = [size for base in (1, 2, 5) for size in (base * 10**e for e in range(7)) if size < rank]
+    return sorted(set(sizes)) + [rank]
+
+
+@dataclass
+class CompareReport:
+    """`lip compare`: one layer in two checkpoints, as in the paper's analysis."""
+
+    checkpoint_a: Path
+    checkpoint_b: Path
+    layer: str
+    spectrum_a: LayerSpectrum
+    spectrum_b: LayerSpectrum
+    sizes: list[int]
+    phi: list[list[float]]  # phi[a][b] = phi(V_A, V_B, sizes[a], sizes[b])
+    largest_angle_degrees: dict[int, float]  # top-k subspaces of V_A and V_B
+    phi_matrix: Tensor  # (r, r): phi for every i, j, for the heatmap
+
+    @property
+    def ratio(self) -> list[float | None]:
+        return [
+            b / a if a > 0 else None
+            for a, b in zip(self.spectrum_a.singular_values, self.spectrum_b.singular_values, strict=True)
+        ]
+
+
+def compare_checkpoints(a: Path, b: Path, layer_name: str | None = None) -> CompareReport:
+    """Spectra, subspace similarity phi(i, j) and principal angles of one layer in two checkpoints."""
+    model_a, model_b = checkpoint.load_checkpoint(a), checkpoint.load_checkpoint(b)
+    if layer_name:
+        layer_a, layer_b = (
+            checkpoint.layer_by_name(model_a, layer_name),
+            checkpoint.layer_by_name(model_b, layer_name),
+        )
+    else:
+        layer_a = checkpoint.likely_classifier(model_a)
+        layer_b = checkpoint.layer_by_name(model_b, layer_a.name)
+    if (layer_a.out_features, layer_a.in_features) != (layer_b.out_features, layer_b.in_features):
+        raise LipError(
+            f"`{layer_a.name}` is {layer_a.shape_text} in {a} but {layer_b.shape_text} in {b}; "
+            "only layers of the same shape compare"
+        )
+    weight_a, _ = _layer_tensors(model_a, layer_a)
+    weight_b, _ = _layer_tensors(model_b, layer_b)
+    v_a, v_b = spectra.right_singular_vectors(weight_a), spectra.right_singular_vectors(weight_b)
+    sizes = comparison_sizes(v_a.shape[1])
+    phi_matrix = spectra.subspace_similarity_matrix(v_a, v_b)
+    phi = [[float(phi_matrix[i - 1, j - 1]) for j in sizes] for i in sizes]
+    angles = {k: float(spectra.principal_angles(v_a, v_b, k)[-1].rad2deg()) for k in sizes}
+    return CompareReport(
+        checkpoint_a=Path(a),
+        checkpoint_b=Path(b),
+        layer=layer_a.name,
+        spectrum_a=layer_spectrum(model_a, layer_a, is_classifier=True),
+        spectrum_b=layer_spectrum(model_b, layer_b, is_classifier=True),
+        sizes=sizes,
+        phi=phi,
+        largest_angle_degrees=angles,
+        phi_matrix=phi_matrix,
+    )

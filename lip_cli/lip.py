@@ -222,3 +222,41 @@ def head_logits(features: Tensor, weight: Tensor, bias: Tensor | None, dtype: to
     """The layer's outputs x W + b in the compute dtype."""
     out = features.to(dtype) @ weight.to(features.device, dtype).T
     return out if bias is None else out + bias.to(features.device, dtype)
+
+
+def k_grid(rank: int, most: int = 65) -> list[int]:
+    """The k values to evaluate: every k up to `most` of them, else an even spread with 0 and rank."""
+    if rank + 1 <= most:
+        return list(range(rank + 1))
+    return sorted({round(i * rank / (most - 1)) for i in range(most)})
+
+
+class KCurve:
+    """Accuracy after PSP + LAP for several k at once, from one more pass over labelled features.
+
+    Logits for k are X U diag(sigma^(k)) V^T + b, so each batch pays for X U once and a small
+    (n, r) x (r, l) product per k.
+    """
+
+    def __init__(self, stats: LapStatistics, ks: list[int]) -> None:
+        self.ks = list(ks)
+        self._stats = stats
+        spectra_k = [singular_values_for_k(stats, k)[0] for k in self.ks]
+        self._sigmas = torch.stack(spectra_k).to(stats.device, stats.compute_dtype)  # (len(ks), r)
+        bias = stats.bias
+        self._bias = None if bias is None else bias.to(stats.device, stats.compute_dtype)
+        self.correct = [0] * len(self.ks)
+        self.samples = 0
+
+    def update(self, features: Tensor, labels: Tensor) -> None:
+        stats = self._stats
+        z = features.to(stats.device, stats.compute_dtype) @ stats._u  # (n, r)
+        for index in range(len(self.ks)):
+            out = (z * self._sigmas[index]) @ stats._v.T  # (n, l)
+            if self._bias is not None:
+                out = out + self._bias
+            self.correct[index] += count_correct(out, labels)
+        self.samples += int(features.shape[0])
+
+    def accuracies(self) -> list[float]:
+        return [count / max(self.samples, 1) for count in self.correct]

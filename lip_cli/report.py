@@ -245,3 +245,202 @@ def render_demo(result: Any) -> None:
         f"next: lip repair {result.folder / 'model.pt'} --features {result.folder / 'features.npy'} "
         f"--val-features {result.folder / 'val.npz'} --k 8"
     )
+
+
+def _classifier_mark(is_classifier: bool) -> str:
+    return "[bold green]◀ classifier[/]" if is_classifier else ""
+
+
+def render_inspect(report: Any) -> None:
+    table = Table(title=f"2-D weights of {report.checkpoint}", title_justify="left")
+    for column in (
+        "layer",
+        "shape",
+        "dtype",
+        "rank",
+        "‖W‖₂",
+        "stable rank",
+        "eff. rank",
+        "top-10% energy",
+        "",
+    ):
+        table.add_column(column, justify="left" if column in ("layer", "dtype", "") else "right")
+    for layer in report.layers:
+        table.add_row(
+            layer.name,
+            f"{layer.shape[0]}x{layer.shape[1]}",
+            layer.dtype,
+            str(layer.rank),
+            f"{layer.spectral_norm:.4g}",
+            f"{layer.stable_rank:.2f}",
+            f"{layer.effective_rank:.2f}",
+            _percent(layer.top_energy),
+            _classifier_mark(layer.is_classifier),
+        )
+    console = stderr()
+    console.print(table)
+    console.print(
+        f"[dim]not shown: {report.other_tensors} other tensors (biases, norms, convolutions, buffers); "
+        "marked: the last 2-D weight[/]"
+    )
+
+
+def layer_summary_rows(spectrum: Any) -> Table:
+    summary = Table.grid(padding=(0, 2))
+    summary.add_column(style="bold")
+    summary.add_column()
+    summary.add_row("layer", f"{spectrum.name}  ({spectrum.shape[0]}x{spectrum.shape[1]}, {spectrum.dtype})")
+    summary.add_row("rank", f"{spectrum.rank} of {len(spectrum.singular_values)}")
+    summary.add_row("spectral norm", f"{spectrum.spectral_norm:.4g}")
+    summary.add_row("stable rank", f"{spectrum.stable_rank:.2f}")
+    summary.add_row("effective rank", f"{spectrum.effective_rank:.2f}")
+    summary.add_row(
+        "k for energy", "   ".join(f"{level:.0%}: {k}" for level, k in spectrum.k_for_energy.items())
+    )
+    summary.add_row("spectrum", sparkline(spectrum.singular_values))
+    return summary
+
+
+def render_layer(report: Any, top: int) -> None:
+    console = stderr()
+    spectrum = report.spectrum
+    console.print(f"[bold]{report.checkpoint}[/]")
+    console.print(layer_summary_rows(spectrum))
+    values = spectrum.singular_values
+    energy = spectrum.cumulative_energy
+    table = Table(title=f"top {min(top, len(values))} of {len(values)} singular values", title_justify="left")
+    for column in ("i", "sigma", "cumulative energy", ""):
+        table.add_column(column, justify="right" if column else "left", no_wrap=True)
+    for index in range(min(top, len(values))):
+        table.add_row(
+            str(index + 1), f"{values[index]:.4g}", _percent(energy[index]), bar(values[index], values[0])
+        )
+    console.print(table)
+    if report.k_curve:
+        render_k_curve(report.k_curve, report.samples, report.labels_origin)
+
+
+def render_k_curve(curve: list[dict[str, float]], samples: int | None, origin: str | None) -> None:
+    console = stderr()
+    accuracies = [point["train_accuracy"] for point in curve]
+    console.print(
+        "accuracy on the training labels after PSP + LAP at each k "
+        f"({samples:,} samples, labels from {origin})"
+    )
+    console.print(f"  k = {curve[0]['k']} … {curve[-1]['k']}   {sparkline(accuracies)}")
+    table = Table(show_header=True)
+    for column in ("k", "accuracy", ""):
+        table.add_column(column, justify="right" if column else "left", no_wrap=True)
+    step = max(1, len(curve) // 12)
+    shown = sorted({*range(0, len(curve), step), len(curve) - 1})
+    best = max(accuracies)
+    for index in shown:
+        point = curve[index]
+        style = "bold green" if point["train_accuracy"] == best else ""
+        table.add_row(
+            f"[{style}]{point['k']}[/]" if style else str(point["k"]),
+            _percent(point["train_accuracy"]),
+            bar(point["train_accuracy"], 1.0),
+        )
+    console.print(table)
+
+
+def render_compare(report: Any) -> None:
+    console = stderr()
+    a, b = report.spectrum_a, report.spectrum_b
+    console.print(
+        f"[bold]{report.layer}[/] ({a.shape[0]}x{a.shape[1]}):  "
+        f"A = {report.checkpoint_a}   B = {report.checkpoint_b}"
+    )
+    summary = Table(show_header=True)
+    for column in ("", "A", "B"):
+        summary.add_column(column, justify="left" if not column else "right")
+    summary.add_row("rank", str(a.rank), str(b.rank))
+    summary.add_row("spectral norm", f"{a.spectral_norm:.4g}", f"{b.spectral_norm:.4g}")
+    summary.add_row("stable rank", f"{a.stable_rank:.2f}", f"{b.stable_rank:.2f}")
+    summary.add_row("effective rank", f"{a.effective_rank:.2f}", f"{b.effective_rank:.2f}")
+    summary.add_row("spectrum", sparkline(a.singular_values, 30), sparkline(b.singular_values, 30))
+    console.print(summary)
+    values = Table(title="singular values", title_justify="left")
+    for column in ("i", "A", "B", "B / A"):
+        values.add_column(column, justify="right")
+    ratio = report.ratio
+    for index in spectrum_rows(len(a.singular_values), 0, head=8, around=0, tail=4):
+        if index is None:
+            values.add_row("…", "", "", "")
+            continue
+        values.add_row(
+            str(index + 1),
+            f"{a.singular_values[index]:.4g}",
+            f"{b.singular_values[index]:.4g}",
+            "-" if ratio[index] is None else f"{ratio[index]:.3f}",
+        )
+    console.print(values)
+    console.print("[bold]subspace similarity phi(i, j)[/] of the top right singular vectors (1 = same span)")
+    phi = Table()
+    phi.add_column("i \\ j", justify="right")
+    for size in report.sizes:
+        phi.add_column(str(size), justify="right")
+    for size, row in zip(report.sizes, report.phi, strict=True):
+        phi.add_row(str(size), *(f"{value:.3f}" for value in row))
+    console.print(phi)
+    console.print("[bold]largest principal angle[/] between the top-k right singular subspaces")
+    angles = Table()
+    angles.add_column("k", justify="right")
+    angles.add_column("degrees", justify="right")
+    for k, degrees in report.largest_angle_degrees.items():
+        angles.add_row(str(k), f"{degrees:.2f}")
+    console.print(angles)
+
+
+def spectrum_document(spectrum: Any, full: bool) -> dict[str, Any]:
+    document = {
+        "name": spectrum.name,
+        "shape": list(spectrum.shape),
+        "dtype": spectrum.dtype,
+        "rank": spectrum.rank,
+        "spectral_norm": spectrum.spectral_norm,
+        "stable_rank": spectrum.stable_rank,
+        "effective_rank": spectrum.effective_rank,
+        "top10_energy": spectrum.top_energy,
+        "is_classifier": spectrum.is_classifier,
+    }
+    if full:
+        document["singular_values"] = spectrum.singular_values
+        document["cumulative_energy"] = spectrum.cumulative_energy
+        document["k_for_energy"] = {str(level): k for level, k in spectrum.k_for_energy.items()}
+    return document
+
+
+def inspect_document(report: Any) -> dict[str, Any]:
+    return {
+        "checkpoint": str(report.checkpoint),
+        "layers": [spectrum_document(layer, full=False) for layer in report.layers],
+        "other_tensors": report.other_tensors,
+    }
+
+
+def layer_document(report: Any) -> dict[str, Any]:
+    return {
+        "checkpoint": str(report.checkpoint),
+        "layer": spectrum_document(report.spectrum, full=True),
+        "samples": report.samples,
+        "labels_source": report.labels_origin,
+        "k_curve": report.k_curve,
+    }
+
+
+def compare_document(report: Any) -> dict[str, Any]:
+    return {
+        "checkpoint_a": str(report.checkpoint_a),
+        "checkpoint_b": str(report.checkpoint_b),
+        "layer": report.layer,
+        "a": spectrum_document(report.spectrum_a, full=True),
+        "b": spectrum_document(report.spectrum_b, full=True),
+        "ratio": report.ratio,
+        "phi": {
+            "sizes": report.sizes,
+            "values": report.phi,
+        },
+        "largest_principal_angle_degrees": {str(k): v for k, v in report.largest_angle_degrees.items()},
+    }

@@ -80,6 +80,15 @@ def subspace_similarity(v_a: Tensor, v_b: Tensor, i: int, j: int) -> float:
     return float((overlap**2).sum() / min(i, j))
 
 
+def subspace_similarity_matrix(v_a: Tensor, v_b: Tensor) -> Tensor:
+    """phi(V, V', i, j) for every i, j at once: entry [i-1, j-1], from 2-D cumulative sums."""
+    squared = (v_a.T @ v_b) ** 2  # (r_a, r_b)
+    cumulative = squared.cumsum(0).cumsum(1)
+    i = torch.arange(1, v_a.shape[1] + 1, dtype=squared.dtype)[:, None]
+    j = torch.arange(1, v_b.shape[1] + 1, dtype=squared.dtype)[None, :]
+    return cumulative / torch.minimum(i, j)
+
+
 def principal_angles(v_a: Tensor, v_b: Tensor, k: int) -> Tensor:
     """Principal angles (radians, ascending) between the spans of the first k columns of each."""
     cosines = torch.linalg.svdvals(v_a[:, :k].T @ v_b[:, :k]).clamp(-1.0, 1.0)

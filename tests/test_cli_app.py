@@ -16,7 +16,7 @@ from lip_cli.cli import app
 from lip_cli.demo import DemoSettings, make_demo
 
 runner = CliRunner(env={"COLUMNS": "200"})
-COMMANDS = ["repair", "demo"]
+COMMANDS = ["repair", "inspect", "compare", "demo"]
 
 
 def command_options(name: str) -> list[str]:
