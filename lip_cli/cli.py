@@ -66,6 +66,22 @@ LayerOption = Annotated[
 ]
 
 
+PlotOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--plot", help="Also save a PNG figure here (needs matplotlib: pip install 'lip-cli[plot]')."
+    ),
+]
+ForceOption = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
+
+
+def parse_k(value: str) -> str:
+    """--k: a non-negative whole number, or 'auto'."""
+    if value == "auto" or (value.isdigit() and int(value) >= 0):
+        return value
+    raise typer.BadParameter(f"{value!r} is neither a non-negative whole number nor 'auto'")
+
+
 @app.command()
 def repair(
     checkpoint: Annotated[
@@ -80,12 +96,13 @@ def repair(
         ),
     ],
     k: Annotated[
-        int,
+        str,
         typer.Option(
             "--k",
             "-k",
-            min=0,
-            help="Singular components kept as they are (PSP); the rest are re-fitted (LAP).",
+            parser=parse_k,
+            help="Singular components kept as they are (PSP); the rest are re-fitted (LAP). "
+            "'auto' picks the k with the best validation (or held-out) accuracy.",
         ),
     ],
     labels: Annotated[
@@ -124,18 +141,30 @@ def repair(
     chunk_rows: Annotated[
         int, typer.Option("--chunk-rows", min=1, help="Feature rows read at a time (bounds memory).")
     ] = 65536,
+    holdout: Annotated[
+        float,
+        typer.Option(
+            "--holdout", help="With --k auto and no validation set: share of training samples held out."
+        ),
+    ] = 0.1,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the held-out split.")] = 0,
+    force_write: Annotated[
+        bool,
+        typer.Option("--force-write", help="With --k auto: write an unchanged copy even when no k helps."),
+    ] = False,
+    plot: PlotOption = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Compute and report, write nothing.")] = False,
     force: ForceOption = False,
     json_output: JsonOption = False,
 ) -> None:
     """Repair a checkpoint's classifier layer: keep the top-k singular components, re-fit the tail."""
     with user_errors():
-        from lip_cli import jobs, report
+        from lip_cli import files, jobs, plots, report
 
         request = jobs.RepairRequest(
             checkpoint=checkpoint,
             features=features,
-            k=k,
+            k=k if k == "auto" else int(k),
             labels=labels,
             layer=layer,
             output=output,
@@ -146,7 +175,12 @@ def repair(
             chunk_rows=chunk_rows,
             force=force,
             dry_run=dry_run,
+            holdout=holdout,
+            seed=seed,
+            force_write=force_write,
         )
+        if plot is not None:
+            files.check_output(plot, [checkpoint, features], force)
         with report.progress_bar(enabled=not json_output) as progress:
             result = jobs.repair_checkpoint(request, progress)
         if json_output:
@@ -155,15 +189,8 @@ def repair(
             report.print_json(report.repair_document(result))
         else:
             report.render_repair(result)
-
-
-PlotOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--plot", help="Also save a PNG figure here (needs matplotlib: pip install 'lip-cli[plot]')."
-    ),
-]
-ForceOption = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
+        if plot is not None:
+            plots.plot_k_curve(result.k_curve, plot, title=f"{result.layer.name}: accuracy after PSP + LAP")
 
 
 @app.command()

@@ -16,6 +16,7 @@ from torch import Tensor
 from lip_cli import arrays, checkpoint, files, lip, spectra
 from lip_cli.errors import LipError
 
+AUTO = "auto"
 Progress = Callable[[str, int, int], None]
 """Called as progress(task, rows done, rows in all) while a pass streams over a file."""
 
@@ -98,7 +99,7 @@ class RepairRequest:
 
     checkpoint: Path
     features: Path
-    k: int
+    k: int | str  # a number of components, or "auto"
     labels: Path | None = None
     layer: str | None = None
     output: Path | None = None
@@ -109,6 +110,9 @@ class RepairRequest:
     chunk_rows: int = 65536
     force: bool = False
     dry_run: bool = False
+    holdout: float = 0.1  # share of training samples held out to choose k when there is no val set
+    seed: int = 0
+    force_write: bool = False  # with k = "auto": write an unchanged copy when no k helps
 
 
 @dataclass
@@ -129,6 +133,8 @@ class RepairReport:
     output: Path | None
     val_labels_origin: str | None = None
     warnings: list[str] = field(default_factory=list)
+    k_curve: list[dict[str, float]] = field(default_factory=list)  # {k, train_accuracy[, val_accuracy]}
+    k_selection: str | None = None  # with k = "auto": "val" or "holdout", the data k was chosen on
 
     @property
     def energy_kept(self) -> float:
@@ -145,18 +151,27 @@ class RepairReport:
 
 def _batches(
     data: LabelledFeatures, chunk_rows: int, task: str, progress: Progress
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """(features, labels) chunks of a data set, reporting progress after each."""
+) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """(first row, features, labels) chunks of a data set, reporting progress after each."""
     total = data.features.rows
     for start, x, y in arrays.iter_batches(data.features, data.labels, chunk_rows):
-        yield x, y
+        yield start, x, y
         progress(task, min(start + chunk_rows, total), total)
 
 
 def repair_checkpoint(request: RepairRequest, progress: Progress = _no_progress) -> RepairReport:
-    """`lip repair`: PSP + LAP on the classifier layer of a checkpoint, written to a new file."""
+    """`lip repair`: PSP + LAP on the classifier layer of a checkpoint, written to a new file.
+
+    With k = "auto" the k is chosen by accuracy on the validation set, or on a seeded held-out
+    split of the training samples (the final fit still uses them all); ties go to the larger k.
+    When no k beats the unrepaired layer, the weights stay as they are and nothing is written
+    unless `force_write`.
+    """
     if request.val_labels is not None and request.val_features is None:
         raise LipError("--val-labels needs --val-features")
+    auto = request.k == AUTO
+    if auto and request.val_features is None and not 0.0 < request.holdout < 1.0:
+        raise LipError(f"--holdout {request.holdout}: must be a fraction between 0 and 1")
     compute_dtype = lip.COMPUTE_DTYPES[request.compute_dtype]
     device = resolve_device(request.device)
     output = None if request.dry_run else Path(request.output or files.sibling_output(request.checkpoint))
@@ -178,42 +193,120 @@ def repair_checkpoint(request: RepairRequest, progress: Progress = _no_progress)
     layer, weight, bias = _classifier_for(model, request.layer, train, val)
 
     stats = lip.LapStatistics(weight, bias, compute_dtype=compute_dtype, device=device)
-    if not 0 <= request.k <= stats.svd.rank:
-        raise LipError(
-            f"--k {request.k}: must be between 0 and the rank of `{layer.weight_key}`, {stats.svd.rank}"
-        )
+    rank = stats.svd.rank
+    if not auto and not 0 <= int(request.k) <= rank:
+        raise LipError(f"--k {request.k}: must be between 0 and the rank of `{layer.weight_key}`, {rank}")
+    held_out = None
+    if auto and val is None:
+        generator = torch.Generator().manual_seed(request.seed)
+        held_out = torch.rand(train.features.rows, generator=generator) < request.holdout  # (n,)
+        if not 0 < int(held_out.sum()) < train.features.rows:
+            raise LipError(
+                f"--holdout {request.holdout}: leaves no samples on one side of {train.features.rows}; "
+                "pass --val-features or another --holdout"
+            )
 
-    correct_before = 0
-    for x, y in _batches(train, request.chunk_rows, "statistics", progress):
-        stats.update(x, y)
-        correct_before += lip.count_correct(lip.head_logits(x.to(device), weight, bias, compute_dtype), y)
-    repaired = lip.repair(stats, request.k)
+    def original_correct(x: Tensor, y: Tensor) -> int:
+        return lip.count_correct(lip.head_logits(x.to(device), weight, bias, compute_dtype), y)
 
-    accuracy = {
-        "train_before": correct_before / train.features.rows,
-        "train_after": _accuracy(train, [repaired.weight], bias, request, device, progress, "train")[0],
-    }
+    # pass 1: LAP statistics (on the fitting rows and the held-out rows apart when holding out)
+    held_stats = stats.copy() if held_out is not None else None
+    train_correct = 0
+    for start, x, y in _batches(train, request.chunk_rows, "statistics", progress):
+        train_correct += original_correct(x, y)
+        if held_out is None or held_stats is None:
+            stats.update(x, y)
+        else:
+            mask = held_out[start : start + x.shape[0]]
+            stats.update(x[~mask], y[~mask])
+            held_stats.update(x[mask], y[mask])
+    fit_stats = stats
+    if held_stats is not None:
+        stats = fit_stats.copy()
+        stats.merge(held_stats)
+
+    # pass 2: accuracy at each candidate k, on the training data and on the selection data
+    ks = lip.k_grid(rank) if auto else [int(request.k)]
+    train_curve = lip.KCurve(stats, ks)
+    held_curve = lip.KCurve(fit_stats, ks) if held_out is not None else None
+    held_correct = 0
+    for start, x, y in _batches(train, request.chunk_rows, "accuracy for each k", progress):
+        train_curve.update(x, y)
+        if held_out is not None and held_curve is not None:
+            mask = held_out[start : start + x.shape[0]]
+            held_curve.update(x[mask], y[mask])
+            held_correct += original_correct(x[mask], y[mask])
+    curves = {"train": (train_curve, train_correct / train.features.rows)}
+    if held_curve is not None:
+        curves["holdout"] = (held_curve, held_correct / held_curve.samples)
     if val is not None:
-        before, after = _accuracy(val, [weight, repaired.weight], bias, request, device, progress, "val")
-        accuracy["val_before"], accuracy["val_after"] = before, after
+        val_curve, val_correct = lip.KCurve(stats, ks), 0
+        for _, x, y in _batches(val, request.chunk_rows, "validation", progress):
+            val_curve.update(x, y)
+            val_correct += original_correct(x, y)
+        curves["val"] = (val_curve, val_correct / val.features.rows)
+    # the curve at k = rank is the unrepaired layer: use its exact accuracy, not the SVD's rounding
+    accuracies = {
+        name: [before if k == rank else value for k, value in zip(ks, curve.accuracies(), strict=True)]
+        for name, (curve, before) in curves.items()
+    }
 
+    selection = "val" if val is not None else "holdout" if held_out is not None else None
     warnings = []
+    if auto:
+        selected = accuracies[str(selection)]
+        best = max(selected)
+        k = max(k for k, value in zip(ks, selected, strict=True) if value == best)
+    else:
+        k = int(request.k)
+    index = ks.index(k)
+    improved = k < rank
+    repaired = lip.repair(stats, k)
+    accuracy = {}
+    for name, (_, before) in curves.items():
+        accuracy[f"{name}_before"], accuracy[f"{name}_after"] = before, accuracies[name][index]
+    if not auto and val is not None and accuracy["val_after"] < accuracy["val_before"]:
+        warnings.append(
+            f"k = {k} LOWERS validation accuracy from {100 * accuracy['val_before']:.2f}% to "
+            f"{100 * accuracy['val_after']:.2f}%; consider --k auto"
+        )
     if repaired.unexcited:
         warnings.append(
             f"{len(repaired.unexcited)} tail direction(s) are never excited by the features and "
-            f"keep their old singular values: {repaired.unexcited[:10]}"
+            f"keep their old singular values: {list(repaired.unexcited[:10])}"
         )
+    if auto and not improved:
+        where = (
+            "validation set"
+            if selection == "val"
+            else f"held-out {request.holdout:.0%} of the training samples"
+        )
+        warnings.append(
+            f"no k beats the unrepaired layer on the {where}; the weights stay as they are"
+            + (
+                ""
+                if request.force_write or output is None
+                else ", nothing written (--force-write writes a copy)"
+            )
+        )
+        if not request.force_write:
+            output = None
     if output is not None:
         updates = {layer.weight_key: repaired.weight.to(weight.device)}
         checkpoint.write_checkpoint(model, updates, output)
 
+    k_curve = [
+        {"k": k_value, "train_accuracy": accuracies["train"][position]}
+        | ({"val_accuracy": accuracies[selection][position]} if selection else {})
+        for position, k_value in enumerate(ks)
+    ]
     return RepairReport(
         checkpoint=Path(request.checkpoint),
         layer=layer,
         has_bias=bias is not None,
         samples=train.features.rows,
-        k=request.k,
-        rank=stats.svd.rank,
+        k=k,
+        rank=rank,
         labels_origin=train.labels_origin,
         val_labels_origin=None if val is None else val.labels_origin,
         singular_values_before=repaired.singular_values_before.tolist(),
@@ -222,26 +315,9 @@ def repair_checkpoint(request: RepairRequest, progress: Progress = _no_progress)
         accuracy=accuracy,
         output=output,
         warnings=warnings,
+        k_curve=k_curve,
+        k_selection=(selection if auto else None),
     )
-
-
-def _accuracy(
-    data: LabelledFeatures,
-    weights: list[Tensor],
-    bias: Tensor | None,
-    request: RepairRequest,
-    device: torch.device,
-    progress: Progress,
-    name: str,
-) -> list[float]:
-    """Accuracy of each candidate weight (sharing one bias) in one pass over the data."""
-    compute_dtype = lip.COMPUTE_DTYPES[request.compute_dtype]
-    correct = [0] * len(weights)
-    for x, y in _batches(data, request.chunk_rows, f"accuracy ({name})", progress):
-        x = x.to(device)
-        for index, weight in enumerate(weights):
-            correct[index] += lip.count_correct(lip.head_logits(x, weight, bias, compute_dtype), y)
-    return [count / data.features.rows for count in correct]
 
 
 ENERGY_LEVELS = (0.9, 0.95, 0.99)
@@ -354,10 +430,10 @@ def inspect_layer(
     train = open_labelled_features(features, labels)
     layer, weight, bias = _classifier_for(model, layer_name, train)
     stats = lip.LapStatistics(weight, bias, device=resolve_device(device))
-    for x, y in _batches(train, chunk_rows, "statistics", progress):
+    for _, x, y in _batches(train, chunk_rows, "statistics", progress):
         stats.update(x, y)
     curve = lip.KCurve(stats, lip.k_grid(stats.svd.rank))
-    for x, y in _batches(train, chunk_rows, "accuracy for each k", progress):
+    for _, x, y in _batches(train, chunk_rows, "accuracy for each k", progress):
         curve.update(x, y)
     return LayerReport(
         checkpoint=Path(path),

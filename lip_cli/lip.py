@@ -12,6 +12,7 @@ samples gives the fit for every k at once. The sums add across chunks, shards an
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -110,6 +111,12 @@ class LapStatistics:
         self.numerator += (z * t).sum(0, dtype=torch.float64)
         self.denominator += (z * z).sum(0, dtype=torch.float64)
         self.samples += int(features.shape[0])
+
+    def copy(self) -> LapStatistics:
+        """An independent accumulator with the same head and the same sums so far."""
+        twin = copy.copy(self)
+        twin.numerator, twin.denominator = self.numerator.clone(), self.denominator.clone()
+        return twin
 
     def merge(self, other: LapStatistics) -> None:
         """Add the sums of another accumulator built on the same head."""

@@ -84,3 +84,20 @@ def plot_comparison(report: CompareReport, path: Path) -> None:
     figure.colorbar(image, ax=right)
     _save(figure, path)
     plt.close(figure)
+
+
+def plot_k_curve(curve: list[dict[str, float]], path: Path, title: str) -> None:
+    """Accuracy against k after PSP + LAP, on the training labels and on the selection data."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6.5, 4.2), layout="constrained")
+    ks = [point["k"] for point in curve]
+    axis.plot(ks, [point["train_accuracy"] for point in curve], ".-", label="training labels")
+    if curve and "val_accuracy" in curve[0]:
+        axis.plot(ks, [point["val_accuracy"] for point in curve], ".-", label="validation / held out")
+    axis.set_xlabel("k (components kept by PSP)")
+    axis.set_ylabel("accuracy")
+    axis.grid(True, alpha=0.3)
+    axis.legend()
+    axis.set_title(title)
+    _save(figure, path)
+    plt.close(figure)

@@ -190,10 +190,14 @@ def render_repair(report: RepairReport) -> None:
             before, after = report.accuracy[f"{name}_before"], report.accuracy[f"{name}_after"]
             accuracy.add_row(label, _percent(before), _percent(after), _change(before, after))
     console.print(accuracy)
+    if report.k_selection:
+        render_k_curve(report.k_curve, report.samples, report.labels_origin, chosen=report.k)
+        where = "the validation set" if report.k_selection == "val" else "held-out training samples"
+        console.print(f"--k auto chose k = {report.k} of {report.rank} by accuracy on {where}")
     for message in report.warnings:
         warning(message)
     if report.output is None:
-        console.print("dry run: nothing written")
+        console.print("nothing written")
     else:
         console.print(f"wrote [bold]{report.output}[/]")
 
@@ -222,6 +226,9 @@ def repair_document(report: RepairReport) -> dict[str, Any]:
         "singular_values_after": report.singular_values_after,
         "unexcited_directions": report.unexcited,
         "accuracy": report.accuracy,
+        "k_chosen": report.k,
+        "k_selection": report.k_selection,
+        "k_curve": report.k_curve,
         "output": None if report.output is None else str(report.output),
         "warnings": report.warnings,
     }
@@ -320,28 +327,29 @@ def render_layer(report: Any, top: int) -> None:
         render_k_curve(report.k_curve, report.samples, report.labels_origin)
 
 
-def render_k_curve(curve: list[dict[str, float]], samples: int | None, origin: str | None) -> None:
+def render_k_curve(
+    curve: list[dict[str, float]], samples: int | None, origin: str | None, chosen: int | None = None
+) -> None:
+    """Accuracy after PSP + LAP against k: sparklines, and a table of about a dozen k values."""
     console = stderr()
-    accuracies = [point["train_accuracy"] for point in curve]
-    console.print(
-        "accuracy on the training labels after PSP + LAP at each k "
-        f"({samples:,} samples, labels from {origin})"
-    )
-    console.print(f"  k = {curve[0]['k']} … {curve[-1]['k']}   {sparkline(accuracies)}")
+    columns = ["train_accuracy"] + (["val_accuracy"] if "val_accuracy" in curve[0] else [])
+    console.print(f"accuracy after PSP + LAP at each k ({samples:,} training samples, labels from {origin})")
+    for column in columns:
+        name = "training" if column == "train_accuracy" else "validation"
+        values = [point[column] for point in curve]
+        console.print(f"  {name:<10} k = {curve[0]['k']} … {curve[-1]['k']}   {sparkline(values)}")
     table = Table(show_header=True)
-    for column in ("k", "accuracy", ""):
-        table.add_column(column, justify="right" if column else "left", no_wrap=True)
+    table.add_column("k", justify="right")
+    for column in columns:
+        table.add_column("training" if column == "train_accuracy" else "validation", justify="right")
+    table.add_column("", no_wrap=True)
     step = max(1, len(curve) // 12)
-    shown = sorted({*range(0, len(curve), step), len(curve) - 1})
-    best = max(accuracies)
-    for index in shown:
+    indices = {*range(0, len(curve), step), len(curve) - 1}
+    indices |= {index for index, point in enumerate(curve) if point["k"] == chosen}
+    for index in sorted(indices):
         point = curve[index]
-        style = "bold green" if point["train_accuracy"] == best else ""
-        table.add_row(
-            f"[{style}]{point['k']}[/]" if style else str(point["k"]),
-            _percent(point["train_accuracy"]),
-            bar(point["train_accuracy"], 1.0),
-        )
+        label = f"[bold green]{point['k']} ◀[/]" if point["k"] == chosen else str(point["k"])
+        table.add_row(label, *(_percent(point[column]) for column in columns), bar(point[columns[-1]], 1.0))
     console.print(table)
 
 
