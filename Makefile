@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # A pinned CPU build: an unpinned torch would pull several GB of CUDA wheels.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test lint format bench bench-full bench-accuracy clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,16 @@ lint: install
 format: install
 	$(BIN)/ruff format lip_cli tests benchmarks
 	$(BIN)/ruff check --fix lip_cli tests benchmarks
+
+# Timings live here, never in tests. Run on an otherwise idle machine.
+bench: install
+	$(BIN)/python benchmarks/speed.py --out benchmarks/speed.json
+
+bench-full: install
+	$(BIN)/python benchmarks/speed.py --full --out benchmarks/speed.json
+
+bench-accuracy: install
+	$(BIN)/python benchmarks/noisy_labels.py --seeds 3 --epochs 8
 
 clean:
 	rm -rf $(VENV) demo build *.egg-info .pytest_cache .hypothesis

@@ -108,8 +108,8 @@ class LapStatistics:
             t = self._v[labels.long()] - self._bias_v  # (n, r): one-hot rows of Y picked from V
         else:
             t = labels.to(self.compute_dtype) @ self._v - self._bias_v  # (n, r)
-        self.numerator += (z * t).sum(0, dtype=torch.float64)
-        self.denominator += (z * z).sum(0, dtype=torch.float64)
+        self.numerator += (z * t).sum(0).to(torch.float64)  # chunk sums in the compute dtype
+        self.denominator += (z * z).sum(0).to(torch.float64)
         self.samples += int(features.shape[0])
 
     def copy(self) -> LapStatistics:
