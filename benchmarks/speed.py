@@ -5,7 +5,7 @@ Each measurement runs in its own subprocess, so that its peak RSS is its own. Me
             all materialised, float32, in memory
   core32    lip's core (LapStatistics, chunked) on the same in-memory tensors, float32 compute
   core64    the same in float64 compute (the `lip repair` default)
-  floor     a bare X @ U in float32: the compute floor
+  floor     a bare X @ U in float32, in chunks of lip's default size: the compute floor
   read      a bare read pass over the memory-mapped .npy file: the I/O floor (page cache warm)
   repair    `lip repair --dry-run` end to end on the .npy file (all passes, accuracies included)
 
@@ -28,11 +28,15 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).parent))
+from results_md import replace_section  # noqa: E402
+
 SHAPES = {
     "cifar": {"n": 50_000, "q": 512, "l": 100, "k": 50, "dtype": "float32"},
     "imagenet": {"n": 200_000, "q": 2048, "l": 1000, "k": 500, "dtype": "float32"},
     "imagenet-full": {"n": 1_281_167, "q": 2048, "l": 1000, "k": 500, "dtype": "float16"},
 }
+CHUNK = 16384  # lip repair's default --chunk-rows
 IN_MEMORY = ("dense", "core32", "core64", "floor")
 
 
@@ -102,7 +106,9 @@ def measure(method: str, folder: Path, k: int) -> dict:
         repair_checkpoint(request)
         return {"seconds": time.perf_counter() - started, "peak_mb": peak_rss_mb() - baseline}
 
-    x = torch.from_numpy(np.load(folder / "features.npy")).float()  # (n, q)
+    x = torch.from_numpy(np.load(folder / "features.npy"))  # (n, q), as stored
+    if method != "floor":
+        x = x.float()
     labels = torch.from_numpy(np.load(folder / "labels.npy"))
     state = torch.load(folder / "model.pt", weights_only=True)
     weight, bias = state["fc.weight"], state["fc.bias"]
@@ -122,12 +128,13 @@ def measure(method: str, folder: Path, k: int) -> dict:
     elif method in ("core32", "core64"):
         dtype = torch.float32 if method == "core32" else torch.float64
         stats = LapStatistics(weight, bias, compute_dtype=dtype)
-        for start in range(0, x.shape[0], 65536):
-            stats.update(x[start : start + 65536], labels[start : start + 65536])
+        for start in range(0, x.shape[0], CHUNK):
+            stats.update(x[start : start + CHUNK], labels[start : start + CHUNK])
         repair(stats, k)
     elif method == "floor":
         u = torch.linalg.svd(weight.T.double(), full_matrices=False).U.float()
-        _ = x @ u
+        for start in range(0, x.shape[0], CHUNK):
+            _ = x[start : start + CHUNK].float() @ u
     return {"seconds": time.perf_counter() - started, "peak_mb": peak_rss_mb() - baseline}
 
 
@@ -149,6 +156,7 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="also the 1.28M x 2048 float16 cache, end to end")
     parser.add_argument("--scratch", default=None, help="folder for generated data (default: a temp folder)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--render", help="rewrite the RESULTS.md section from a saved --out JSON and stop")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--k", type=int, help=argparse.SUPPRESS)
@@ -156,10 +164,15 @@ def main() -> None:
     if args.one:
         print(json.dumps(measure(args.one, Path(args.folder), args.k)))
         return
+    if args.render:
+        saved = json.loads(Path(args.render).read_text())
+        write_section(saved["results"], saved["command"], saved["machine"])
+        return
 
     import torch
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
+    machine = f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores"
+    print(machine)
     names = args.shapes.split(",") + (["imagenet-full"] if args.full else [])
     results = {}
     for name in names:
@@ -172,7 +185,9 @@ def main() -> None:
                 f"\n{name}: n={shape['n']:,} q={shape['q']} l={shape['l']} k={shape['k']} {shape['dtype']} "
                 f"(data made in {time.perf_counter() - started:.0f} s)"
             )
-            methods = ("read", "repair") if name == "imagenet-full" else (*IN_MEMORY, "read", "repair")
+            methods = (
+                ("floor", "read", "repair") if name == "imagenet-full" else (*IN_MEMORY, "read", "repair")
+            )
             rows = {method: run_one(method, folder, shape["k"]) for method in methods}
         results[name] = rows
         for method, row in rows.items():
@@ -185,8 +200,59 @@ def main() -> None:
             )
         floors = rows["read"]["seconds"] + rows.get("floor", {"seconds": float("nan")})["seconds"]
         print(f"  repair / (read + floor) = {rows['repair']['seconds'] / floors:.2f}x")
+    help_seconds = []
+    for _ in range(5):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "lip_cli", "--help"], capture_output=True, check=True)
+        help_seconds.append(time.perf_counter() - started)
+    results["lip --help"] = {"seconds": min(help_seconds)}
+    print(f"\nlip --help: {min(help_seconds):.3f} s (best of 5)")
+    command = "python benchmarks/speed.py " + " ".join(sys.argv[1:])
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+        saved = {"command": command.strip(), "machine": machine, "results": results}
+        Path(args.out).write_text(json.dumps(saved, indent=2) + "\n")
+    write_section(results, command.strip(), machine)
+
+
+def write_section(results: dict, command: str, machine: str) -> None:
+    """The speed section of benchmarks/RESULTS.md: every figure of one run, and its ratios."""
+    lines = [
+        "## Speed and memory",
+        "",
+        f"Generated by `{command}` ({machine}); every figure below comes from that one run.",
+        "Peak memory is the growth of the process's peak RSS over its size after loading the inputs",
+        "(each method runs in its own process). `read` maps the whole file, so its figure is file pages.",
+        "`repair` is `lip repair --dry-run --compute-dtype float32` through the library (every pass,",
+        "accuracies included); the default float64 compute costs about 2x the core time (core64).",
+        "",
+        "| shape | method | seconds | peak MB |",
+        "|---|---|---|---|",
+    ]
+    for shape, rows in results.items():
+        if shape == "lip --help":
+            continue
+        for method, row in rows.items():
+            lines.append(f"| {shape} | {method} | {row['seconds']:.2f} | {row['peak_mb']:.0f} |")
+    lines += [
+        "",
+        "| shape | dense / core32 | core32 / floor | repair / (read + floor) |",
+        "|---|---|---|---|",
+    ]
+    for shape, rows in results.items():
+        if shape == "lip --help":
+            continue
+        seconds = {method: row["seconds"] for method, row in rows.items()}
+        dense = f"{seconds['dense'] / seconds['core32']:.2f}x" if "dense" in seconds else "-"
+        floor = f"{seconds['core32'] / seconds['floor']:.2f}x" if "core32" in seconds else "-"
+        repair = seconds["repair"] / (seconds["read"] + seconds["floor"])
+        lines.append(f"| {shape} | {dense} | {floor} | {repair:.2f}x |")
+    if "lip --help" in results:
+        lines += [
+            "",
+            f"`lip --help` takes {results['lip --help']['seconds']:.3f} s (best of 5; torch is not "
+            "imported).",
+        ]
+    replace_section("speed", "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ features; otherwise `labels.npy` beside the features file is used.
 
 from __future__ import annotations
 
+import mmap
+import os
 import pickle
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -86,8 +88,37 @@ def _from_tensor(tensor: Tensor, path: Path, key: str | None) -> ArraySource:
 
 
 def _open_npy(path: Path) -> dict[str | None, ArraySource]:
-    array = np.load(path, mmap_mode="r", allow_pickle=False)
-    return {None: _from_numpy(array, path, None)}
+    """A memory map of the file; pages already read are handed back so RSS stays at one chunk."""
+    with open(path, "rb") as handle:
+        version = np.lib.format.read_magic(handle)
+        readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in readers:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+            return {None: _from_numpy(array, path, None)}
+        shape, fortran_order, dtype = readers[version](handle)
+        offset = handle.tell()
+        if fortran_order or dtype.hasobject or not shape:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+            return {None: _from_numpy(array, path, None)}
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        if offset + shape[0] * row_bytes > os.fstat(handle.fileno()).st_size:
+            raise ValueError("file is shorter than its header says (truncated?)")
+        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if shape[0] * row_bytes else None
+
+    def read(start: int, stop: int) -> Tensor:
+        stop = min(stop, shape[0])
+        if mapped is None or stop <= start:
+            return torch.from_numpy(np.zeros((0, *shape[1:]), dtype=dtype))
+        begin, count = offset + start * row_bytes, (stop - start) * row_bytes
+        rows = np.frombuffer(mapped, dtype=dtype, count=count // dtype.itemsize, offset=begin)
+        chunk = torch.from_numpy(rows.reshape(stop - start, *shape[1:]).copy())
+        page = mmap.PAGESIZE
+        first, last = begin // page * page, (begin + count) // page * page
+        if last > first and hasattr(mapped, "madvise"):
+            mapped.madvise(mmap.MADV_DONTNEED, first, last - first)
+        return chunk
+
+    return {None: ArraySource(path, None, tuple(shape), _torch_dtype(dtype, path), read)}
 
 
 def _open_npz(path: Path) -> dict[str | None, ArraySource]:
@@ -271,6 +302,14 @@ def label_classes(labels: ArraySource) -> int | None:
     return labels.shape[1] if len(labels.shape) == 2 else None
 
 
+def _all_finite(values: Tensor) -> bool:
+    """No NaN or Inf: min and max propagate both, in one pass with no temporary."""
+    if values.numel() == 0:
+        return True
+    low, high = torch.aminmax(values)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
 def iter_batches(
     features: ArraySource, labels: ArraySource, chunk_rows: int
 ) -> Iterator[tuple[int, Tensor, Tensor]]:
@@ -278,9 +317,9 @@ def iter_batches(
     for start in range(0, features.rows, chunk_rows):
         stop = min(start + chunk_rows, features.rows)
         x = features.read(start, stop)
-        if not bool(torch.isfinite(x).all()):
+        if not _all_finite(x):
             raise LipError(f"{features.name}: rows {start}-{stop - 1} hold NaN or Inf values")
         y = labels.read(start, stop)
-        if y.dtype.is_floating_point and not bool(torch.isfinite(y).all()):
+        if y.dtype.is_floating_point and not _all_finite(y):
             raise LipError(f"{labels.name}: rows {start}-{stop - 1} hold NaN or Inf values")
         yield start, x, y

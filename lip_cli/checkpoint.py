@@ -17,6 +17,9 @@ from lip_cli.arrays import load_torch_file
 from lip_cli.errors import LipError, first_line
 from lip_cli.files import atomic_output
 
+WRAPPER_PREFIXES = ("model.", "module.", "_orig_mod.", "net.", "network.")  # Lightning, DDP, compile
+EMA_COMPONENTS = {"ema", "model_ema", "ema_model", "ema_state_dict", "shadow"}
+HEAD_NAMES = {"fc", "head", "head.fc", "heads.head", "classifier", "score"}  # plus classifier.<N>
 NESTED_KEYS = ("state_dict", "model", "model_state_dict", "module", "net", "network", "weights")
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors")
 
@@ -129,13 +132,48 @@ def _listing(layers: list[LinearLayer], limit: int = 8) -> str:
     return shown + more if shown else "none"
 
 
+def is_ema(name: str) -> bool:
+    """Whether a module path belongs to an exponential-moving-average copy of the model."""
+    return any(
+        part in EMA_COMPONENTS or part.startswith("ema_") or part.endswith("_ema") for part in name.split(".")
+    )
+
+
+def canonical_name(name: str) -> str:
+    """The module path without wrapper prefixes (model., module., _orig_mod.) and EMA parts."""
+    parts = [part for part in name.split(".") if not is_ema(part)]
+    bare = ".".join(parts)
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in WRAPPER_PREFIXES:
+            if bare.startswith(prefix):
+                bare, stripped = bare[len(prefix) :], True
+    return bare
+
+
+def is_head_name(name: str) -> bool:
+    """A classifier name of torchvision, timm or transformers (fc, head, classifier.1, score...)."""
+    bare = canonical_name(name)
+    return bare in HEAD_NAMES or (bare.startswith("classifier.") and bare.split(".")[1].isdigit())
+
+
 def layer_by_name(checkpoint: Checkpoint, name: str) -> LinearLayer:
-    """The 2-D layer at a module path (`fc` or `fc.weight`), or an error listing the 2-D layers."""
+    """The 2-D layer at a module path (`fc`, `fc.weight`) or a unique suffix of one (`fc` finds
+    `model.fc` when it is the only match); otherwise an error listing the candidates."""
     layers = linear_layers(checkpoint.state)
     wanted = name.removesuffix(".weight")
     layer = next((layer for layer in layers if layer.name == wanted), None)
     if layer is not None:
         return layer
+    suffixed = [layer for layer in layers if layer.name.endswith("." + wanted)]
+    if len(suffixed) == 1:
+        return suffixed[0]
+    if suffixed:
+        raise LipError(
+            f"{checkpoint.path}: `{wanted}` matches several layers: {_listing(suffixed)}; "
+            "pass the full name to --layer"
+        )
     for key in (f"{wanted}.weight", wanted):
         value = checkpoint.state.get(key)
         if isinstance(value, Tensor):
@@ -146,11 +184,29 @@ def layer_by_name(checkpoint: Checkpoint, name: str) -> LinearLayer:
 
 
 def likely_classifier(checkpoint: Checkpoint) -> LinearLayer:
-    """The last 2-D layer of the state dict: where classifiers sit in every common architecture."""
+    """The last 2-D layer with a common head name, else the last 2-D layer; EMA copies last."""
     layers = linear_layers(checkpoint.state)
     if not layers:
         raise LipError(f"{checkpoint.path}: holds no 2-D weight")
-    return layers[-1]
+    for group in (
+        [layer for layer in layers if is_head_name(layer.name) and not is_ema(layer.name)],
+        [layer for layer in layers if not is_ema(layer.name)],
+        layers,
+    ):
+        if group:
+            return group[-1]
+    raise AssertionError("unreachable")
+
+
+def copies_of(checkpoint: Checkpoint, layer: LinearLayer) -> list[LinearLayer]:
+    """Other layers that are the same layer under another wrapper or an EMA copy of it."""
+    return [
+        other
+        for other in linear_layers(checkpoint.state)
+        if other.name != layer.name
+        and canonical_name(other.name) == canonical_name(layer.name)
+        and (other.out_features, other.in_features) == (layer.out_features, layer.in_features)
+    ]
 
 
 def find_layer(
@@ -183,6 +239,9 @@ def find_layer(
     matches = [layer for layer in layers if fits(layer)]
     if len(matches) == 1:
         return matches[0]
+    preferred = [layer for layer in matches if is_head_name(layer.name) and not is_ema(layer.name)]
+    if len(preferred) == 1:
+        return preferred[0]
     wanted_classes = f"{num_classes}" if num_classes else f"at least {min_classes}"
     if not matches:
         raise LipError(

@@ -140,7 +140,16 @@ def repair(
     ] = ComputeDtype.float64,
     chunk_rows: Annotated[
         int, typer.Option("--chunk-rows", min=1, help="Feature rows read at a time (bounds memory).")
-    ] = 65536,
+    ] = 16384,
+    sample_rows: Annotated[
+        int | None,
+        typer.Option(
+            "--sample-rows",
+            min=1,
+            help="Training rows kept in memory to measure accuracies after the fit (default: as many "
+            "as fit 256 MB, which is all of them for most caches; above that a seeded random sample).",
+        ),
+    ] = None,
     holdout: Annotated[
         float,
         typer.Option(
@@ -177,6 +186,7 @@ def repair(
             dry_run=dry_run,
             holdout=holdout,
             seed=seed,
+            sample_rows=sample_rows,
             force_write=force_write,
         )
         if plot is not None:
@@ -216,7 +226,7 @@ def inspect(
     device: Annotated[Device, typer.Option("--device", help="Where the statistics pass runs.")] = Device.cpu,
     chunk_rows: Annotated[
         int, typer.Option("--chunk-rows", min=1, help="Feature rows read at a time (bounds memory).")
-    ] = 65536,
+    ] = 16384,
     plot: PlotOption = None,
     force: ForceOption = False,
     json_output: JsonOption = False,

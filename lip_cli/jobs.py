@@ -93,6 +93,83 @@ def _layer_tensors(
     return weight, bias
 
 
+SAMPLE_BYTES = 256 * 2**20
+
+
+@dataclass
+class FittedPass:
+    """One streaming pass over the training data: LAP statistics, and projections kept for accuracy.
+
+    `sample` holds X U and the labels of a seeded uniform sample of the training rows (all of them
+    when they fit the memory budget), so that accuracies for any k need no second pass.
+    """
+
+    stats: lip.LapStatistics  # every training row
+    fit_stats: lip.LapStatistics  # the rows not held out (the same object without a holdout)
+    sample: list[tuple[Tensor, Tensor]]
+    held_sample: list[tuple[Tensor, Tensor]]
+    sampled_rows: int
+
+    @staticmethod
+    def curve(stats: lip.LapStatistics, sample: list[tuple[Tensor, Tensor]], ks: list[int]) -> list[float]:
+        curve = lip.KCurve(stats, ks)
+        for z, y in sample:
+            curve.update_projections(z, y)
+        return curve.accuracies()
+
+
+def statistics_pass(
+    data: LabelledFeatures,
+    stats: lip.LapStatistics,
+    chunk_rows: int,
+    holdout: float = 0.0,
+    seed: int = 0,
+    sample_rows: int | None = None,
+    progress: Progress = _no_progress,
+) -> FittedPass:
+    """Stream the training data once: accumulate LAP sums, keep the projections of a sample.
+
+    With `holdout`, a seeded share of the rows is accumulated apart (to choose k on rows the fit
+    has not seen) and merged back afterwards.
+    """
+    rows = data.features.rows
+    generator = torch.Generator().manual_seed(seed)
+    held = torch.zeros(rows, dtype=torch.bool)
+    if holdout > 0:
+        held = torch.rand(rows, generator=generator) < holdout  # (n,)
+        if not 0 < int(held.sum()) < rows:
+            raise LipError(
+                f"--holdout {holdout}: leaves no samples on one side of {rows}; "
+                "pass --val-features or another --holdout"
+            )
+    if sample_rows is None:
+        sample_rows = max(1, SAMPLE_BYTES // (4 * max(stats.svd.rank, 1)))
+    sampled = torch.ones(rows, dtype=torch.bool)
+    if rows > sample_rows:
+        sampled = torch.zeros(rows, dtype=torch.bool)
+        sampled[torch.randperm(rows, generator=generator)[:sample_rows]] = True
+    held_stats = stats.copy() if holdout > 0 else None
+    sample: list[tuple[Tensor, Tensor]] = []
+    held_sample: list[tuple[Tensor, Tensor]] = []
+    for start, x, y in _batches(data, chunk_rows, "statistics", progress):
+        z = stats.project(x)  # (n, r)
+        stop = start + x.shape[0]
+        is_held, keep = held[start:stop].to(z.device), sampled[start:stop].to(z.device)
+        y = y.to(z.device)
+        if held_stats is None:
+            stats.accumulate(z, y)
+        else:
+            stats.accumulate(z[~is_held], y[~is_held])
+            held_stats.accumulate(z[is_held], y[is_held])
+            held_sample.append((z[keep & is_held].clone(), y[keep & is_held]))
+        sample.append((z[keep].clone(), y[keep]))
+    fit_stats = stats
+    if held_stats is not None:
+        stats = fit_stats.copy()
+        stats.merge(held_stats)
+    return FittedPass(stats, fit_stats, sample, held_sample, int(sampled.sum()))
+
+
 @dataclass(frozen=True)
 class RepairRequest:
     """Everything `lip repair` needs; the defaults are the command's defaults."""
@@ -107,10 +184,11 @@ class RepairRequest:
     val_labels: Path | None = None
     device: str = "cpu"
     compute_dtype: str = "float64"
-    chunk_rows: int = 65536
+    chunk_rows: int = 16384
     force: bool = False
     dry_run: bool = False
     holdout: float = 0.1  # share of training samples held out to choose k when there is no val set
+    sample_rows: int | None = None  # training rows kept for accuracies; None: as many as fit 256 MB
     seed: int = 0
     force_write: bool = False  # with k = "auto": write an unchanged copy when no k helps
 
@@ -135,6 +213,8 @@ class RepairReport:
     warnings: list[str] = field(default_factory=list)
     k_curve: list[dict[str, float]] = field(default_factory=list)  # {k, train_accuracy[, val_accuracy]}
     k_selection: str | None = None  # with k = "auto": "val" or "holdout", the data k was chosen on
+    accuracy_rows: int = 0  # training rows the training (and held-out) accuracies are measured on
+    other_copies: list[str] = field(default_factory=list)  # the same layer elsewhere (EMA, wrappers)
 
     @property
     def energy_kept(self) -> float:
@@ -196,62 +276,28 @@ def repair_checkpoint(request: RepairRequest, progress: Progress = _no_progress)
     rank = stats.svd.rank
     if not auto and not 0 <= int(request.k) <= rank:
         raise LipError(f"--k {request.k}: must be between 0 and the rank of `{layer.weight_key}`, {rank}")
-    held_out = None
-    if auto and val is None:
-        generator = torch.Generator().manual_seed(request.seed)
-        held_out = torch.rand(train.features.rows, generator=generator) < request.holdout  # (n,)
-        if not 0 < int(held_out.sum()) < train.features.rows:
-            raise LipError(
-                f"--holdout {request.holdout}: leaves no samples on one side of {train.features.rows}; "
-                "pass --val-features or another --holdout"
-            )
+    fitted = statistics_pass(
+        train,
+        stats,
+        chunk_rows=request.chunk_rows,
+        holdout=request.holdout if auto and val is None else 0.0,
+        seed=request.seed,
+        sample_rows=request.sample_rows,
+        progress=progress,
+    )
+    stats = fitted.stats
 
-    def original_correct(x: Tensor, y: Tensor) -> int:
-        return lip.count_correct(lip.head_logits(x.to(device), weight, bias, compute_dtype), y)
-
-    # pass 1: LAP statistics (on the fitting rows and the held-out rows apart when holding out)
-    held_stats = stats.copy() if held_out is not None else None
-    train_correct = 0
-    for start, x, y in _batches(train, request.chunk_rows, "statistics", progress):
-        train_correct += original_correct(x, y)
-        if held_out is None or held_stats is None:
-            stats.update(x, y)
-        else:
-            mask = held_out[start : start + x.shape[0]]
-            stats.update(x[~mask], y[~mask])
-            held_stats.update(x[mask], y[mask])
-    fit_stats = stats
-    if held_stats is not None:
-        stats = fit_stats.copy()
-        stats.merge(held_stats)
-
-    # pass 2: accuracy at each candidate k, on the training data and on the selection data
-    ks = lip.k_grid(rank) if auto else [int(request.k)]
-    train_curve = lip.KCurve(stats, ks)
-    held_curve = lip.KCurve(fit_stats, ks) if held_out is not None else None
-    held_correct = 0
-    for start, x, y in _batches(train, request.chunk_rows, "accuracy for each k", progress):
-        train_curve.update(x, y)
-        if held_out is not None and held_curve is not None:
-            mask = held_out[start : start + x.shape[0]]
-            held_curve.update(x[mask], y[mask])
-            held_correct += original_correct(x[mask], y[mask])
-    curves = {"train": (train_curve, train_correct / train.features.rows)}
-    if held_curve is not None:
-        curves["holdout"] = (held_curve, held_correct / held_curve.samples)
+    # accuracy at each candidate k; k = rank is the unrepaired layer
+    ks = lip.k_grid(rank) if auto else sorted({int(request.k), rank})
+    accuracies = {"train": fitted.curve(fitted.stats, fitted.sample, ks)}
+    selection = "val" if val is not None else "holdout" if auto else None
+    if selection == "holdout":
+        accuracies["holdout"] = fitted.curve(fitted.fit_stats, fitted.held_sample, ks)
     if val is not None:
-        val_curve, val_correct = lip.KCurve(stats, ks), 0
+        val_curve = lip.KCurve(stats, ks)
         for _, x, y in _batches(val, request.chunk_rows, "validation", progress):
             val_curve.update(x, y)
-            val_correct += original_correct(x, y)
-        curves["val"] = (val_curve, val_correct / val.features.rows)
-    # the curve at k = rank is the unrepaired layer: use its exact accuracy, not the SVD's rounding
-    accuracies = {
-        name: [before if k == rank else value for k, value in zip(ks, curve.accuracies(), strict=True)]
-        for name, (curve, before) in curves.items()
-    }
-
-    selection = "val" if val is not None else "holdout" if held_out is not None else None
+        accuracies["val"] = val_curve.accuracies()
     warnings = []
     if auto:
         selected = accuracies[str(selection)]
@@ -259,12 +305,11 @@ def repair_checkpoint(request: RepairRequest, progress: Progress = _no_progress)
         k = max(k for k, value in zip(ks, selected, strict=True) if value == best)
     else:
         k = int(request.k)
-    index = ks.index(k)
     improved = k < rank
     repaired = lip.repair(stats, k)
     accuracy = {}
-    for name, (_, before) in curves.items():
-        accuracy[f"{name}_before"], accuracy[f"{name}_after"] = before, accuracies[name][index]
+    for name, values in accuracies.items():
+        accuracy[f"{name}_before"], accuracy[f"{name}_after"] = values[ks.index(rank)], values[ks.index(k)]
     if not auto and val is not None and accuracy["val_after"] < accuracy["val_before"]:
         warnings.append(
             f"k = {k} LOWERS validation accuracy from {100 * accuracy['val_before']:.2f}% to "
@@ -295,10 +340,11 @@ def repair_checkpoint(request: RepairRequest, progress: Progress = _no_progress)
         updates = {layer.weight_key: repaired.weight.to(weight.device)}
         checkpoint.write_checkpoint(model, updates, output)
 
+    curve_ks = ks if auto else [k]
     k_curve = [
-        {"k": k_value, "train_accuracy": accuracies["train"][position]}
-        | ({"val_accuracy": accuracies[selection][position]} if selection else {})
-        for position, k_value in enumerate(ks)
+        {"k": k_value, "train_accuracy": accuracies["train"][ks.index(k_value)]}
+        | ({"val_accuracy": accuracies[selection][ks.index(k_value)]} if selection else {})
+        for k_value in curve_ks
     ]
     return RepairReport(
         checkpoint=Path(request.checkpoint),
@@ -317,6 +363,8 @@ def repair_checkpoint(request: RepairRequest, progress: Progress = _no_progress)
         warnings=warnings,
         k_curve=k_curve,
         k_selection=(selection if auto else None),
+        accuracy_rows=fitted.sampled_rows,
+        other_copies=[copy.name for copy in checkpoint.copies_of(model, layer)],
     )
 
 
@@ -407,6 +455,7 @@ class LayerReport:
     samples: int | None = None
     labels_origin: str | None = None
     k_curve: list[dict[str, float]] | None = None  # {k, train_accuracy} after PSP + LAP at k
+    accuracy_rows: int | None = None  # training rows the accuracies are measured on
 
 
 def inspect_layer(
@@ -415,7 +464,7 @@ def inspect_layer(
     features: Path | None = None,
     labels: Path | None = None,
     device: str = "cpu",
-    chunk_rows: int = 65536,
+    chunk_rows: int = 16384,
     progress: Progress = _no_progress,
 ) -> LayerReport:
     """The spectrum of one layer; with features, the training accuracy after LAP for every k."""
@@ -430,20 +479,16 @@ def inspect_layer(
     train = open_labelled_features(features, labels)
     layer, weight, bias = _classifier_for(model, layer_name, train)
     stats = lip.LapStatistics(weight, bias, device=resolve_device(device))
-    for _, x, y in _batches(train, chunk_rows, "statistics", progress):
-        stats.update(x, y)
-    curve = lip.KCurve(stats, lip.k_grid(stats.svd.rank))
-    for _, x, y in _batches(train, chunk_rows, "accuracy for each k", progress):
-        curve.update(x, y)
+    fitted = statistics_pass(train, stats, chunk_rows, progress=progress)
+    ks = lip.k_grid(stats.svd.rank)
+    accuracies = fitted.curve(fitted.stats, fitted.sample, ks)
     return LayerReport(
         checkpoint=Path(path),
         spectrum=layer_spectrum(model, layer, is_classifier=True),
         samples=train.features.rows,
         labels_origin=train.labels_origin,
-        k_curve=[
-            {"k": k, "train_accuracy": accuracy}
-            for k, accuracy in zip(curve.ks, curve.accuracies(), strict=True)
-        ],
+        k_curve=[{"k": k, "train_accuracy": accuracy} for k, accuracy in zip(ks, accuracies, strict=True)],
+        accuracy_rows=fitted.sampled_rows,
     )
 
 

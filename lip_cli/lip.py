@@ -97,20 +97,31 @@ class LapStatistics:
 
     def update(self, features: Tensor, labels: Tensor) -> None:
         """Add one batch: features (n, q); labels (n,) class ids or (n, l) targets."""
-        if features.ndim != 2 or features.shape[1] != self.in_features:
-            raise ValueError(f"features must be (n, {self.in_features}), got {tuple(features.shape)}")
         if labels.shape[0] != features.shape[0]:
             raise ValueError(f"{features.shape[0]} feature rows but {labels.shape[0]} labels in this batch")
-        x = features.to(self.device, self.compute_dtype)
-        z = x @ self._u  # (n, r)
+        self.accumulate(self.project(features), labels)
+
+    def project(self, features: Tensor) -> Tensor:
+        """X U for a batch, (n, r) in the compute dtype: the one product LAP needs."""
+        if features.ndim != 2 or features.shape[1] != self.in_features:
+            raise ValueError(f"features must be (n, {self.in_features}), got {tuple(features.shape)}")
+        return features.to(self.device, self.compute_dtype) @ self._u
+
+    def accumulate(self, projections: Tensor, labels: Tensor) -> None:
+        """Add a batch given as its projections X U (from `project`) and its labels."""
+        z = projections  # (n, r)
         labels = labels.to(self.device)
         if labels.ndim == 1:
-            t = self._v[labels.long()] - self._bias_v  # (n, r): one-hot rows of Y picked from V
+            # sum_n z_n (v_{y_n} - V^T b) = sum_c v_c * (sum of z over class c) - (V^T b) * sum_n z_n
+            class_sums = torch.zeros(self.num_classes, z.shape[1], dtype=z.dtype, device=z.device)
+            class_sums.index_add_(0, labels.long(), z)  # (l, r)
+            numerator = (class_sums * self._v).sum(0) - self._bias_v * class_sums.sum(0)
         else:
             t = labels.to(self.compute_dtype) @ self._v - self._bias_v  # (n, r)
-        self.numerator += (z * t).sum(0).to(torch.float64)  # chunk sums in the compute dtype
+            numerator = (z * t).sum(0)
+        self.numerator += numerator.to(torch.float64)  # chunk sums in the compute dtype
         self.denominator += (z * z).sum(0).to(torch.float64)
-        self.samples += int(features.shape[0])
+        self.samples += int(z.shape[0])
 
     def copy(self) -> LapStatistics:
         """An independent accumulator with the same head and the same sums so far."""
@@ -201,7 +212,7 @@ def lip_repair(
     k: int,
     *,
     compute_dtype: torch.dtype = torch.float64,
-    chunk_rows: int = 65536,
+    chunk_rows: int = 16384,
 ) -> tuple[RepairedHead, LapStatistics]:
     """Repair an in-memory head in one call: statistics over all samples, then PSP + LAP at k."""
     stats = LapStatistics(weight, bias, compute_dtype=compute_dtype)
@@ -223,12 +234,6 @@ def count_correct(logits: Tensor, labels: Tensor) -> int:
     best = targets.max(dim=1).values
     hit = targets.gather(1, predicted[:, None]).squeeze(1)
     return int(((hit == best) & (best > 0)).sum())
-
-
-def head_logits(features: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """The layer's outputs x W + b in the compute dtype."""
-    out = features.to(dtype) @ weight.to(features.device, dtype).T
-    return out if bias is None else out + bias.to(features.device, dtype)
 
 
 def k_grid(rank: int, most: int = 65) -> list[int]:
@@ -256,14 +261,17 @@ class KCurve:
         self.samples = 0
 
     def update(self, features: Tensor, labels: Tensor) -> None:
+        self.update_projections(self._stats.project(features), labels)
+
+    def update_projections(self, projections: Tensor, labels: Tensor) -> None:
+        """Add a batch given as its projections X U (from `LapStatistics.project`)."""
         stats = self._stats
-        z = features.to(stats.device, stats.compute_dtype) @ stats._u  # (n, r)
         for index in range(len(self.ks)):
-            out = (z * self._sigmas[index]) @ stats._v.T  # (n, l)
+            out = (projections * self._sigmas[index]) @ stats._v.T  # (n, l)
             if self._bias is not None:
                 out = out + self._bias
             self.correct[index] += count_correct(out, labels)
-        self.samples += int(features.shape[0])
+        self.samples += int(projections.shape[0])
 
     def accuracies(self) -> list[float]:
         return [count / max(self.samples, 1) for count in self.correct]

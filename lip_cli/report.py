@@ -190,12 +190,22 @@ def render_repair(report: RepairReport) -> None:
             before, after = report.accuracy[f"{name}_before"], report.accuracy[f"{name}_after"]
             accuracy.add_row(label, _percent(before), _percent(after), _change(before, after))
     console.print(accuracy)
+    if report.accuracy_rows < report.samples:
+        console.print(
+            f"[dim]training accuracies measured on a seeded random sample of {report.accuracy_rows:,} "
+            f"of {report.samples:,} rows (--sample-rows)[/]"
+        )
     if report.k_selection:
         render_k_curve(report.k_curve, report.samples, report.labels_origin, chosen=report.k)
         where = "the validation set" if report.k_selection == "val" else "held-out training samples"
         console.print(f"--k auto chose k = {report.k} of {report.rank} by accuracy on {where}")
     for message in report.warnings:
         warning(message)
+    if report.other_copies:
+        console.print(
+            f"[dim]left as they are: other copies of this layer ({', '.join(report.other_copies)}); "
+            "pass --layer to repair one of them[/]"
+        )
     if report.output is None:
         console.print("nothing written")
     else:
@@ -215,6 +225,7 @@ def repair_document(report: RepairReport) -> dict[str, Any]:
         "weight_shape": [layer.out_features, layer.in_features],
         "dtype": str(layer.dtype).removeprefix("torch."),
         "samples": report.samples,
+        "accuracy_rows": report.accuracy_rows,
         "labels_source": report.labels_origin,
         "val_labels_source": report.val_labels_origin,
         "k": report.k,
@@ -225,6 +236,7 @@ def repair_document(report: RepairReport) -> dict[str, Any]:
         "singular_values_before": report.singular_values_before,
         "singular_values_after": report.singular_values_after,
         "unexcited_directions": report.unexcited,
+        "other_copies": report.other_copies,
         "accuracy": report.accuracy,
         "k_chosen": report.k,
         "k_selection": report.k_selection,

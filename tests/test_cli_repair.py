@@ -230,19 +230,35 @@ def test_human_report_shows_the_summary(tmp_path: Path, head) -> None:
         assert expected in text
 
 
-def test_ambiguous_layer_lists_candidates_and_layer_option_resolves(tmp_path: Path, head) -> None:
-    paths = save_problem(tmp_path, head, {"ema_fc.weight": head.weight.float().clone()})
-    result = run("repair", paths["model"], "-f", paths["features"], "--k", 2)
+def test_ambiguous_layer_lists_candidates_and_layer_option_resolves(tmp_path: Path) -> None:
+    head = make_head(n=200, q=12, l=5, seed=12)
+    torch.save(
+        {"proj_a.weight": head.weight.float(), "proj_b.weight": head.weight.float() * 2},
+        tmp_path / "two.pt",
+    )
+    np.save(tmp_path / "features.npy", head.features.numpy())
+    np.save(tmp_path / "labels.npy", head.labels.numpy())
+    result = run("repair", tmp_path / "two.pt", "-f", tmp_path / "features.npy", "--k", 2)
     assert result.exit_code == 1
     assert (
         "several layers" in result.stderr
-        and "fc (5x12)" in result.stderr
-        and "ema_fc (5x12)" in result.stderr
+        and "proj_a (5x12)" in result.stderr
+        and "proj_b (5x12)" in result.stderr
     )
-    result = run("repair", paths["model"], "-f", paths["features"], "--k", 2, "--layer", "ema_fc", "--json")
+    result = run(
+        "repair",
+        tmp_path / "two.pt",
+        "-f",
+        tmp_path / "features.npy",
+        "--k",
+        2,
+        "--layer",
+        "proj_b",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     document = json.loads(result.stdout)
-    assert document["layer"] == "ema_fc" and document["bias_key"] is None
+    assert document["layer"] == "proj_b" and document["bias_key"] is None
 
 
 def error_cases(tmp_path: Path, head) -> dict[str, tuple[list[object], str]]:

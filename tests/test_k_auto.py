@@ -158,3 +158,32 @@ def test_repair_plot_of_the_k_curve(tmp_path: Path, head) -> None:
     )
     assert result.exit_code == 0, result.output
     assert image.imread(tmp_path / "k.png").ndim == 3
+
+
+def test_accuracies_on_a_sample_of_rows(tmp_path: Path) -> None:
+    head = make_head(n=500, q=16, l=8, seed=25)
+    paths = save_problem(tmp_path, head)
+    human_args = [
+        "repair",
+        paths["model"],
+        "-f",
+        paths["features"],
+        "--k",
+        3,
+        "--dry-run",
+        "--chunk-rows",
+        64,
+    ]
+    base = [*human_args, "--json"]
+    full = json.loads(run(*base).stdout)
+    assert full["accuracy_rows"] == 500
+    sampled = json.loads(run(*base, "--sample-rows", 120).stdout)
+    assert sampled["accuracy_rows"] == 120
+    assert sampled["singular_values_after"] == full["singular_values_after"]  # the fit uses every row
+    assert sampled == json.loads(run(*base, "--sample-rows", 120).stdout)  # seeded
+    assert round(sampled["accuracy"]["train_before"] * 120) == pytest.approx(
+        sampled["accuracy"]["train_before"] * 120
+    )
+    assert sampled["accuracy"] != full["accuracy"]
+    human = run(*human_args, "--sample-rows", 120)
+    assert "random sample of 120 of 500 rows" in " ".join(human.stderr.split())
