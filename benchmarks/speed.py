@@ -3,7 +3,7 @@
 Each measurement runs in its own subprocess, so that its peak RSS is its own. Methods:
   dense     the paper's closed form written straightforwardly: X W_k, the residual, X^T R and X U_l
             all materialised, float32, in memory
-  core32    lip's core (LapStatistics, chunked) on the same in-memory tensors, float32 compute
+  core32    lip's core (`lip_repair`: chunked, tail directions only) on the same tensors, float32
   core64    the same in float64 compute (the `lip repair` default)
   floor     a bare X @ U in float32, in chunks of lip's default size: the compute floor
   read      a bare read pass over the memory-mapped .npy file: the I/O floor (page cache warm)
@@ -81,7 +81,7 @@ def measure(method: str, folder: Path, k: int) -> dict:
     """Run one method in this process; returns seconds and peak memory above the loaded inputs."""
     import torch
 
-    from lip_cli import LapStatistics, repair
+    from lip_cli import lip_repair
 
     if method == "read":
         baseline = start_memory()
@@ -127,10 +127,7 @@ def measure(method: str, folder: Path, k: int) -> dict:
         _ = numerator / denominator
     elif method in ("core32", "core64"):
         dtype = torch.float32 if method == "core32" else torch.float64
-        stats = LapStatistics(weight, bias, compute_dtype=dtype)
-        for start in range(0, x.shape[0], CHUNK):
-            stats.update(x[start : start + CHUNK], labels[start : start + CHUNK])
-        repair(stats, k)
+        lip_repair(weight, bias, x, labels, k, compute_dtype=dtype, chunk_rows=CHUNK)
     elif method == "floor":
         u = torch.linalg.svd(weight.T.double(), full_matrices=False).U.float()
         for start in range(0, x.shape[0], CHUNK):

@@ -33,6 +33,11 @@ class Device(StrEnum):
     cuda = "cuda"
 
 
+class Targets(StrEnum):
+    paper = "paper"
+    logit_scale = "logit-scale"
+
+
 class ComputeDtype(StrEnum):
     float64 = "float64"
     float32 = "float32"
@@ -141,6 +146,14 @@ def repair(
     chunk_rows: Annotated[
         int, typer.Option("--chunk-rows", min=1, help="Feature rows read at a time (bounds memory).")
     ] = 16384,
+    targets: Annotated[
+        Targets,
+        typer.Option(
+            "--targets",
+            help="What LAP fits the tail to: 'paper' (the labels, the paper's formula) or 'logit-scale' "
+            "(the labels centred and scaled to the head's own logit margin; see the README).",
+        ),
+    ] = Targets.paper,
     sample_rows: Annotated[
         int | None,
         typer.Option(
@@ -187,6 +200,7 @@ def repair(
             holdout=holdout,
             seed=seed,
             sample_rows=sample_rows,
+            targets=targets.value,
             force_write=force_write,
         )
         if plot is not None:

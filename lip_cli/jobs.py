@@ -111,8 +111,10 @@ class FittedPass:
     sampled_rows: int
 
     @staticmethod
-    def curve(stats: lip.LapStatistics, sample: list[tuple[Tensor, Tensor]], ks: list[int]) -> list[float]:
-        curve = lip.KCurve(stats, ks)
+    def curve(
+        stats: lip.LapStatistics, sample: list[tuple[Tensor, Tensor]], ks: list[int], targets: str = "paper"
+    ) -> list[float]:
+        curve = lip.KCurve(stats, ks, targets)
         for z, y in sample:
             curve.update_projections(z, y)
         return curve.accuracies()
@@ -189,6 +191,7 @@ class RepairRequest:
     dry_run: bool = False
     holdout: float = 0.1  # share of training samples held out to choose k when there is no val set
     sample_rows: int | None = None  # training rows kept for accuracies; None: as many as fit 256 MB
+    targets: str = "paper"  # or "logit-scale": labels scaled to the head's logit margin (lip.LapStatistics)
     seed: int = 0
     force_write: bool = False  # with k = "auto": write an unchanged copy when no k helps
 
@@ -215,6 +218,8 @@ class RepairReport:
     k_selection: str | None = None  # with k = "auto": "val" or "holdout", the data k was chosen on
     accuracy_rows: int = 0  # training rows the training (and held-out) accuracies are measured on
     other_copies: list[str] = field(default_factory=list)  # the same layer elsewhere (EMA, wrappers)
+    targets: str = "paper"
+    target_scale: float | None = None  # c of the logit-scale targets
 
     @property
     def energy_kept(self) -> float:
@@ -289,12 +294,13 @@ def repair_checkpoint(request: RepairRequest, progress: Progress = _no_progress)
 
     # accuracy at each candidate k; k = rank is the unrepaired layer
     ks = lip.k_grid(rank) if auto else sorted({int(request.k), rank})
-    accuracies = {"train": fitted.curve(fitted.stats, fitted.sample, ks)}
+    targets = request.targets
+    accuracies = {"train": fitted.curve(fitted.stats, fitted.sample, ks, targets)}
     selection = "val" if val is not None else "holdout" if auto else None
     if selection == "holdout":
-        accuracies["holdout"] = fitted.curve(fitted.fit_stats, fitted.held_sample, ks)
+        accuracies["holdout"] = fitted.curve(fitted.fit_stats, fitted.held_sample, ks, targets)
     if val is not None:
-        val_curve = lip.KCurve(stats, ks)
+        val_curve = lip.KCurve(stats, ks, targets)
         for _, x, y in _batches(val, request.chunk_rows, "validation", progress):
             val_curve.update(x, y)
         accuracies["val"] = val_curve.accuracies()
@@ -306,7 +312,7 @@ def repair_checkpoint(request: RepairRequest, progress: Progress = _no_progress)
     else:
         k = int(request.k)
     improved = k < rank
-    repaired = lip.repair(stats, k)
+    repaired = lip.repair(stats, k, targets)
     accuracy = {}
     for name, values in accuracies.items():
         accuracy[f"{name}_before"], accuracy[f"{name}_after"] = values[ks.index(rank)], values[ks.index(k)]
@@ -365,6 +371,8 @@ def repair_checkpoint(request: RepairRequest, progress: Progress = _no_progress)
         k_selection=(selection if auto else None),
         accuracy_rows=fitted.sampled_rows,
         other_copies=[copy.name for copy in checkpoint.copies_of(model, layer)],
+        targets=targets,
+        target_scale=stats.target_scale() if targets == "logit-scale" else None,
     )
 
 

@@ -53,12 +53,20 @@ def label_targets(labels: Tensor, num_classes: int, dtype: torch.dtype) -> Tenso
     return labels.to(dtype)
 
 
+TARGETS = ("paper", "logit-scale")
+
+
 class LapStatistics:
     """Per-component sums over samples that LAP needs, for every singular direction of a head.
 
-    For direction i: numerator_i = sum_n (x_n . u_i)((y_n - b) . v_i) and
-    denominator_i = sum_n (x_n . u_i)^2. Feed batches with `update`, combine partial sums with
-    `merge` (or `all_reduce` under torch.distributed), then call `repair(stats, k)` for any k.
+    For direction i the paper's fit is sigma_i = sum_n (x_n . u_i)((y_n - b) . v_i) / sum_n (x_n . u_i)^2.
+    Feed batches with `update`, combine partial sums with `merge` (or `all_reduce` under
+    torch.distributed), then call `repair(stats, k)` for any k. With `first_component=k0` only
+    directions k0.. are tracked: cheaper when k >= k0 is known (paper targets only).
+
+    The sums also serve a variant (targets="logit-scale"): the targets are the labels centred and
+    scaled to the head's own logit margin, T_n = c (y_n - mean(y_n)) + mean(f_n), with c the
+    least-squares scale of the centred logits f onto the centred labels.
     """
 
     def __init__(
@@ -68,23 +76,43 @@ class LapStatistics:
         *,
         compute_dtype: torch.dtype = torch.float64,
         device: torch.device | str | None = None,
+        first_component: int = 0,
     ) -> None:
         self.weight = weight.detach()
         self.bias = None if bias is None else bias.detach()
         self.svd = head_svd(weight)
         self.compute_dtype = compute_dtype
         self.device = torch.device(device) if device is not None else weight.device
-        num_classes = weight.shape[0]
+        if not 0 <= first_component <= self.svd.rank:
+            raise ValueError(f"first_component must be between 0 and the rank {self.svd.rank}")
+        self.first_component = first_component
         bias64 = (
-            torch.zeros(num_classes, dtype=torch.float64)
+            torch.zeros(self.num_classes, dtype=torch.float64)
             if bias is None
             else bias.detach().to(device="cpu", dtype=torch.float64)
         )
-        self._u = self.svd.u.to(self.device, compute_dtype)  # (q, r)
-        self._v = self.svd.v.to(self.device, compute_dtype)  # (l, r)
-        self._bias_v = (bias64 @ self.svd.v).to(self.device, compute_dtype)  # (r,)
-        self.numerator = torch.zeros(self.svd.rank, dtype=torch.float64, device=self.device)
-        self.denominator = torch.zeros(self.svd.rank, dtype=torch.float64, device=self.device)
+        v_all = self.svd.v  # (l, r) float64
+        tracked = slice(first_component, None)
+        self._u = self.svd.u[:, tracked].to(self.device, compute_dtype)  # (q, m), m = r - k0
+        self._v = v_all[:, tracked].to(self.device, compute_dtype)  # (l, m)
+        self._bias = bias64.to(self.device, compute_dtype)  # (l,)
+        self._bias_v = bias64 @ v_all[:, tracked]  # (m,) float64
+        self._ones_v = v_all[:, tracked].sum(0)  # (m,) float64: 1^T v_i
+        # with every direction tracked, the logits are X U S V^T + b: their class mean and each class
+        self._scaled_v = (v_all * self.svd.s).to(self.device, compute_dtype)  # (l, r): rows s * v_c
+        self._mean_weights = (self.svd.s * v_all.mean(0)).to(self.device, compute_dtype)  # (r,)
+        width = self.svd.rank - first_component
+        zeros = lambda: torch.zeros(width, dtype=torch.float64, device=self.device)  # noqa: E731
+        scalar = lambda: torch.zeros(1, dtype=torch.float64, device=self.device)  # noqa: E731
+        self.sums: dict[str, Tensor] = {
+            "label": zeros(),  # sum_n z_ni (y_n . v_i)
+            "projection": zeros(),  # sum_n z_ni
+            "square": zeros(),  # sum_n z_ni^2
+            "logit_mean": zeros(),  # sum_n z_ni mean(f_n)
+            "label_mean": zeros(),  # sum_n z_ni mean(y_n)
+            "cross": scalar(),  # sum_n <f_n - mean(f_n), y_n - mean(y_n)>
+            "spread": scalar(),  # sum_n ||y_n - mean(y_n)||^2
+        }
         self.samples = 0
 
     @property
@@ -95,6 +123,16 @@ class LapStatistics:
     def in_features(self) -> int:
         return int(self.weight.shape[1])
 
+    @property
+    def numerator(self) -> Tensor:
+        """sum_n (x_n . u_i)((y_n - b) . v_i): the paper's numerator, per tracked direction."""
+        return self.sums["label"] - self._bias_v.to(self.device) * self.sums["projection"]
+
+    @property
+    def denominator(self) -> Tensor:
+        """sum_n (x_n . u_i)^2 per tracked direction."""
+        return self.sums["square"]
+
     def update(self, features: Tensor, labels: Tensor) -> None:
         """Add one batch: features (n, q); labels (n,) class ids or (n, l) targets."""
         if labels.shape[0] != features.shape[0]:
@@ -102,64 +140,115 @@ class LapStatistics:
         self.accumulate(self.project(features), labels)
 
     def project(self, features: Tensor) -> Tensor:
-        """X U for a batch, (n, r) in the compute dtype: the one product LAP needs."""
+        """X U for a batch, (n, m) in the compute dtype: the one product LAP needs."""
         if features.ndim != 2 or features.shape[1] != self.in_features:
             raise ValueError(f"features must be (n, {self.in_features}), got {tuple(features.shape)}")
         return features.to(self.device, self.compute_dtype) @ self._u
 
     def accumulate(self, projections: Tensor, labels: Tensor) -> None:
         """Add a batch given as its projections X U (from `project`) and its labels."""
-        z = projections  # (n, r)
+        z = projections  # (n, m)
         labels = labels.to(self.device)
+        classes = self.num_classes
+        full = self.first_component == 0
+        logit_mean = z @ self._mean_weights + self._bias.mean() if full else None  # (n,)
         if labels.ndim == 1:
-            # sum_n z_n (v_{y_n} - V^T b) = sum_c v_c * (sum of z over class c) - (V^T b) * sum_n z_n
-            class_sums = torch.zeros(self.num_classes, z.shape[1], dtype=z.dtype, device=z.device)
-            class_sums.index_add_(0, labels.long(), z)  # (l, r)
-            numerator = (class_sums * self._v).sum(0) - self._bias_v * class_sums.sum(0)
+            ids = labels.long()
+            class_sums = torch.zeros(classes, z.shape[1], dtype=z.dtype, device=z.device)
+            class_sums.index_add_(0, ids, z)  # (l, m): sum of z over each class
+            label_part = (class_sums * self._v).sum(0)
+            label_mean = z.sum(0) / classes
+            if full:
+                labelled_logits = (class_sums * self._scaled_v).sum() + self._bias[ids].sum()
+                cross = labelled_logits - logit_mean.sum()  # sum_n f_{n,y_n} - mean(f_n)
+                spread = torch.tensor(z.shape[0] * (1 - 1 / classes), dtype=torch.float64)
         else:
-            t = labels.to(self.compute_dtype) @ self._v - self._bias_v  # (n, r)
-            numerator = (z * t).sum(0)
-        self.numerator += numerator.to(torch.float64)  # chunk sums in the compute dtype
-        self.denominator += (z * z).sum(0).to(torch.float64)
+            y = labels.to(self.compute_dtype)  # (n, l)
+            label_part = (z * (y @ self._v)).sum(0)
+            y_mean = y.mean(1)  # (n,)
+            label_mean = z.T @ y_mean
+            if full:
+                logits = z @ self._scaled_v.T + self._bias  # (n, l)
+                cross = ((logits - logit_mean[:, None]) * (y - y_mean[:, None])).sum()
+                spread = ((y - y_mean[:, None]) ** 2).sum()
+        additions = {
+            "label": label_part,
+            "projection": z.sum(0),
+            "square": (z * z).sum(0),
+            "label_mean": label_mean,
+        }
+        if full:
+            additions |= {
+                "logit_mean": z.T @ logit_mean,
+                "cross": cross.reshape(1),
+                "spread": spread.reshape(1),
+            }
+        for name, value in additions.items():
+            self.sums[name] += value.to(device=self.device, dtype=torch.float64)  # chunk sums, then float64
         self.samples += int(z.shape[0])
 
     def copy(self) -> LapStatistics:
         """An independent accumulator with the same head and the same sums so far."""
         twin = copy.copy(self)
-        twin.numerator, twin.denominator = self.numerator.clone(), self.denominator.clone()
+        twin.sums = {name: value.clone() for name, value in self.sums.items()}
         return twin
 
     def merge(self, other: LapStatistics) -> None:
         """Add the sums of another accumulator built on the same head."""
-        if other.svd.rank != self.svd.rank or not torch.equal(other.weight, self.weight):
+        same = other.first_component == self.first_component and other.svd.rank == self.svd.rank
+        if not same or not torch.equal(other.weight, self.weight):
             raise ValueError("cannot merge statistics of different heads")
-        self.numerator += other.numerator.to(self.device)
-        self.denominator += other.denominator.to(self.device)
+        for name, value in other.sums.items():
+            self.sums[name] += value.to(self.device)
         self.samples += other.samples
 
     def all_reduce(self, group: object | None = None) -> None:
         """Sum the statistics over all processes of a torch.distributed group, in place."""
         import torch.distributed as dist
 
+        names = list(self.sums)
         samples = torch.tensor([float(self.samples)], dtype=torch.float64, device=self.device)
-        packed = torch.cat([self.numerator, self.denominator, samples])
+        packed = torch.cat([*(self.sums[name] for name in names), samples])
         dist.all_reduce(packed, group=group)
-        rank = self.svd.rank
-        self.numerator = packed[:rank].clone()
-        self.denominator = packed[rank : 2 * rank].clone()
+        parts = packed[:-1].split([self.sums[name].numel() for name in names])
+        self.sums = {name: part.clone() for name, part in zip(names, parts, strict=True)}
         self.samples = int(packed[-1].item())
 
-    def fitted_singular_values(self) -> tuple[Tensor, Tensor]:
+    def target_scale(self) -> float:
+        """c of the logit-scale targets: the least-squares scale of the centred logits on the labels."""
+        spread = float(self.sums["spread"])
+        return float(self.sums["cross"]) / spread if spread > 0 else 0.0
+
+    def fitted_singular_values(self, targets: str = "paper") -> tuple[Tensor, Tensor]:
         """LAP's closed-form sigma for every direction, and a mask of the directions excited.
 
         A direction the features never excite (||X u_i|| = 0 to rounding) has no least-squares
-        fit; it keeps its old value there.
+        fit; it keeps its old value there, as do directions before `first_component`.
         """
-        scale = self.denominator.max() if self.denominator.numel() else torch.tensor(0.0)
-        excited = self.denominator > max(float(scale), 1e-300) * 1e-12
-        safe_denominator = torch.where(excited, self.denominator, 1.0)
-        fitted = torch.where(excited, self.numerator / safe_denominator, self.svd.s.to(self.device))
-        return fitted.cpu(), excited.cpu()
+        if targets not in TARGETS:
+            raise ValueError(f"targets must be one of {TARGETS}, got {targets!r}")
+        if targets == "paper":
+            numerator = self.numerator
+        else:
+            if self.first_component:
+                raise ValueError("logit-scale targets need statistics of every direction (first_component=0)")
+            ones_v, bias_v = self._ones_v.to(self.device), self._bias_v.to(self.device)
+            sums = self.sums
+            numerator = (
+                self.target_scale() * (sums["label"] - ones_v * sums["label_mean"])
+                + ones_v * sums["logit_mean"]
+                - bias_v * sums["projection"]
+            )
+        denominator = self.denominator
+        scale = denominator.max() if denominator.numel() else torch.tensor(0.0)
+        excited = denominator > max(float(scale), 1e-300) * 1e-12
+        safe_denominator = torch.where(excited, denominator, 1.0)
+        old = self.svd.s[self.first_component :].to(self.device)
+        fitted = torch.where(excited, numerator / safe_denominator, old)
+        # directions before first_component are not tracked: they keep their values
+        all_fitted, all_excited = self.svd.s.clone(), torch.ones(self.svd.rank, dtype=torch.bool)
+        all_fitted[self.first_component :], all_excited[self.first_component :] = fitted.cpu(), excited.cpu()
+        return all_fitted, all_excited
 
 
 @dataclass(frozen=True)
@@ -173,22 +262,28 @@ class RepairedHead:
     unexcited: tuple[int, ...]  # tail directions kept as they were: the features never excite them
 
 
-def singular_values_for_k(stats: LapStatistics, k: int) -> tuple[Tensor, tuple[int, ...]]:
+def singular_values_for_k(
+    stats: LapStatistics, k: int, targets: str = "paper"
+) -> tuple[Tensor, tuple[int, ...]]:
     """The spectrum after PSP (top k kept) + LAP (tail re-fitted), and the tail left unfitted."""
     rank = stats.svd.rank
     if not 0 <= k <= rank:
         raise ValueError(f"k must be between 0 and the rank {rank}, got {k}")
-    fitted, excited = stats.fitted_singular_values()
+    if k < stats.first_component:
+        raise ValueError(
+            f"these statistics track directions {stats.first_component}.. only; k must be >= that"
+        )
+    fitted, excited = stats.fitted_singular_values(targets)
     after = stats.svd.s.clone()
     after[k:] = fitted[k:]
     unexcited = tuple(int(i) for i in torch.nonzero(~excited[k:]).flatten() + k)
     return after, unexcited
 
 
-def repair(stats: LapStatistics, k: int) -> RepairedHead:
+def repair(stats: LapStatistics, k: int, targets: str = "paper") -> RepairedHead:
     """PSP + LAP for one k: keep the top-k singular triplets, re-fit the tail values."""
     svd = stats.svd
-    after, unexcited = singular_values_for_k(stats, k)
+    after, unexcited = singular_values_for_k(stats, k, targets)
     change = after - svd.s  # (r,) zero on the head and on unexcited directions
     delta = (svd.u * change) @ svd.v.T  # (q, l) = U diag(change) V^T
     weight = stats.weight
@@ -213,12 +308,17 @@ def lip_repair(
     *,
     compute_dtype: torch.dtype = torch.float64,
     chunk_rows: int = 16384,
+    targets: str = "paper",
 ) -> tuple[RepairedHead, LapStatistics]:
-    """Repair an in-memory head in one call: statistics over all samples, then PSP + LAP at k."""
-    stats = LapStatistics(weight, bias, compute_dtype=compute_dtype)
+    """Repair an in-memory head in one call: statistics over all samples, then PSP + LAP at k.
+
+    With the paper's targets only the tail directions are tracked, which halves the work at k = r/2.
+    """
+    first = k if targets == "paper" else 0
+    stats = LapStatistics(weight, bias, compute_dtype=compute_dtype, first_component=first)
     for start in range(0, features.shape[0], chunk_rows):
         stats.update(features[start : start + chunk_rows], labels[start : start + chunk_rows])
-    return repair(stats, k), stats
+    return repair(stats, k, targets), stats
 
 
 def count_correct(logits: Tensor, labels: Tensor) -> int:
@@ -250,10 +350,12 @@ class KCurve:
     (n, r) x (r, l) product per k.
     """
 
-    def __init__(self, stats: LapStatistics, ks: list[int]) -> None:
+    def __init__(self, stats: LapStatistics, ks: list[int], targets: str = "paper") -> None:
+        if stats.first_component:
+            raise ValueError("an accuracy curve needs statistics of every direction (first_component=0)")
         self.ks = list(ks)
         self._stats = stats
-        spectra_k = [singular_values_for_k(stats, k)[0] for k in self.ks]
+        spectra_k = [singular_values_for_k(stats, k, targets)[0] for k in self.ks]
         self._sigmas = torch.stack(spectra_k).to(stats.device, stats.compute_dtype)  # (len(ks), r)
         bias = stats.bias
         self._bias = None if bias is None else bias.to(stats.device, stats.compute_dtype)

@@ -175,6 +175,8 @@ def render_repair(report: RepairReport) -> None:
     if report.val_labels_origin:
         summary.add_row("validation labels", report.val_labels_origin)
     summary.add_row("k / rank", f"{report.k} / {report.rank}")
+    if report.targets != "paper":
+        summary.add_row("LAP targets", f"{report.targets} (labels scaled by c = {report.target_scale:.4g})")
     summary.add_row("energy kept by top k", _percent(report.energy_kept))
     summary.add_row(
         "effective rank", f"{report.effective_rank_before:.2f} -> {report.effective_rank_after:.2f}"
@@ -239,6 +241,8 @@ def repair_document(report: RepairReport) -> dict[str, Any]:
         "other_copies": report.other_copies,
         "accuracy": report.accuracy,
         "k_chosen": report.k,
+        "targets": report.targets,
+        "target_scale": report.target_scale,
         "k_selection": report.k_selection,
         "k_curve": report.k_curve,
         "output": None if report.output is None else str(report.output),

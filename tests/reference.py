@@ -52,3 +52,20 @@ def least_squares_tail(
     target = (y - x @ w_k).ravel()
     solution, *_ = np.linalg.lstsq(design, target, rcond=None)
     return solution
+
+
+def logit_scale_lip(
+    weight: np.ndarray, bias: np.ndarray | None, features: np.ndarray, labels: np.ndarray, k: int
+) -> np.ndarray:
+    """The logit-scale variant, densely: targets c (Y - mean_row(Y)) + mean_row(F), F = X W + 1 b^T,
+    c = <F - mean_row(F), Y - mean_row(Y)>_F / ||Y - mean_row(Y)||_F^2; then the paper's fit."""
+    w = weight.astype(np.float64).T
+    x = features.astype(np.float64)
+    b = np.zeros(w.shape[1]) if bias is None else bias.astype(np.float64)
+    y = targets(labels, w.shape[1])
+    logits = x @ w + b[None, :]
+    centred_y = y - y.mean(1, keepdims=True)
+    centred_f = logits - logits.mean(1, keepdims=True)
+    scale = (centred_f * centred_y).sum() / (centred_y**2).sum()
+    scaled_targets = scale * centred_y + logits.mean(1, keepdims=True)
+    return paper_lip(weight, bias, features, scaled_targets, k)

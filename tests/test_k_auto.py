@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import Head, make_head, save_problem
+from reference import logit_scale_lip
 from typer.testing import CliRunner
 
 from lip_cli.cli import app
@@ -187,3 +188,26 @@ def test_accuracies_on_a_sample_of_rows(tmp_path: Path) -> None:
     assert sampled["accuracy"] != full["accuracy"]
     human = run(*human_args, "--sample-rows", 120)
     assert "random sample of 120 of 500 rows" in " ".join(human.stderr.split())
+
+
+def test_logit_scale_targets_from_the_command(tmp_path: Path) -> None:
+    head = make_head(n=300, q=12, l=6, seed=26)
+    paths = save_problem(tmp_path, head)
+    result = run(
+        "repair", paths["model"], "-f", paths["features"], "--k", 2, "--targets", "logit-scale", "--json"
+    )
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    features = head.features.numpy().astype(np.float32)
+    weight, bias = head.weight.numpy().astype(np.float32), head.bias.numpy().astype(np.float32)
+    logits = features.astype(np.float64) @ weight.T + bias
+    centred = np.eye(6)[head.labels.numpy()] - 1 / 6
+    scale = ((logits - logits.mean(1, keepdims=True)) * centred).sum() / (centred**2).sum()
+    assert document["targets"] == "logit-scale"
+    assert document["target_scale"] == pytest.approx(scale, rel=1e-6)
+    expected = logit_scale_lip(weight, bias, features, head.labels.numpy(), 2)
+    written = torch.load(document["output"], weights_only=True)["fc.weight"].double().numpy()
+    assert np.linalg.norm(written - expected) / np.linalg.norm(expected) < 1e-6
+    assert (
+        run("repair", paths["model"], "-f", paths["features"], "--k", 2, "--targets", "other").exit_code == 2
+    )

@@ -8,9 +8,10 @@ import torch
 from conftest import make_head
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reference import least_squares_tail, paper_lip
+from reference import least_squares_tail, logit_scale_lip, paper_lip
 
 from lip_cli import LapStatistics, count_correct, head_svd, lip_repair, repair
+from lip_cli.lip import KCurve
 
 
 def label_variants(labels: torch.Tensor, classes: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -158,3 +159,44 @@ def test_shapes_and_dtypes_are_kept(q: int, l: int, seed: int, data) -> None:
     repaired, stats = lip_repair(weight, head.bias.to(dtype), head.features.to(dtype), head.labels, k)
     assert repaired.weight.shape == (l, q) and repaired.weight.dtype == dtype
     assert repaired.singular_values_before.shape == repaired.singular_values_after.shape == (stats.svd.rank,)
+
+
+def test_tracking_only_the_tail_gives_the_same_repair() -> None:
+    head = make_head(n=300, q=12, l=8, seed=8)
+    full = LapStatistics(head.weight, head.bias)
+    full.update(head.features, head.labels)
+    tail = LapStatistics(head.weight, head.bias, first_component=3)
+    tail.update(head.features, head.labels)
+    torch.testing.assert_close(tail.numerator, full.numerator[3:], rtol=1e-12, atol=1e-12)
+    for k in (3, 5, 8):
+        assert torch.equal(repair(tail, k).weight, repair(full, k).weight)
+    with pytest.raises(ValueError, match="k must be >= that"):
+        repair(tail, 2)
+    with pytest.raises(ValueError, match="first_component=0"):
+        KCurve(tail, [3])
+    with pytest.raises(ValueError, match="different heads"):
+        full.merge(tail)
+
+
+@pytest.mark.parametrize("kind", ["int", "one-hot", "soft"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+def test_logit_scale_targets_match_the_dense_formula(kind: str, with_bias: bool) -> None:
+    head = make_head(n=300, q=12, l=6, seed=41, bias=with_bias)
+    labels = label_variants(head.labels, 6)[kind]
+    bias = None if head.bias is None else head.bias.numpy()
+    for k in (0, 2, 5):
+        repaired, _ = lip_repair(
+            head.weight, head.bias, head.features, labels, k, targets="logit-scale", chunk_rows=71
+        )
+        expected = logit_scale_lip(head.weight.numpy(), bias, head.features.numpy(), labels.numpy(), k)
+        assert relative_error(repaired.weight.numpy(), expected) < 1e-6, (kind, k)
+
+
+def test_logit_scale_needs_every_direction_and_known_targets() -> None:
+    head = make_head(n=50, q=6, l=4, seed=42)
+    tail = LapStatistics(head.weight, head.bias, first_component=2)
+    tail.update(head.features, head.labels)
+    with pytest.raises(ValueError, match="every direction"):
+        repair(tail, 2, targets="logit-scale")
+    with pytest.raises(ValueError, match="targets must be one of"):
+        repair(tail, 2, targets="other")
