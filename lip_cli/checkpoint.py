@@ -1,12 +1,16 @@
 """Checkpoints: read them safely, find the classifier layer, write a patched copy atomically.
 
 Formats: a torch state dict in `.pt`/`.pth` (also nested under a key such as `state_dict` or
-`model`, with every other entry kept) loaded with weights_only=True only, and `.safetensors`
-(metadata kept). Every tensor that is not patched is written back bit for bit.
+`model`, with every other entry kept) loaded with weights_only=True only; `.safetensors`
+(metadata kept); and Hugging Face model folders (`model.safetensors`, or shards listed in
+`model.safetensors.index.json`), written back as a new folder in which only the shard holding the
+layer is rewritten. Every tensor that is not patched is written back bit for bit.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +19,7 @@ from torch import Tensor
 
 from lip_cli.arrays import load_torch_file
 from lip_cli.errors import LipError, first_line
-from lip_cli.files import atomic_output
+from lip_cli.files import atomic_folder, atomic_output
 
 WRAPPER_PREFIXES = ("model.", "module.", "_orig_mod.", "net.", "network.")  # Lightning, DDP, compile
 EMA_COMPONENTS = {"ema", "model_ema", "ema_model", "ema_state_dict", "shadow"}
@@ -29,11 +33,13 @@ class Checkpoint:
     """A loaded checkpoint: its flat state dict and what is needed to write it back as it was."""
 
     path: Path
-    format: str  # "pt" or "safetensors"
+    format: str  # "pt", "safetensors" or "hf" (a Hugging Face model folder)
     state: dict[str, Tensor]
     container: object = None  # the whole object of a .pt file
     nested_key: str | None = None  # where `state` sits inside `container`
     metadata: dict[str, str] = field(default_factory=dict)  # safetensors header metadata
+    shard_of: dict[str, str] = field(default_factory=dict)  # hf: tensor name -> shard file
+    shard_metadata: dict[str, dict[str, str]] = field(default_factory=dict)  # hf: per shard
 
 
 @dataclass(frozen=True)
@@ -62,7 +68,14 @@ def load_checkpoint(path: Path) -> Checkpoint:
     if not path.exists():
         raise LipError(f"{path}: no such file")
     if path.is_dir():
-        raise LipError(f"{path}: is a folder, expected a {' / '.join(CHECKPOINT_SUFFIXES)} file")
+        try:
+            return _load_hf_folder(path)
+        except LipError:
+            raise
+        except Exception as error:  # safetensors and json have their own error types
+            raise LipError(
+                f"{path}: not a readable Hugging Face model folder ({first_line(error)})"
+            ) from error
     suffix = path.suffix.lower()
     if suffix not in CHECKPOINT_SUFFIXES:
         raise LipError(f"{path}: unknown checkpoint format; use one of {', '.join(CHECKPOINT_SUFFIXES)}")
@@ -85,6 +98,39 @@ def _load_safetensors(path: Path) -> Checkpoint:
         metadata = dict(handle.metadata() or {})
         state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
     return Checkpoint(path=path, format="safetensors", state=state, metadata=metadata)
+
+
+HF_SINGLE, HF_INDEX = "model.safetensors", "model.safetensors.index.json"
+
+
+def _load_hf_folder(path: Path) -> Checkpoint:
+    from safetensors import safe_open
+
+    if (path / HF_INDEX).exists():
+        weight_map = json.loads((path / HF_INDEX).read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    elif (path / HF_SINGLE).exists():
+        weight_map, shards = None, [HF_SINGLE]
+    else:
+        raise LipError(
+            f"{path}: is a folder without {HF_SINGLE} or {HF_INDEX}; lip reads checkpoint files "
+            f"({', '.join(CHECKPOINT_SUFFIXES)}) and Hugging Face folders of safetensors weights"
+        )
+    state: dict[str, Tensor] = {}
+    shard_of: dict[str, str] = {}
+    shard_metadata: dict[str, dict[str, str]] = {}
+    for shard in shards:
+        if not (path / shard).exists():
+            raise LipError(f"{path}: {HF_INDEX} names shard {shard}, which is missing")
+        with safe_open(str(path / shard), framework="pt") as handle:
+            shard_metadata[shard] = dict(handle.metadata() or {})
+            for key in handle.keys():  # noqa: SIM118
+                state[key], shard_of[key] = handle.get_tensor(key), shard
+    if weight_map is not None:
+        wrong = [key for key, shard in weight_map.items() if shard_of.get(key) != shard]
+        if wrong:
+            raise LipError(f"{path}: {HF_INDEX} places `{wrong[0]}` in a shard that does not hold it")
+    return Checkpoint(path=path, format="hf", state=state, shard_of=shard_of, shard_metadata=shard_metadata)
 
 
 def _load_torch(path: Path) -> Checkpoint:
@@ -254,19 +300,29 @@ def find_layer(
     )
 
 
-def write_checkpoint(checkpoint: Checkpoint, updates: dict[str, Tensor], output: Path) -> None:
-    """Write the checkpoint with `updates` replacing tensors, in its own format, atomically."""
+def write_checkpoint(
+    checkpoint: Checkpoint, updates: dict[str, Tensor], output: Path, provenance: dict | None = None
+) -> None:
+    """Write the checkpoint with `updates` replacing tensors, in its own format, atomically.
+
+    `provenance` (what lip did) goes into the safetensors metadata under "lip", into `lip.json`
+    inside a Hugging Face folder, or into a `<output>.lip.json` sidecar beside a .pt file.
+    """
     state = type(checkpoint.state)(checkpoint.state)
     for key, tensor in updates.items():
         old = state[key]
         if tensor.shape != old.shape or tensor.dtype != old.dtype:
             raise ValueError(f"update of {key} changes its shape or dtype")
         state[key] = tensor.contiguous()
+    record = {} if provenance is None else {"lip": json.dumps(provenance, sort_keys=True)}
+    if checkpoint.format == "hf":
+        _write_hf_folder(checkpoint, state, set(updates), output, record)
+        return
     with atomic_output(output) as temporary:
         if checkpoint.format == "safetensors":
             from safetensors.torch import save_file
 
-            save_file(dict(state), str(temporary), metadata={"format": "pt", **checkpoint.metadata})
+            save_file(dict(state), str(temporary), metadata={"format": "pt", **checkpoint.metadata, **record})
         else:
             if hasattr(checkpoint.state, "_metadata"):
                 state._metadata = checkpoint.state._metadata  # type: ignore[attr-defined]
@@ -276,3 +332,52 @@ def write_checkpoint(checkpoint: Checkpoint, updates: dict[str, Tensor], output:
                 container[checkpoint.nested_key] = state  # type: ignore[index]
             with open(temporary, "wb") as handle:
                 torch.save(container, handle)
+    if checkpoint.format == "pt" and provenance is not None:
+        with atomic_output(sidecar_path(output)) as temporary:
+            temporary.write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+
+
+def _write_hf_folder(
+    checkpoint: Checkpoint, state: dict[str, Tensor], changed: set[str], output: Path, record: dict
+) -> None:
+    """A copy of the folder in which only the shards holding changed tensors are rewritten."""
+    from safetensors.torch import save_file
+
+    with atomic_folder(output) as folder:
+        shutil.copytree(checkpoint.path, folder, dirs_exist_ok=True)
+        for shard in sorted({checkpoint.shard_of[key] for key in changed}):
+            tensors = {key: state[key] for key, owner in checkpoint.shard_of.items() if owner == shard}
+            metadata = {"format": "pt", **checkpoint.shard_metadata[shard], **record}
+            (folder / shard).unlink()
+            save_file(tensors, str(folder / shard), metadata=metadata)
+        if record:
+            (folder / LIP_RECORD).write_text(
+                json.dumps(json.loads(record["lip"]), indent=2, sort_keys=True) + "\n"
+            )
+
+
+LIP_RECORD = "lip.json"
+
+
+def sidecar_path(output: Path) -> Path:
+    """Where the provenance of a .pt output goes: `<output>.lip.json`."""
+    return Path(output).with_name(Path(output).name + ".lip.json")
+
+
+def read_provenance(path: Path) -> dict | None:
+    """What lip recorded when it wrote this checkpoint, if it did."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            record = path / LIP_RECORD
+            return json.loads(record.read_text()) if record.exists() else None
+        if path.suffix.lower() == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                text = (handle.metadata() or {}).get("lip")
+            return json.loads(text) if text else None
+        sidecar = sidecar_path(path)
+        return json.loads(sidecar.read_text()) if sidecar.exists() else None
+    except (OSError, ValueError) as error:
+        raise LipError(f"{path}: its lip provenance record is unreadable ({first_line(error)})") from error

@@ -317,4 +317,10 @@ def demo(
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:  # before a command's own handler is in place, or after it
+        from lip_cli import report
+
+        report.error("interrupted; nothing was written")
+        raise SystemExit(EXIT_INTERRUPTED) from None

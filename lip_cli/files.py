@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,16 +13,23 @@ from pathlib import Path
 from lip_cli.errors import LipError
 
 
-def check_output(output: Path, inputs: list[Path], force: bool) -> None:
-    """Fail before any work if the output would clobber an input, a file, or cannot be written."""
+def check_output(output: Path, inputs: list[Path], force: bool, folder: bool = False) -> None:
+    """Fail before any work if the output would clobber an input, a file, or cannot be written.
+
+    `folder`: the output is a folder (a Hugging Face model folder) rather than a file.
+    """
     output = Path(output)
     for source in inputs:
         if source.exists() and output.exists() and output.resolve() == source.resolve():
             raise LipError(f"{output}: output is the same file as an input; choose another --output")
+        if folder and source.is_dir() and source.resolve() in output.resolve().parents:
+            raise LipError(f"{output}: output lies inside the input folder {source}; choose another --output")
     if output.exists() and not force:
         raise LipError(f"{output}: already exists; pass --force to overwrite it")
-    if output.is_dir():
+    if output.is_dir() and not folder:
         raise LipError(f"{output}: is a folder; --output must name a file")
+    if output.is_file() and folder:
+        raise LipError(f"{output}: is a file; the output of a model folder is a folder")
     folder = output.parent if str(output.parent) else Path(".")
     if not folder.is_dir():
         raise LipError(f"{output}: folder {folder} does not exist")
@@ -45,6 +54,30 @@ def atomic_output(output: Path) -> Iterator[Path]:
         temporary_path.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def atomic_folder(output: Path) -> Iterator[Path]:
+    """A temporary folder beside `output`; swapped in, after fsync of its files, only on success."""
+    output = Path(output)
+    temporary = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+    os.chmod(temporary, 0o777 & ~_umask())
+    try:
+        yield temporary
+        for file in temporary.rglob("*"):
+            if file.is_file():
+                with open(file, "rb") as written:
+                    os.fsync(written.fileno())
+        if output.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".old", dir=output.parent))
+            os.replace(output, old / output.name)
+            os.replace(temporary, output)
+            shutil.rmtree(old)
+        else:
+            os.replace(temporary, output)
+    finally:
+        if temporary.exists():
+            shutil.rmtree(temporary)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -52,6 +85,22 @@ def _umask() -> int:
 
 
 def sibling_output(path: Path, tag: str = "lip") -> Path:
-    """`<name>.<tag><ext>` beside `path` (model.pt -> model.lip.pt)."""
+    """`<name>.<tag><ext>` beside `path` (model.pt -> model.lip.pt; a folder vit -> vit.lip)."""
     path = Path(path)
+    if path.is_dir():
+        return path.with_name(f"{path.name}.{tag}")
     return path.with_name(f"{path.stem}.{tag}{path.suffix}")
+
+
+def sha256_of(path: Path) -> str:
+    """Hex digest of a file, or of a folder's files (names and contents, in sorted order)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode() + b"\0")
+        with open(file, "rb") as handle:
+            while block := handle.read(1 << 22):
+                digest.update(block)
+    return digest.hexdigest()

@@ -7,13 +7,15 @@ No terminal here: progress goes to an optional callback and results come back as
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from lip_cli import arrays, checkpoint, files, lip, spectra
+from lip_cli import __version__, arrays, checkpoint, files, lip, spectra
 from lip_cli.errors import LipError
 
 AUTO = "auto"
@@ -262,7 +264,16 @@ def repair_checkpoint(request: RepairRequest, progress: Progress = _no_progress)
     output = None if request.dry_run else Path(request.output or files.sibling_output(request.checkpoint))
     inputs = [Path(request.checkpoint), Path(request.features)]
     if output is not None:
-        files.check_output(output, inputs, request.force)
+        files.check_output(output, inputs, request.force, folder=Path(request.checkpoint).is_dir())
+        sidecar = checkpoint.sidecar_path(output)
+        if (
+            Path(request.checkpoint).suffix.lower() in (".pt", ".pth")
+            and sidecar.exists()
+            and not request.force
+        ):
+            raise LipError(f"{sidecar}: already exists; pass --force to overwrite it")
+    hashing = ThreadPoolExecutor(max_workers=1)
+    digests = {} if output is None else {str(path): hashing.submit(files.sha256_of, path) for path in inputs}
 
     train = open_labelled_features(request.features, request.labels)
     val = None
@@ -344,7 +355,25 @@ def repair_checkpoint(request: RepairRequest, progress: Progress = _no_progress)
             output = None
     if output is not None:
         updates = {layer.weight_key: repaired.weight.to(weight.device)}
-        checkpoint.write_checkpoint(model, updates, output)
+        provenance = {
+            "tool": "lip",
+            "lip_version": __version__,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "method": "PSP + LAP (arXiv 2505.16159)",
+            "layer": layer.name,
+            "weight_key": layer.weight_key,
+            "k": k,
+            "k_selection": selection if auto else "given",
+            "rank": rank,
+            "targets": targets,
+            "input": str(request.checkpoint),
+            "input_sha256": digests[str(request.checkpoint)].result(),
+            "features": str(request.features),
+            "features_sha256": digests[str(request.features)].result(),
+            "labels": train.labels_origin,
+        }
+        checkpoint.write_checkpoint(model, updates, output, provenance)
+    hashing.shutdown(cancel_futures=True)
 
     curve_ks = ks if auto else [k]
     k_curve = [
@@ -439,6 +468,7 @@ class InspectReport:
     checkpoint: Path
     layers: list[LayerSpectrum]
     other_tensors: int  # tensors that are not 2-D weights (biases, norms, convolutions, buffers)
+    provenance: dict | None = None  # what lip recorded when it wrote this checkpoint
 
 
 def inspect_checkpoint(path: Path, progress: Progress = _no_progress) -> InspectReport:
@@ -451,7 +481,9 @@ def inspect_checkpoint(path: Path, progress: Progress = _no_progress) -> Inspect
     for index, layer in enumerate(layers):
         spectra_list.append(layer_spectrum(model, layer, is_classifier=layer == classifier))
         progress("spectra", index + 1, len(layers))
-    return InspectReport(Path(path), spectra_list, len(model.state) - len(layers))
+    return InspectReport(
+        Path(path), spectra_list, len(model.state) - len(layers), checkpoint.read_provenance(path)
+    )
 
 
 @dataclass
@@ -464,6 +496,7 @@ class LayerReport:
     labels_origin: str | None = None
     k_curve: list[dict[str, float]] | None = None  # {k, train_accuracy} after PSP + LAP at k
     accuracy_rows: int | None = None  # training rows the accuracies are measured on
+    provenance: dict | None = None  # what lip recorded when it wrote this checkpoint
 
 
 def inspect_layer(
@@ -483,7 +516,11 @@ def inspect_layer(
         layer = (
             checkpoint.layer_by_name(model, layer_name) if layer_name else checkpoint.likely_classifier(model)
         )
-        return LayerReport(Path(path), layer_spectrum(model, layer, is_classifier=True))
+        return LayerReport(
+            Path(path),
+            layer_spectrum(model, layer, is_classifier=True),
+            provenance=checkpoint.read_provenance(path),
+        )
     train = open_labelled_features(features, labels)
     layer, weight, bias = _classifier_for(model, layer_name, train)
     stats = lip.LapStatistics(weight, bias, device=resolve_device(device))
@@ -497,6 +534,7 @@ def inspect_layer(
         labels_origin=train.labels_origin,
         k_curve=[{"k": k, "train_accuracy": accuracy} for k, accuracy in zip(ks, accuracies, strict=True)],
         accuracy_rows=fitted.sampled_rows,
+        provenance=checkpoint.read_provenance(path),
     )
 
 

@@ -274,7 +274,21 @@ def _classifier_mark(is_classifier: bool) -> str:
     return "[bold green]◀ classifier[/]" if is_classifier else ""
 
 
+def render_provenance(record: dict | None) -> None:
+    if not record:
+        return
+    stderr().print(
+        f"[bold]written by lip {record.get('lip_version', '?')}[/] on {record.get('created', '?')}: "
+        f"{record.get('method', 'PSP + LAP')} on `{record.get('layer')}`, k = {record.get('k')} "
+        f"({record.get('k_selection')}), targets {record.get('targets')}, from {record.get('input')} "
+        f"(sha256 {str(record.get('input_sha256'))[:12]}…) and {record.get('features')} "
+        f"(sha256 {str(record.get('features_sha256'))[:12]}…)",
+        soft_wrap=True,
+    )
+
+
 def render_inspect(report: Any) -> None:
+    render_provenance(report.provenance)
     table = Table(title=f"2-D weights of {report.checkpoint}", title_justify="left")
     for column in (
         "layer",
@@ -328,6 +342,7 @@ def render_layer(report: Any, top: int) -> None:
     console = stderr()
     spectrum = report.spectrum
     console.print(f"[bold]{report.checkpoint}[/]")
+    render_provenance(report.provenance)
     console.print(layer_summary_rows(spectrum))
     values = spectrum.singular_values
     energy = spectrum.cumulative_energy
@@ -441,6 +456,7 @@ def inspect_document(report: Any) -> dict[str, Any]:
         "checkpoint": str(report.checkpoint),
         "layers": [spectrum_document(layer, full=False) for layer in report.layers],
         "other_tensors": report.other_tensors,
+        "provenance": report.provenance,
     }
 
 
@@ -451,6 +467,7 @@ def layer_document(report: Any) -> dict[str, Any]:
         "samples": report.samples,
         "labels_source": report.labels_origin,
         "k_curve": report.k_curve,
+        "provenance": report.provenance,
     }
 
 

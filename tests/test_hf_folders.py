@@ -1,0 +1,107 @@
+"""Hugging Face model folders: single and sharded safetensors, checked with transformers itself."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from reference import paper_lip
+from typer.testing import CliRunner
+
+from lip_cli.cli import app
+
+transformers = pytest.importorskip("transformers")
+runner = CliRunner(env={"COLUMNS": "200"})
+
+
+def run(*args: object):
+    return runner.invoke(app, [str(arg) for arg in args])
+
+
+def tiny_classifier(seed: int = 0):
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_labels=5,
+    )
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+def features_and_logits(model, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input of the classifier layer (forward hook) and the model's own logits."""
+    captured = []
+    hook = model.classifier.register_forward_hook(lambda module, args, output: captured.append(args[0]))
+    try:
+        with torch.inference_mode():
+            logits = model(input_ids=inputs).logits
+    finally:
+        hook.remove()
+    return captured[0], logits
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
+def test_repaired_folder_loads_with_transformers(tmp_path: Path, sharded: bool) -> None:
+    model = tiny_classifier()
+    folder = tmp_path / "bert"
+    model.save_pretrained(folder, max_shard_size="4KB" if sharded else "1GB")
+    assert (folder / "model.safetensors.index.json").exists() == sharded
+    inputs = torch.randint(0, 64, (200, 8), generator=torch.Generator().manual_seed(1))
+    features, logits = features_and_logits(model, inputs)
+    labels = torch.randint(0, 5, (200,), generator=torch.Generator().manual_seed(2))
+    np.save(tmp_path / "features.npy", features.numpy())
+    np.save(tmp_path / "labels.npy", labels.numpy())
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+
+    result = run("repair", folder, "-f", tmp_path / "features.npy", "--k", 2, "--json")
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    output = Path(document["output"])
+    assert output == tmp_path / "bert.lip" and document["layer"] == "classifier"
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before  # input untouched
+
+    written = {path.name: path.read_bytes() for path in output.iterdir()}
+    changed = {name for name in before if written[name] != before[name]}
+    if sharded:
+        index = json.loads(before["model.safetensors.index.json"])
+        assert changed == {index["weight_map"]["classifier.weight"]}
+    else:
+        assert changed == {"model.safetensors"}
+    assert set(written) == set(before) | {"lip.json"}
+
+    repaired_model = transformers.BertForSequenceClassification.from_pretrained(output).eval()
+    weight = repaired_model.classifier.weight.detach()
+    bias = repaired_model.classifier.bias.detach()
+    _, repaired_logits = features_and_logits(repaired_model, inputs)
+    torch.testing.assert_close(repaired_logits, features @ weight.T + bias, rtol=1e-5, atol=1e-5)
+    expected = paper_lip(
+        model.classifier.weight.detach().numpy(),
+        model.classifier.bias.detach().numpy(),
+        features.numpy(),
+        labels.numpy(),
+        2,
+    )
+    assert np.linalg.norm(weight.double().numpy() - expected) / np.linalg.norm(expected) < 1e-6
+    unchanged = repaired_model.bert.embeddings.word_embeddings.weight
+    assert torch.equal(unchanged, model.bert.embeddings.word_embeddings.weight)
+    assert not torch.allclose(repaired_logits, logits)
+
+    record = json.loads((output / "lip.json").read_text())
+    assert record["k"] == 2 and record["layer"] == "classifier" and len(record["input_sha256"]) == 64
+    inspected = run("inspect", output, "--json")
+    assert json.loads(inspected.stdout)["provenance"]["k"] == 2
+
+
+def test_folder_without_safetensors_weights(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    np.save(tmp_path / "f.npy", np.zeros((3, 2), dtype=np.float32))
+    np.save(tmp_path / "labels.npy", np.zeros(3, dtype=np.int64))
+    result = run("repair", tmp_path / "empty", "-f", tmp_path / "f.npy", "--k", 1)
+    assert result.exit_code == 1 and "without model.safetensors" in result.stderr

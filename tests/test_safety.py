@@ -1,0 +1,181 @@
+"""Nothing lost, nothing leaked: provenance, atomic writes under interrupts, corrupt inputs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_head, save_problem
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from lip_cli import checkpoint as checkpoint_module
+from lip_cli.cli import app
+
+runner = CliRunner(env={"COLUMNS": "200"})
+
+
+def run(*args: object):
+    return runner.invoke(app, [str(arg) for arg in args])
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_pt_provenance_sidecar(tmp_path: Path, head) -> None:
+    paths = save_problem(tmp_path, head)
+    result = run("repair", paths["model"], "-f", paths["features"], "--k", 2)
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "model.lip.pt.lip.json").read_text())
+    assert record["k"] == 2 and record["layer"] == "fc" and record["targets"] == "paper"
+    assert record["input_sha256"] == sha256(paths["model"])
+    assert record["features_sha256"] == sha256(paths["features"])
+    assert record["k_selection"] == "given" and "labels.npy" in record["labels"]
+    inspected = run("inspect", tmp_path / "model.lip.pt")
+    assert "written by lip" in inspected.stderr and "k = 2" in inspected.stderr
+    assert run("inspect", paths["model"], "--json").stdout.count('"provenance": null') == 1
+    # a stale sidecar is never overwritten silently
+    (tmp_path / "model.lip.pt").unlink()
+    again = run("repair", paths["model"], "-f", paths["features"], "--k", 2)
+    assert again.exit_code == 1 and "model.lip.pt.lip.json: already exists" in again.stderr
+
+
+def test_safetensors_provenance_in_metadata(tmp_path: Path) -> None:
+    head = make_head(n=100, q=6, l=3, seed=51)
+    save_file(
+        {"fc.weight": head.weight.float(), "fc.bias": head.bias.float()}, str(tmp_path / "m.safetensors")
+    )
+    np.savez(tmp_path / "f.npz", features=head.features.numpy(), labels=head.labels.numpy())
+    assert run("repair", tmp_path / "m.safetensors", "-f", tmp_path / "f.npz", "--k", 1).exit_code == 0
+    with safe_open(str(tmp_path / "m.lip.safetensors"), framework="pt") as handle:
+        record = json.loads(handle.metadata()["lip"])
+    assert record["k"] == 1 and record["input_sha256"] == sha256(tmp_path / "m.safetensors")
+    assert json.loads(run("inspect", tmp_path / "m.lip.safetensors", "--json").stdout)["provenance"] == record
+
+
+def test_unwritable_output_folder(tmp_path: Path, head) -> None:
+    if os.geteuid() == 0:
+        pytest.skip("root writes anywhere")
+    paths = save_problem(tmp_path, head)
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    result = run("repair", paths["model"], "-f", paths["features"], "--k", 1, "-o", locked / "out.pt")
+    assert result.exit_code == 1 and "is not writable" in result.stderr
+
+
+def test_failure_while_writing_leaves_nothing(tmp_path: Path, head, monkeypatch) -> None:
+    paths = save_problem(tmp_path, head)
+    before = sorted(os.listdir(tmp_path))
+
+    def interrupted_save(obj, handle):
+        handle.write(b"partial bytes")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", interrupted_save)
+    result = run("repair", paths["model"], "-f", paths["features"], "--k", 1)
+    assert result.exit_code == 130 and "interrupted" in result.stderr
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_sigint_during_a_run_leaves_nothing_behind(tmp_path: Path) -> None:
+    """Interrupt real runs at several moments: each ends cleanly, none leaves a partial file."""
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((200_000, 64), dtype=np.float32)
+    np.save(tmp_path / "features.npy", features)
+    np.save(tmp_path / "labels.npy", rng.integers(0, 50, 200_000))
+    torch.save({"fc.weight": torch.randn(50, 64)}, tmp_path / "model.pt")
+    inputs = {name: sha256(tmp_path / name) for name in ("features.npy", "labels.npy", "model.pt")}
+    command = [
+        sys.executable,
+        "-m",
+        "lip_cli",
+        "repair",
+        str(tmp_path / "model.pt"),
+        "-f",
+        str(tmp_path / "features.npy"),
+        "--k",
+        "5",
+        "--chunk-rows",
+        "64",
+        "--force",
+    ]
+    interrupted = 0
+    for delay in (0.3, 0.8, 1.4, 3.5):  # start-up, the streaming pass, and (likely) after the end
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=60)
+        assert process.returncode in (0, 130), stderr
+        assert "Traceback" not in stderr and stdout == ""
+        leftovers = [name for name in os.listdir(tmp_path) if name.startswith(".")]
+        assert leftovers == []
+        if process.returncode == 130:
+            interrupted += 1
+            assert stderr.strip() == "error: interrupted; nothing was written"
+            (tmp_path / "model.lip.pt").unlink(missing_ok=True)
+        else:
+            assert torch.load(tmp_path / "model.lip.pt", weights_only=True)["fc.weight"].shape == (50, 64)
+    assert interrupted >= 1
+    assert {name: sha256(tmp_path / name) for name in inputs} == inputs
+
+
+def valid_files(folder: Path) -> dict[str, bytes]:
+    head = make_head(n=40, q=6, l=3, seed=52)
+    paths = save_problem(folder, head)
+    save_file({"fc.weight": head.weight.float(), "fc.bias": head.bias.float()}, str(folder / "m.safetensors"))
+    np.savez(folder / "f.npz", features=head.features.numpy(), labels=head.labels.numpy())
+    torch.save({"features": head.features.float(), "labels": head.labels}, folder / "f.pt")
+    save_file({"features": head.features.float(), "labels": head.labels}, str(folder / "f.safetensors"))
+    names = {
+        "model.pt": paths["model"],
+        "m.safetensors": folder / "m.safetensors",
+        "features.npy": paths["features"],
+        "f.npz": folder / "f.npz",
+        "f.pt": folder / "f.pt",
+        "f.safetensors": folder / "f.safetensors",
+    }
+    return {name: path.read_bytes() for name, path in names.items()}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_corrupt_files_give_one_line_errors(tmp_path_factory, data) -> None:
+    folder = tmp_path_factory.mktemp("fuzz")
+    files = valid_files(folder)
+    name = data.draw(st.sampled_from(sorted(files)))
+    content = bytearray(files[name])
+    how = data.draw(st.sampled_from(["truncate", "flip", "random", "append"]))
+    if how == "truncate":
+        content = content[: data.draw(st.integers(0, len(content) - 1))]
+    elif how == "flip":
+        for _ in range(data.draw(st.integers(1, 8))):
+            position = data.draw(st.integers(0, len(content) - 1))
+            content[position] ^= 1 << data.draw(st.integers(0, 7))
+    elif how == "random":
+        content = bytearray(data.draw(st.binary(min_size=1, max_size=400)))
+    else:
+        content += data.draw(st.binary(min_size=1, max_size=64))
+    (folder / name).write_bytes(bytes(content))
+    is_model = name in ("model.pt", "m.safetensors")
+    model = folder / name if is_model else folder / "model.pt"
+    features = folder / ("features.npy" if is_model else name)
+    before = set(os.listdir(folder))
+    result = run("repair", model, "-f", features, "--k", 1, "--force", "--layer", "fc")
+    assert result.exit_code in (0, 1), (name, how, result.output, result.exception)
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
+    if result.exit_code == 1:
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+        assert set(os.listdir(folder)) == before
