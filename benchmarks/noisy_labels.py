@@ -11,6 +11,7 @@ heads). Usage: python benchmarks/noisy_labels.py [--seeds 3] [--epochs 30] [--qu
 from __future__ import annotations
 
 import argparse
+import pickle
 import statistics
 import sys
 import tempfile
@@ -58,16 +59,148 @@ def digits(seed: int) -> tuple[np.ndarray, ...]:
     return x[order[:split]], data.target[order[:split]], x[order[split:]], data.target[order[split:]]
 
 
-def corrupt(labels: np.ndarray, rate: float, kind: str, classes: int, seed: int) -> np.ndarray:
-    """Symmetric: a uniformly random other class. Asymmetric: the next class in the same group of 5."""
+def corrupt(
+    labels: np.ndarray, rate: float, kind: str, classes: int, seed: int, groups: np.ndarray | None = None
+) -> np.ndarray:
+    """Symmetric: a uniformly random other class. Asymmetric: the next class of the same group
+    (`groups[c]` is the superclass of class c; by default groups of 5 for 100 classes, else one)."""
     rng = np.random.default_rng(seed)
     flip = rng.random(labels.size) < rate
     if kind == "symmetric":
         other = (labels + rng.integers(1, classes, labels.size)) % classes
     else:
-        group = 5 if classes == 100 else classes
-        other = labels // group * group + (labels % group + 1) % group
+        if groups is None:
+            groups = np.arange(classes) // 5 if classes == 100 else np.zeros(classes, dtype=int)
+        neighbour = np.empty(classes, dtype=np.int64)
+        for group in np.unique(groups):
+            members = np.flatnonzero(groups == group)
+            neighbour[members] = np.roll(members, -1)
+        other = neighbour[labels]
     return np.where(flip, other, labels)
+
+
+CIFAR_FOLDER = "cifar-100-python"
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays only: the CIFAR-100 files need nothing else."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str):  # noqa: ANN201
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data file")
+        return super().find_class(module, name)
+
+
+def find_cifar100(root: Path | None) -> Path | None:
+    """The folder holding torchvision's CIFAR-100 files (train, test, meta), if present."""
+    for candidate in [root] if root else [Path("data"), Path.home() / ".cache" / "torchvision"]:
+        if candidate and (candidate / CIFAR_FOLDER / "train").exists():
+            return candidate / CIFAR_FOLDER
+    return None
+
+
+def load_cifar100(folder: Path) -> tuple[np.ndarray, ...]:
+    """Images (n, 3, 32, 32) as float32 in [0, 1], fine labels, and the fine -> coarse map."""
+
+    def read(name: str) -> dict:
+        with open(folder / name, "rb") as handle:
+            return _ArraysOnly(handle, encoding="bytes").load()
+
+    train_part, test_part = read("train"), read("test")
+
+    def images(part: dict) -> np.ndarray:
+        return (np.asarray(part[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32) / 255.0).astype(np.float32)
+
+    fine = np.asarray(train_part[b"fine_labels"])
+    coarse = np.asarray(train_part[b"coarse_labels"])
+    groups = np.zeros(100, dtype=np.int64)
+    groups[fine] = coarse
+    return images(train_part), fine, images(test_part), np.asarray(test_part[b"fine_labels"]), groups
+
+
+class Block(nn.Module):
+    def __init__(self, inputs: int, outputs: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inputs, outputs, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(outputs)
+        self.conv2 = nn.Conv2d(outputs, outputs, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(outputs)
+        self.skip = (
+            nn.Sequential(nn.Conv2d(inputs, outputs, 1, stride, bias=False), nn.BatchNorm2d(outputs))
+            if stride != 1 or inputs != outputs
+            else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.skip(x))
+
+
+class ResNet34(nn.Module):
+    """The paper's CIFAR-100 backbone: ResNet-34 for 32x32 images, classifier layer `fc`."""
+
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU()]
+        width = 64
+        for outputs, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+            for index in range(blocks):
+                layers.append(Block(width, outputs, stride if index == 0 else 1))
+                width = outputs
+        self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(512, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x))
+
+
+def train_cnn(x: np.ndarray, y: np.ndarray, classes: int, epochs: int, seed: int, device: str) -> ResNet34:
+    """SGD with momentum, cosine schedule, random crops and flips: the usual CIFAR recipe."""
+    torch.manual_seed(seed)
+    model = ResNet34(classes).to(device)
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    steps = epochs * ((len(y) + 127) // 128)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps)
+    inputs, labels = torch.from_numpy(x), torch.from_numpy(y)
+    mean = inputs.mean((0, 2, 3), keepdim=True)
+    std = inputs.std((0, 2, 3), keepdim=True)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(labels))
+        for start in range(0, len(labels), 128):
+            batch = order[start : start + 128]
+            images = (inputs[batch] - mean) / std
+            images = nn.functional.pad(images, (4, 4, 4, 4), mode="reflect")
+            dx, dy = np.random.randint(0, 9, 2)
+            images = images[:, :, dy : dy + 32, dx : dx + 32]
+            if np.random.rand() < 0.5:
+                images = images.flip(3)
+            optimiser.zero_grad()
+            loss = nn.functional.cross_entropy(model(images.to(device)), labels[batch].to(device))
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+    model.eval()
+    model.normalise = (mean, std)  # type: ignore[attr-defined]
+    return model
+
+
+def cnn_features(model: ResNet34, x: np.ndarray, device: str) -> torch.Tensor:
+    mean, std = model.normalise  # type: ignore[attr-defined]
+    parts = []
+    with torch.inference_mode():
+        for start in range(0, len(x), 500):
+            images = (torch.from_numpy(x[start : start + 500]) - mean) / std
+            parts.append(model.body(images.to(device)).float().cpu())
+    return torch.cat(parts)
 
 
 class Net(nn.Module):
@@ -113,7 +246,20 @@ def run_setting(
     model = train(x_train, noisy, classes, epochs, seed)
     with torch.inference_mode():
         f_train, f_test = model.body(torch.from_numpy(x_train)), model.body(torch.from_numpy(x_test))
-    weight, bias = model.fc.weight.detach(), model.fc.bias.detach()
+    return evaluate_head(model.fc, f_train, noisy, f_test, y_test, ks, seed)
+
+
+def evaluate_head(
+    fc: nn.Linear,
+    f_train: torch.Tensor,
+    noisy: np.ndarray,
+    f_test: torch.Tensor,
+    y_test: np.ndarray,
+    ks: list[int],
+    seed: int,
+) -> dict:
+    """Clean test accuracy of the head as trained, PSP alone, LIP at each k, and lip repair --k auto."""
+    weight, bias = fc.weight.detach().cpu(), fc.bias.detach().cpu()
     row = {"original": accuracy(f_test, y_test, weight, bias), "weight": weight}
     stats = LapStatistics(weight, bias)
     stats.update(f_train, torch.from_numpy(noisy))
@@ -143,6 +289,15 @@ def run_setting(
             row[name] = accuracy(f_test, y_test, repaired, bias)
             row[f"{name} k"] = report.k
     return row
+
+
+def run_cifar100(folder: Path, kind: str, rate: float, seed: int, epochs: int, device: str) -> dict:
+    """The paper's setting: ResNet-34 trained with cross-entropy on noisy CIFAR-100 labels."""
+    x_train, y_train, x_test, y_test, groups = load_cifar100(folder)
+    noisy = corrupt(y_train, rate, kind, 100, seed, groups)
+    model = train_cnn(x_train, noisy, 100, epochs, seed, device)
+    f_train, f_test = cnn_features(model, x_train, device), cnn_features(model, x_test, device)
+    return evaluate_head(model.fc, f_train, noisy, f_test, y_test, [10, 25, 50, 75], seed)
 
 
 def summarise(values: list[float]) -> str:
@@ -188,6 +343,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--quick", action="store_true", help="one seed, few epochs, nothing written")
+    parser.add_argument("--cifar100", type=Path, default=None, help="folder holding cifar-100-python/")
+    parser.add_argument("--cifar-epochs", type=int, default=100)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.epochs = 1, 3
@@ -222,6 +380,26 @@ def main() -> None:
                     weights[rate] = rows[0]["weight"]
             if kind == "symmetric":
                 images += figures(weights, name, out)
+    cifar = find_cifar100(args.cifar100)
+    if cifar is None:
+        print("CIFAR-100 files (cifar-100-python/) not found; skipping the paper's CIFAR-100 setting")
+    elif args.device == "cpu" and args.cifar100 is None:
+        print(f"CIFAR-100 found at {cifar}, but no GPU: pass --cifar100 to train ResNet-34 on the CPU anyway")
+    else:
+        for kind, rate in (("symmetric", 0.2), ("symmetric", 0.4), ("asymmetric", 0.2), ("asymmetric", 0.4)):
+            rows = [
+                run_cifar100(cifar, kind, rate, seed, args.cifar_epochs, args.device)
+                for seed in range(args.seeds)
+            ]
+            methods = [key for key in rows[0] if key != "weight" and not key.endswith("auto k")]
+            cells = {method: summarise([row[method] for row in rows]) for method in methods}
+            auto_ks = " / ".join(
+                ", ".join(str(row[f"{name} k"]) for row in rows) for name in ("lip auto", "lip-ls auto")
+            )
+            lines.append(("cifar-100 (ResNet-34)", kind, rate, cells, auto_ks))
+            print(
+                f"cifar-100 {kind} p={rate}: " + "  ".join(f"{m} {c}" for m, c in cells.items()), flush=True
+            )
     if not args.quick:
         write_results(lines, images, args, time.perf_counter() - started)
 
