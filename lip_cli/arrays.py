@@ -7,6 +7,7 @@ features; otherwise `labels.npy` beside the features file is used.
 
 from __future__ import annotations
 
+import glob
 import mmap
 import os
 import pickle
@@ -260,6 +261,86 @@ def find_labels(
         f"{features_path}: no labels found; pass --labels, store a 'labels' array in the features "
         "file, or put labels.npy beside it"
     )
+
+
+def shard_paths(spec: Path) -> list[Path] | None:
+    """The files of a sharded cache, sorted: a glob (`feats/part-*.npy`) or a folder of array files.
+    None when `spec` names one file."""
+    text = str(spec)
+    if any(char in text for char in "*?["):
+        paths = sorted(Path(match) for match in glob.glob(text) if Path(match).is_file())
+        if not paths:
+            raise LipError(f"{spec}: no file matches")
+        return paths
+    if Path(spec).is_dir():
+        paths = sorted(path for path in Path(spec).iterdir() if path.suffix.lower() in ARRAY_SUFFIXES)
+        if not paths:
+            raise LipError(f"{spec}: a folder with no {', '.join(ARRAY_SUFFIXES)} files")
+        return paths
+    return None
+
+
+def concatenate(sources: list[ArraySource], name: str) -> ArraySource:
+    """Shards as one array along the rows; a read touches only the shards it overlaps."""
+    offsets = [0]
+    for source in sources:
+        offsets.append(offsets[-1] + source.rows)
+
+    def read(start: int, stop: int) -> Tensor:
+        pieces = []
+        for source, first in zip(sources, offsets, strict=False):
+            low, high = max(start, first), min(stop, first + source.rows)
+            if low < high:
+                pieces.append(source.read(low - first, high - first))
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    shape = (offsets[-1], *sources[0].shape[1:])
+    return ArraySource(path=Path(name), key=None, shape=shape, dtype=sources[0].dtype, reader=read)
+
+
+def open_sharded(
+    feature_paths: list[Path], label_spec: Path | None, features_spec: Path
+) -> tuple[ArraySource, ArraySource, str]:
+    """Feature shards with their labels: label shards paired in sorted order, one labels file for
+    all of them, or each shard's own labels array. Every pair is checked, naming the shard."""
+    label_paths = shard_paths(label_spec) if label_spec is not None else None
+    if label_paths is not None and len(label_paths) != len(feature_paths):
+        raise LipError(
+            f"{label_spec}: {len(label_paths)} label shards for {len(feature_paths)} feature shards "
+            f"in {features_spec}"
+        )
+    features, labels = [], []
+    for index, path in enumerate(feature_paths):
+        shard, embedded = open_features(path)
+        if features and (shard.shape[1:] != features[0].shape[1:] or shard.dtype != features[0].dtype):
+            raise LipError(
+                f"{shard.name}: shard is {shard.shape[1:]} {shard.dtype}, but {features[0].name} is "
+                f"{features[0].shape[1:]} {features[0].dtype}"
+            )
+        if label_paths is not None:
+            label = open_labels(label_paths[index])
+        elif label_spec is None:
+            if embedded is None:
+                raise LipError(f"{path}: shard holds no labels array; pass --labels with the label shards")
+            label = embedded
+        else:
+            label = None
+        if label is not None:
+            if label.rows != shard.rows:
+                raise LipError(
+                    f"{label.name}: {label.rows} labels but shard {shard.name} has {shard.rows} rows"
+                )
+            if labels and (label.shape[1:] != labels[0].shape[1:] or label.dtype != labels[0].dtype):
+                raise LipError(f"{label.name}: labels shard differs in shape or dtype from {labels[0].name}")
+            labels.append(label)
+        features.append(shard)
+    name = f"{features_spec} ({len(features)} shards)"
+    feature_source = concatenate(features, name)
+    if label_spec is not None and label_paths is None:
+        return feature_source, open_labels(label_spec), f"--labels {label_spec}"
+    origin = f"--labels {label_spec} ({len(labels)} shards)" if label_paths else "each shard's labels array"
+    label_source = concatenate(labels, f"{label_spec or features_spec} (labels of {len(labels)} shards)")
+    return feature_source, label_source, origin
 
 
 def check_features(features: ArraySource) -> None:

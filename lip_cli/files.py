@@ -92,14 +92,15 @@ def sibling_output(path: Path, tag: str = "lip") -> Path:
     return path.with_name(f"{path.stem}.{tag}{path.suffix}")
 
 
-def sha256_of(path: Path) -> str:
-    """Hex digest of a file, or of a folder's files (names and contents, in sorted order)."""
+def sha256_of(path: Path, shards: list[Path] | None = None) -> str:
+    """Hex digest of a file, or of several files or a folder's files (names and contents, sorted)."""
     path = Path(path)
+    if shards is None and path.is_dir():
+        shards = sorted(p for p in path.rglob("*") if p.is_file())
     digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        if path.is_dir():
-            digest.update(str(file.relative_to(path)).encode() + b"\0")
+    for file in shards or [path]:
+        if shards:
+            digest.update(str(file).encode() + b"\0")
         with open(file, "rb") as handle:
             while block := handle.read(1 << 22):
                 digest.update(block)

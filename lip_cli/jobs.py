@@ -35,7 +35,13 @@ class LabelledFeatures:
 
 
 def open_labelled_features(features: Path, labels: Path | None, look_beside: bool = True) -> LabelledFeatures:
-    """Features and their labels, found in the documented order (--labels, container, beside)."""
+    """Features and their labels, found in the documented order (--labels, container, beside).
+
+    `features` may also be a glob or a folder of shards (see `arrays.open_sharded`).
+    """
+    shards = arrays.shard_paths(features)
+    if shards is not None:
+        return LabelledFeatures(*arrays.open_sharded(shards, labels, features))
     feature_source, embedded = arrays.open_features(features)
     if labels is None and embedded is None and not look_beside:
         raise LipError(f"{features}: holds no labels array; pass its labels file too")
@@ -273,7 +279,11 @@ def repair_checkpoint(request: RepairRequest, progress: Progress = _no_progress)
         ):
             raise LipError(f"{sidecar}: already exists; pass --force to overwrite it")
     hashing = ThreadPoolExecutor(max_workers=1)
-    digests = {} if output is None else {str(path): hashing.submit(files.sha256_of, path) for path in inputs}
+    digests = {}
+    if output is not None:
+        digests[str(request.checkpoint)] = hashing.submit(files.sha256_of, request.checkpoint)
+        shards = arrays.shard_paths(request.features)
+        digests[str(request.features)] = hashing.submit(files.sha256_of, request.features, shards)
 
     train = open_labelled_features(request.features, request.labels)
     val = None
