@@ -392,11 +392,15 @@ def _all_finite(values: Tensor) -> bool:
 
 
 def iter_batches(
-    features: ArraySource, labels: ArraySource, chunk_rows: int
+    features: ArraySource, labels: ArraySource, chunk_rows: int, rows: tuple[int, int] | None = None
 ) -> Iterator[tuple[int, Tensor, Tensor]]:
-    """(start row, features, labels) in chunks of `chunk_rows`, checked for NaN and Inf."""
-    for start in range(0, features.rows, chunk_rows):
-        stop = min(start + chunk_rows, features.rows)
+    """(start row, features, labels) in chunks of `chunk_rows`, checked for NaN and Inf.
+
+    `rows` = (first, end) limits the pass to a range of rows (one process's share).
+    """
+    first, end = rows if rows is not None else (0, features.rows)
+    for start in range(first, end, chunk_rows):
+        stop = min(start + chunk_rows, end)
         x = features.read(start, stop)
         if not _all_finite(x):
             raise LipError(f"{features.name}: rows {start}-{stop - 1} hold NaN or Inf values")

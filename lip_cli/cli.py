@@ -49,6 +49,7 @@ def user_errors() -> Iterator[None]:
     from lip_cli import report
 
     try:
+        _import_heavy_modules()
         yield
     except LipError as failure:
         report.error(str(failure))
@@ -56,6 +57,30 @@ def user_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         report.error("interrupted; nothing was written")
         raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+def _import_heavy_modules() -> None:
+    """Import torch, numpy and safetensors with Ctrl-C held back until they are whole.
+
+    An interrupt in the middle of an import can leave a half-initialised module behind, which
+    later fails in ways that look like bad input; the interrupt is raised once the imports end.
+    """
+    import signal
+
+    interrupted: list[int] = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda number, frame: interrupted.append(number))
+    except ValueError:  # not the main thread: signals cannot be held back here
+        previous = None
+    try:
+        import numpy  # noqa: F401
+        import safetensors.torch  # noqa: F401
+        import torch  # noqa: F401
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    if interrupted:
+        raise KeyboardInterrupt
 
 
 JsonOption = Annotated[
@@ -179,9 +204,12 @@ def repair(
     force: ForceOption = False,
     json_output: JsonOption = False,
 ) -> None:
-    """Repair a checkpoint's classifier layer: keep the top-k singular components, re-fit the tail."""
+    """Repair a checkpoint's classifier layer: keep the top-k singular components, re-fit the tail.
+
+    Under `torchrun --nproc-per-node N -m lip_cli repair ...` the ranks share the pass; rank 0 reports.
+    """
     with user_errors():
-        from lip_cli import files, jobs, plots, report
+        from lip_cli import distributed, files, jobs, plots, report
 
         request = jobs.RepairRequest(
             checkpoint=checkpoint,
@@ -205,8 +233,10 @@ def repair(
         )
         if plot is not None:
             files.check_output(plot, [checkpoint, features], force)
-        with report.progress_bar(enabled=not json_output) as progress:
+        with report.progress_bar(enabled=not json_output and distributed.is_leader()) as progress:
             result = jobs.repair_checkpoint(request, progress)
+        if not distributed.is_leader():
+            return
         if json_output:
             for message in result.warnings:
                 report.warning(message)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lip_cli import __version__, arrays, checkpoint, files, lip, spectra
+from lip_cli import __version__, arrays, checkpoint, distributed, files, lip, spectra
 from lip_cli.errors import LipError
 
 AUTO = "auto"
@@ -120,12 +120,22 @@ class FittedPass:
 
     @staticmethod
     def curve(
-        stats: lip.LapStatistics, sample: list[tuple[Tensor, Tensor]], ks: list[int], targets: str = "paper"
+        stats: lip.LapStatistics,
+        sample: list[tuple[Tensor, Tensor]],
+        ks: list[int],
+        targets: str = "paper",
+        group: distributed.Group = distributed.Group(),
     ) -> list[float]:
         curve = lip.KCurve(stats, ks, targets)
         for z, y in sample:
             curve.update_projections(z, y)
-        return curve.accuracies()
+        return reduced_accuracies(curve, group)
+
+
+def reduced_accuracies(curve: lip.KCurve, group: distributed.Group) -> list[float]:
+    """A curve's accuracies with its counts added over the ranks of `group`."""
+    counts = group.sum(torch.tensor([*curve.correct, curve.samples], dtype=torch.float64))
+    return [float(count) / max(float(counts[-1]), 1.0) for count in counts[:-1]]
 
 
 def statistics_pass(
@@ -136,11 +146,14 @@ def statistics_pass(
     seed: int = 0,
     sample_rows: int | None = None,
     progress: Progress = _no_progress,
+    group: distributed.Group = distributed.Group(),
 ) -> FittedPass:
     """Stream the training data once: accumulate LAP sums, keep the projections of a sample.
 
     With `holdout`, a seeded share of the rows is accumulated apart (to choose k on rows the fit
-    has not seen) and merged back afterwards.
+    has not seen) and merged back afterwards. Under torchrun each rank streams its share of the
+    rows (the seeded masks are the same on every rank) and the sums are added over the ranks;
+    a failure on any rank fails every rank with its message.
     """
     rows = data.features.rows
     generator = torch.Generator().manual_seed(seed)
@@ -161,18 +174,27 @@ def statistics_pass(
     held_stats = stats.copy() if holdout > 0 else None
     sample: list[tuple[Tensor, Tensor]] = []
     held_sample: list[tuple[Tensor, Tensor]] = []
-    for start, x, y in _batches(data, chunk_rows, "statistics", progress):
-        z = stats.project(x)  # (n, r)
-        stop = start + x.shape[0]
-        is_held, keep = held[start:stop].to(z.device), sampled[start:stop].to(z.device)
-        y = y.to(z.device)
-        if held_stats is None:
-            stats.accumulate(z, y)
-        else:
-            stats.accumulate(z[~is_held], y[~is_held])
-            held_stats.accumulate(z[is_held], y[is_held])
-            held_sample.append((z[keep & is_held].clone(), y[keep & is_held]))
-        sample.append((z[keep].clone(), y[keep]))
+    failure = None
+    try:
+        for start, x, y in _batches(data, chunk_rows, "statistics", progress, group.rows(rows)):
+            z = stats.project(x)  # (n, r)
+            stop = start + x.shape[0]
+            is_held, keep = held[start:stop].to(z.device), sampled[start:stop].to(z.device)
+            y = y.to(z.device)
+            if held_stats is None:
+                stats.accumulate(z, y)
+            else:
+                stats.accumulate(z[~is_held], y[~is_held])
+                held_stats.accumulate(z[is_held], y[is_held])
+                held_sample.append((z[keep & is_held].clone(), y[keep & is_held]))
+            sample.append((z[keep].clone(), y[keep]))
+    except LipError as error:
+        failure = error
+    group.check(failure)
+    if group.active:
+        for accumulator in (stats, held_stats):
+            if accumulator is not None:
+                accumulator.all_reduce()
     fit_stats = stats
     if held_stats is not None:
         stats = fit_stats.copy()
@@ -243,13 +265,17 @@ class RepairReport:
 
 
 def _batches(
-    data: LabelledFeatures, chunk_rows: int, task: str, progress: Progress
+    data: LabelledFeatures,
+    chunk_rows: int,
+    task: str,
+    progress: Progress,
+    rows: tuple[int, int] | None = None,
 ) -> Iterator[tuple[int, Tensor, Tensor]]:
-    """(first row, features, labels) chunks of a data set, reporting progress after each."""
-    total = data.features.rows
-    for start, x, y in arrays.iter_batches(data.features, data.labels, chunk_rows):
+    """(first row, features, labels) chunks of a data set (or of a range of its rows)."""
+    first, end = rows if rows is not None else (0, data.features.rows)
+    for start, x, y in arrays.iter_batches(data.features, data.labels, chunk_rows, (first, end)):
         yield start, x, y
-        progress(task, min(start + chunk_rows, total), total)
+        progress(task, min(start + chunk_rows, end) - first, end - first)
 
 
 def repair_checkpoint(request: RepairRequest, progress: Progress = _no_progress) -> RepairReport:
@@ -267,41 +293,61 @@ def repair_checkpoint(request: RepairRequest, progress: Progress = _no_progress)
         raise LipError(f"--holdout {request.holdout}: must be a fraction between 0 and 1")
     compute_dtype = lip.COMPUTE_DTYPES[request.compute_dtype]
     device = resolve_device(request.device)
-    output = None if request.dry_run else Path(request.output or files.sibling_output(request.checkpoint))
-    inputs = [Path(request.checkpoint), Path(request.features)]
-    if output is not None:
-        files.check_output(output, inputs, request.force, folder=Path(request.checkpoint).is_dir())
-        sidecar = checkpoint.sidecar_path(output)
-        if (
-            Path(request.checkpoint).suffix.lower() in (".pt", ".pth")
-            and sidecar.exists()
-            and not request.force
-        ):
-            raise LipError(f"{sidecar}: already exists; pass --force to overwrite it")
-    hashing = ThreadPoolExecutor(max_workers=1)
-    digests = {}
-    if output is not None:
-        digests[str(request.checkpoint)] = hashing.submit(files.sha256_of, request.checkpoint)
-        shards = arrays.shard_paths(request.features)
-        digests[str(request.features)] = hashing.submit(files.sha256_of, request.features, shards)
+    group = distributed.from_environment(device)
+    try:
+        return _repair(request, compute_dtype, device, group, progress)
+    finally:
+        group.close()
 
-    train = open_labelled_features(request.features, request.labels)
-    val = None
-    if request.val_features is not None:
-        val = open_labelled_features(request.val_features, request.val_labels, look_beside=False)
-        if val.features.shape[1] != train.features.shape[1]:
-            raise LipError(
-                f"{val.features.name}: validation features have {val.features.shape[1]} columns, "
-                f"training features {train.features.shape[1]}"
-            )
 
-    model = checkpoint.load_checkpoint(request.checkpoint)
-    layer, weight, bias = _classifier_for(model, request.layer, train, val)
+def _repair(
+    request: RepairRequest,
+    compute_dtype: torch.dtype,
+    device: torch.device,
+    group: distributed.Group,
+    progress: Progress,
+) -> RepairReport:
+    auto = request.k == AUTO
+    failure = None
+    try:  # a failure on one rank fails them all, with its message
+        output = None if request.dry_run else Path(request.output or files.sibling_output(request.checkpoint))
+        inputs = [Path(request.checkpoint), Path(request.features)]
+        if output is not None:
+            files.check_output(output, inputs, request.force, folder=Path(request.checkpoint).is_dir())
+            sidecar = checkpoint.sidecar_path(output)
+            if (
+                Path(request.checkpoint).suffix.lower() in (".pt", ".pth")
+                and sidecar.exists()
+                and not request.force
+            ):
+                raise LipError(f"{sidecar}: already exists; pass --force to overwrite it")
+        hashing = ThreadPoolExecutor(max_workers=1)
+        digests = {}
+        if output is not None and group.leader:
+            digests[str(request.checkpoint)] = hashing.submit(files.sha256_of, request.checkpoint)
+            shards = arrays.shard_paths(request.features)
+            digests[str(request.features)] = hashing.submit(files.sha256_of, request.features, shards)
 
-    stats = lip.LapStatistics(weight, bias, compute_dtype=compute_dtype, device=device)
-    rank = stats.svd.rank
-    if not auto and not 0 <= int(request.k) <= rank:
-        raise LipError(f"--k {request.k}: must be between 0 and the rank of `{layer.weight_key}`, {rank}")
+        train = open_labelled_features(request.features, request.labels)
+        val = None
+        if request.val_features is not None:
+            val = open_labelled_features(request.val_features, request.val_labels, look_beside=False)
+            if val.features.shape[1] != train.features.shape[1]:
+                raise LipError(
+                    f"{val.features.name}: validation features have {val.features.shape[1]} columns, "
+                    f"training features {train.features.shape[1]}"
+                )
+
+        model = checkpoint.load_checkpoint(request.checkpoint)
+        layer, weight, bias = _classifier_for(model, request.layer, train, val)
+
+        stats = lip.LapStatistics(weight, bias, compute_dtype=compute_dtype, device=device)
+        rank = stats.svd.rank
+        if not auto and not 0 <= int(request.k) <= rank:
+            raise LipError(f"--k {request.k}: must be between 0 and the rank of `{layer.weight_key}`, {rank}")
+    except LipError as error:
+        failure = error
+    group.check(failure)
     fitted = statistics_pass(
         train,
         stats,
@@ -310,21 +356,28 @@ def repair_checkpoint(request: RepairRequest, progress: Progress = _no_progress)
         seed=request.seed,
         sample_rows=request.sample_rows,
         progress=progress,
+        group=group,
     )
     stats = fitted.stats
 
     # accuracy at each candidate k; k = rank is the unrepaired layer
     ks = lip.k_grid(rank) if auto else sorted({int(request.k), rank})
     targets = request.targets
-    accuracies = {"train": fitted.curve(fitted.stats, fitted.sample, ks, targets)}
+    accuracies = {"train": fitted.curve(fitted.stats, fitted.sample, ks, targets, group)}
     selection = "val" if val is not None else "holdout" if auto else None
     if selection == "holdout":
-        accuracies["holdout"] = fitted.curve(fitted.fit_stats, fitted.held_sample, ks, targets)
+        accuracies["holdout"] = fitted.curve(fitted.fit_stats, fitted.held_sample, ks, targets, group)
     if val is not None:
-        val_curve = lip.KCurve(stats, ks, targets)
-        for _, x, y in _batches(val, request.chunk_rows, "validation", progress):
-            val_curve.update(x, y)
-        accuracies["val"] = val_curve.accuracies()
+        val_curve, failure = lip.KCurve(stats, ks, targets), None
+        try:
+            for _, x, y in _batches(
+                val, request.chunk_rows, "validation", progress, group.rows(val.features.rows)
+            ):
+                val_curve.update(x, y)
+        except LipError as error:
+            failure = error
+        group.check(failure)
+        accuracies["val"] = reduced_accuracies(val_curve, group)
     warnings = []
     if auto:
         selected = accuracies[str(selection)]
@@ -363,7 +416,7 @@ def repair_checkpoint(request: RepairRequest, progress: Progress = _no_progress)
         )
         if not request.force_write:
             output = None
-    if output is not None:
+    if output is not None and group.leader:
         updates = {layer.weight_key: repaired.weight.to(weight.device)}
         provenance = {
             "tool": "lip",

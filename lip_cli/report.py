@@ -34,7 +34,11 @@ def stderr() -> Console:
 
 
 def error(message: str) -> None:
-    stderr().print(Text("error: ", style="bold red") + Text(message), soft_wrap=True)
+    """One line on stderr; under torchrun only rank 0 says it (every rank fails with the same one)."""
+    from lip_cli.distributed import is_leader
+
+    if is_leader():
+        stderr().print(Text("error: ", style="bold red") + Text(message), soft_wrap=True)
 
 
 def warning(message: str) -> None:
