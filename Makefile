@@ -33,6 +33,7 @@ format: install
 # Timings live here, never in tests. Run on an otherwise idle machine.
 bench: install
 	$(BIN)/python benchmarks/speed.py --out benchmarks/speed.json
+	$(BIN)/python benchmarks/scaling.py
 
 bench-full: install
 	$(BIN)/python benchmarks/speed.py --full --out benchmarks/speed.json
