@@ -2,7 +2,7 @@
 
 The Python API, usable inside a training script:
 
-    from lip_cli import LapStatistics, repair, lip_repair
+    from lip_cli import LapStatistics, repair, lip_repair, collect_features
 
 Names are imported on first use so that `import lip_cli` (and the `lip` command's start-up) does
 not pay for torch.
@@ -25,6 +25,7 @@ _EXPORTS = {
     "lip_repair": "lip_cli.lip",
     "singular_values_for_k": "lip_cli.lip",
     "count_correct": "lip_cli.lip",
+    "collect_features": "lip_cli.features",
     "RepairRequest": "lip_cli.jobs",
     "RepairReport": "lip_cli.jobs",
     "repair_checkpoint": "lip_cli.jobs",

@@ -408,3 +408,36 @@ def iter_batches(
         if y.dtype.is_floating_point and not _all_finite(y):
             raise LipError(f"{labels.name}: rows {start}-{stop - 1} hold NaN or Inf values")
         yield start, x, y
+
+
+class NpyWriter:
+    """A .npy file written block by block when the number of rows is not known in advance.
+
+    A fixed-size header is reserved and rewritten with the final shape on `close`.
+    """
+
+    HEADER_BYTES = 128
+
+    def __init__(self, path: Path, dtype: np.dtype, row_shape: tuple[int, ...]) -> None:
+        self.path, self.dtype, self.row_shape, self.rows = Path(path), np.dtype(dtype), row_shape, 0
+        self._handle = open(self.path, "wb")  # noqa: SIM115 - closed in close()
+        self._handle.write(self._header())
+
+    def _header(self) -> bytes:
+        shape = (self.rows, *self.row_shape)
+        text = f"{{'descr': {self.dtype.str!r}, 'fortran_order': False, 'shape': {shape}, }}"
+        body = text.ljust(self.HEADER_BYTES - 10 - 1) + "\n"
+        return b"\x93NUMPY\x01\x00" + len(body).to_bytes(2, "little") + body.encode("latin1")
+
+    def write(self, block: np.ndarray) -> None:
+        if tuple(block.shape[1:]) != self.row_shape:
+            raise ValueError(f"rows of shape {block.shape[1:]} written to a file of rows {self.row_shape}")
+        self._handle.write(np.ascontiguousarray(block, dtype=self.dtype).tobytes())
+        self.rows += int(block.shape[0])
+
+    def close(self) -> None:
+        self._handle.seek(0)
+        self._handle.write(self._header())
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self._handle.close()

@@ -1,0 +1,142 @@
+"""The inputs of a model's classifier layer, collected with a forward hook: a feature cache for LAP."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lip_cli.arrays import NpyWriter
+from lip_cli.checkpoint import is_ema, is_head_name
+from lip_cli.errors import LipError
+from lip_cli.files import atomic_output, check_output
+
+OUTPUT_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def classifier_module(model: nn.Module, layer: str | None = None) -> tuple[str, nn.Linear]:
+    """The classifier `nn.Linear`: the one named, else the last one with a common head name, else the
+    last `nn.Linear` of the model."""
+    if layer is not None:
+        try:
+            module = model.get_submodule(layer)
+        except AttributeError as error:
+            raise LipError(f"the model has no module `{layer}`") from error
+        if not isinstance(module, nn.Linear):
+            raise LipError(f"`{layer}` is a {type(module).__name__}, not an nn.Linear")
+        return layer, module
+    linears = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not linears:
+        raise LipError("the model has no nn.Linear layer")
+    heads = [(name, module) for name, module in linears if is_head_name(name) and not is_ema(name)]
+    return (heads or linears)[-1]
+
+
+def shard_name(path: Path, rank: int) -> Path:
+    """`feats.npy` -> `feats.part-00003.npy`: the file of one process under torch.distributed."""
+    return path.with_name(f"{path.stem}.part-{rank:05d}{path.suffix}")
+
+
+def _distributed_rank() -> int | None:
+    distributed = torch.distributed
+    if distributed.is_available() and distributed.is_initialized() and distributed.get_world_size() > 1:
+        return distributed.get_rank()
+    return None
+
+
+def collect_features(
+    model: nn.Module,
+    batches: Iterable,
+    layer: str | None = None,
+    out: str | Path | None = None,
+    dtype: str = "float32",
+    device: str | torch.device = "cpu",
+    progress: Callable[[int], None] | None = None,
+    force: bool = False,
+) -> tuple[np.ndarray, np.ndarray] | tuple[Path, Path]:
+    """Run `model` over `batches` of (inputs, labels) and keep what its classifier layer receives.
+
+    The model runs in eval mode under inference_mode on `device`; the hook, the mode and the device
+    are restored afterwards, also on error. Returns (features, labels) arrays, or with `out` writes
+    them incrementally to `out` and `labels.npy` beside it (memory does not grow with the data;
+    existing files are replaced only with `force`) and returns the two paths. Under
+    torch.distributed each process writes its own pair of shards (`feats.part-00000.npy`,
+    `labels.part-00000.npy`) for `lip repair -f 'feats.part-*.npy' --labels 'labels.part-*.npy'`.
+    """
+    if dtype not in OUTPUT_DTYPES:
+        raise LipError(f"dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {dtype}")
+    name, module = classifier_module(model, layer)
+    device = torch.device(device)
+    parameter = next(model.parameters(), None)
+    original_device = parameter.device if parameter is not None else device
+    was_training = model.training
+    captured: list[Tensor] = []
+
+    def hook(_module: nn.Module, args: tuple, _output: Tensor) -> None:
+        captured.append(args[0].detach())
+
+    handle = module.register_forward_hook(hook)
+    outputs = None if out is None else _output_paths(Path(out))
+    for path in outputs or ():
+        check_output(path, [], force)
+    with contextlib.ExitStack() as stack:
+        writers: list[NpyWriter] = []
+        temporaries = [stack.enter_context(atomic_output(path)) for path in outputs] if outputs else []
+        parts: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
+        try:
+            model.to(device).eval()
+            with torch.inference_mode():
+                for batch in batches:
+                    inputs, labels = batch[0], batch[1]
+                    captured.clear()
+                    model(inputs.to(device))
+                    if len(captured) != 1:
+                        raise LipError(f"`{name}` ran {len(captured)} times for one batch; expected once")
+                    features = captured[0]
+                    if features.ndim != 2:
+                        raise LipError(
+                            f"`{name}` receives inputs of shape {tuple(features.shape)}; lip needs one "
+                            "feature vector per sample (batch x features)"
+                        )
+                    block = features.float().cpu().numpy().astype(OUTPUT_DTYPES[dtype])
+                    label_block = torch.as_tensor(labels).cpu().numpy()
+                    if len(label_block) != len(block):
+                        raise LipError(f"a batch has {len(block)} inputs but {len(label_block)} labels")
+                    if outputs:
+                        if not writers:
+                            writers = [
+                                NpyWriter(temporaries[0], block.dtype, block.shape[1:]),
+                                NpyWriter(temporaries[1], label_block.dtype, label_block.shape[1:]),
+                            ]
+                        writers[0].write(block)
+                        writers[1].write(label_block)
+                    else:
+                        parts[0].append(block)
+                        parts[1].append(label_block)
+                    if progress is not None:
+                        progress(len(block))
+        finally:
+            handle.remove()
+            model.train(was_training)
+            model.to(original_device)
+            for writer in writers:
+                writer.close()
+        if outputs and not writers:
+            raise LipError("no batches: nothing to collect")
+    if outputs:
+        return outputs
+    if not parts[0]:
+        raise LipError("no batches: nothing to collect")
+    return np.concatenate(parts[0]), np.concatenate(parts[1])
+
+
+def _output_paths(out: Path) -> tuple[Path, Path]:
+    labels = out.parent / "labels.npy"
+    rank = _distributed_rank()
+    if rank is not None:
+        return shard_name(out, rank), shard_name(labels, rank)
+    return out, labels
