@@ -4,8 +4,13 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # A pinned CPU build: an unpinned torch would pull several GB of CUDA wheels.
 TORCH ?= torch==2.13.0
+# The vision extra (torchvision, timm) lives in its own environment: on this machine kind the
+# torchvision wheels are CUDA builds, and the pair that imports together is this one (5.5 GB).
+VISION_VENV ?= .venv-vision
+VBIN := $(VISION_VENV)/bin
+VISION_TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test lint format bench bench-full bench-accuracy clean
+.PHONY: install install-vision demo test lint format bench bench-full bench-accuracy clean
 
 install: $(VENV)/.installed
 
@@ -15,20 +20,36 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
+install-vision: $(VISION_VENV)/.installed
+
+$(VISION_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VISION_VENV)
+	$(VBIN)/pip install --quiet $(VISION_TORCH)
+	$(VBIN)/pip install --quiet -e '.[dev,vision]'
+	touch $@
+
+# The whole flow on the built-in demo: a model and its data, the feature cache, the repair, a look.
 demo: install
 	$(BIN)/lip demo demo --force
-	$(BIN)/lip repair demo/model.pt --features demo/features.npy --val-features demo/val.npz --k 8 --force
+	$(BIN)/lip features demo/model.pt --model python:lip_cli.demo:demo_model --data demo/train/inputs.npy \
+		--labels demo/train/targets.npy --out demo/train/features.npy --force
+	$(BIN)/lip features demo/model.pt --model python:lip_cli.demo:demo_model --data demo/val/inputs.npy \
+		--labels demo/val/targets.npy --out demo/val/features.npy --force
+	$(BIN)/lip repair demo/model.pt --features demo/train/features.npy --val-features demo/val/features.npy \
+		--val-labels demo/val/labels.npy --k 8 --force
+	$(BIN)/lip inspect demo/model.lip.pt
 
-test: install
+test: install install-vision
 	$(BIN)/python -m pytest
+	$(VBIN)/python -m pytest tests_vision
 
 lint: install
-	$(BIN)/ruff check lip_cli tests benchmarks
-	$(BIN)/ruff format --check lip_cli tests benchmarks
+	$(BIN)/ruff check lip_cli tests tests_vision benchmarks
+	$(BIN)/ruff format --check lip_cli tests tests_vision benchmarks
 
 format: install
-	$(BIN)/ruff format lip_cli tests benchmarks
-	$(BIN)/ruff check --fix lip_cli tests benchmarks
+	$(BIN)/ruff format lip_cli tests tests_vision benchmarks
+	$(BIN)/ruff check --fix lip_cli tests tests_vision benchmarks
 
 # Timings live here, never in tests. Run on an otherwise idle machine.
 bench: install
@@ -42,4 +63,4 @@ bench-accuracy: install
 	$(BIN)/python benchmarks/noisy_labels.py --seeds 3 --epochs 8
 
 clean:
-	rm -rf $(VENV) demo build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VISION_VENV) demo build *.egg-info .pytest_cache .hypothesis

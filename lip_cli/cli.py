@@ -328,6 +328,106 @@ def compare(
             report.render_compare(result)
 
 
+class FeatureDtype(StrEnum):
+    float32 = "float32"
+    float16 = "float16"
+
+
+def parse_triple(value: str | None) -> str | None:
+    """--mean/--std: three comma-separated numbers."""
+    if value is None:
+        return None
+    parts = value.split(",")
+    try:
+        if len(parts) == 3:
+            [float(part) for part in parts]
+            return value
+    except ValueError:
+        pass
+    raise typer.BadParameter(f"{value!r} is not three comma-separated numbers (e.g. 0.485,0.456,0.406)")
+
+
+@app.command()
+def features(
+    checkpoint: Annotated[
+        Path, typer.Argument(help="Trained weights: .pt/.pth, .safetensors or a model folder.")
+    ],
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            help="Architecture: torchvision:NAME, timm:NAME, hf:DIR (image classification) or "
+            "python:package.module:factory. Its number of classes is read from the checkpoint's head.",
+        ),
+    ],
+    data: Annotated[
+        Path,
+        typer.Option("--data", help="An image folder (one sub-folder per class) or a .npy of model inputs."),
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="The feature cache to write (.npy); labels.npy beside.")
+    ],
+    labels: Annotated[
+        Path | None,
+        typer.Option("--labels", "-l", help="Labels of a .npy of inputs (class ids or a matrix)."),
+    ] = None,
+    layer: LayerOption = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Samples per forward pass.")] = 64,
+    device: Annotated[Device, typer.Option("--device", help="Where the model runs.")] = Device.cpu,
+    num_workers: Annotated[
+        int, typer.Option("--num-workers", min=0, help="Data-loading processes (0: in this process).")
+    ] = 0,
+    dtype: Annotated[
+        FeatureDtype, typer.Option("--dtype", help="Precision of the cache on disk.")
+    ] = FeatureDtype.float32,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="Only the first N samples.")] = None,
+    image_size: Annotated[
+        int | None,
+        typer.Option("--image-size", min=1, help="Evaluation crop size (default: the model's, or 224)."),
+    ] = None,
+    mean: Annotated[
+        str | None,
+        typer.Option("--mean", parser=parse_triple, help="Normalisation mean, e.g. 0.485,0.456,0.406."),
+    ] = None,
+    std: Annotated[
+        str | None,
+        typer.Option("--std", parser=parse_triple, help="Normalisation std, e.g. 0.229,0.224,0.225."),
+    ] = None,
+    force: ForceOption = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Cache the inputs of a model's classifier layer over a data set: what `lip repair` needs."""
+    with user_errors():
+        from lip_cli import jobs, report
+
+        def triple(value: str | None) -> tuple[float, float, float] | None:
+            return None if value is None else tuple(float(part) for part in value.split(","))  # type: ignore[return-value]
+
+        request = jobs.FeaturesRequest(
+            checkpoint=checkpoint,
+            model=model,
+            data=data,
+            out=out,
+            labels=labels,
+            layer=layer,
+            batch_size=batch_size,
+            device=device.value,
+            num_workers=num_workers,
+            dtype=dtype.value,
+            limit=limit,
+            image_size=image_size,
+            mean=triple(mean),
+            std=triple(std),
+            force=force,
+        )
+        with report.progress_bar(enabled=not json_output) as progress:
+            result = jobs.extract_features(request, progress)
+        if json_output:
+            report.print_json(report.features_document(result))
+        else:
+            report.render_features(result)
+
+
 @app.command()
 def demo(
     folder: Annotated[Path, typer.Argument(help="Folder to create the demo files in.")] = Path("demo"),

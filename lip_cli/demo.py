@@ -15,7 +15,7 @@ from torch import nn
 
 from lip_cli.errors import LipError
 
-DEMO_FILES = ("model.pt", "features.npy", "labels.npy", "val.npz")
+DEMO_FILES = ("model.pt", "train/inputs.npy", "train/targets.npy", "val/inputs.npy", "val/targets.npy")
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,11 @@ class DemoNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.body(x))
+
+
+def demo_model() -> DemoNet:
+    """The demo's architecture, for `lip features --model python:lip_cli.demo:demo_model`."""
+    return DemoNet(DemoSettings())
 
 
 @dataclass(frozen=True)
@@ -95,7 +100,7 @@ def train(model: DemoNet, inputs: torch.Tensor, labels: torch.Tensor, settings: 
 
 
 def make_demo(folder: Path, force: bool = False, settings: DemoSettings | None = None) -> DemoResult:
-    """Write model.pt, features.npy, labels.npy (noisy) and val.npz (clean) into `folder`."""
+    """Write model.pt and the inputs with their labels: train/ (noisy labels), val/ (clean labels)."""
     settings = settings or DemoSettings()
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
@@ -103,7 +108,8 @@ def make_demo(folder: Path, force: bool = False, settings: DemoSettings | None =
     existing = [name for name in DEMO_FILES if (folder / name).exists()]
     if existing and not force:
         raise LipError(f"{folder}: already holds {', '.join(existing)}; pass --force to replace them")
-    folder.mkdir(parents=True, exist_ok=True)
+    for part in ("train", "val"):
+        (folder / part).mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
@@ -122,7 +128,8 @@ def make_demo(folder: Path, force: bool = False, settings: DemoSettings | None =
         "noise_rate": settings.noise_rate,
     }
     torch.save(checkpoint, folder / "model.pt")
-    np.save(folder / "features.npy", train_features.numpy())
-    np.save(folder / "labels.npy", noisy_labels.numpy())
-    np.savez(folder / "val.npz", features=val_features.numpy(), labels=val_labels.numpy())
+    np.save(folder / "train" / "inputs.npy", train_inputs.numpy())
+    np.save(folder / "train" / "targets.npy", noisy_labels.numpy())
+    np.save(folder / "val" / "inputs.npy", val_inputs.numpy())
+    np.save(folder / "val" / "targets.npy", val_labels.numpy())
     return DemoResult(folder, settings, train_accuracy, val_accuracy)

@@ -6,11 +6,13 @@ No terminal here: progress goes to an optional callback and results come back as
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -662,4 +664,110 @@ def compare_checkpoints(a: Path, b: Path, layer_name: str | None = None) -> Comp
         phi=phi,
         largest_angle_degrees=angles,
         phi_matrix=phi_matrix,
+    )
+
+
+@dataclass(frozen=True)
+class FeaturesRequest:
+    """Everything `lip features` needs; the defaults are the command's defaults."""
+
+    checkpoint: Path
+    model: str
+    data: Path
+    out: Path
+    labels: Path | None = None
+    layer: str | None = None
+    batch_size: int = 64
+    device: str = "cpu"
+    num_workers: int = 0
+    dtype: str = "float32"
+    limit: int | None = None
+    image_size: int | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    force: bool = False
+
+
+@dataclass
+class FeaturesReport:
+    checkpoint: Path
+    features: Path
+    labels: Path
+    classes_file: Path | None
+    samples: int
+    feature_dim: int
+    layer: str
+    model: str
+    seconds: float
+
+
+def _worker_message(error: Exception) -> str | None:
+    """The LipError message inside an exception a DataLoader worker re-raised, if there is one."""
+    for line in reversed(str(error).splitlines()):
+        if "LipError: " in line:
+            return line.split("LipError: ", 1)[1]
+    return None
+
+
+def extract_features(request: FeaturesRequest, progress: Progress = _no_progress) -> FeaturesReport:
+    """`lip features`: run a model over images or inputs and cache what its classifier receives."""
+    import time
+
+    from torch.utils.data import DataLoader, Subset
+
+    from lip_cli import features, models
+
+    started = time.perf_counter()
+    device = resolve_device(request.device)
+    out = Path(request.out)
+    if out.suffix.lower() != ".npy":
+        raise LipError(f"--out {out}: the feature cache is a .npy file")
+    classes_file = out.parent / "classes.json"
+    built = models.build_model(request.model, request.checkpoint)
+    if Path(request.data).suffix.lower() == ".npy":
+        if request.labels is None:
+            raise LipError(f"{request.data}: model inputs in a .npy need --labels")
+        dataset: Any = models.ArrayInputs(request.data, request.labels)
+        class_names = None
+    else:
+        dataset = models.ImageFolderData(request.data)
+        dataset.transform = models.eval_transform(built, request.image_size, request.mean, request.std)
+        class_names = dataset.classes
+    for path in (out, out.parent / "labels.npy", *([classes_file] if class_names else [])):
+        files.check_output(path, [Path(request.checkpoint), Path(request.data)], request.force)
+    if request.limit is not None:
+        dataset = Subset(dataset, range(min(request.limit, len(dataset))))
+    total = len(dataset)
+    loader = DataLoader(dataset, batch_size=request.batch_size, num_workers=request.num_workers)
+    done = [0]
+
+    def advance(rows: int) -> None:
+        done[0] += rows
+        progress("features", done[0], total)
+
+    name, module = features.classifier_module(built.model, request.layer)
+    try:
+        features.collect_features(
+            built.model, loader, name, out, request.dtype, device, advance, force=request.force
+        )
+    except LipError:
+        raise
+    except Exception as error:  # a worker's LipError comes back wrapped in its own exception type
+        message = _worker_message(error)
+        if message is None:
+            raise
+        raise LipError(message) from error
+    if class_names:
+        with files.atomic_output(classes_file) as temporary:
+            temporary.write_text(json.dumps(class_names, indent=1) + "\n")
+    return FeaturesReport(
+        checkpoint=Path(request.checkpoint),
+        features=out,
+        labels=out.parent / "labels.npy",
+        classes_file=classes_file if class_names else None,
+        samples=total,
+        feature_dim=module.in_features,
+        layer=name,
+        model=request.model,
+        seconds=time.perf_counter() - started,
     )

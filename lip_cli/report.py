@@ -266,11 +266,21 @@ def render_demo(result: Any) -> None:
         f"accuracy on its noisy training labels {_percent(result.train_accuracy_noisy)}, "
         f"on clean validation labels {_percent(result.val_accuracy)}"
     )
-    for name in ("model.pt", "features.npy", "labels.npy", "val.npz"):
+    from lip_cli.demo import DEMO_FILES
+
+    for name in DEMO_FILES:
         console.print(f"  {result.folder / name}")
+    model, folder = result.folder / "model.pt", result.folder
+    console.print("next:")
+    for part in ("train", "val"):
+        console.print(
+            f"  lip features {model} --model python:lip_cli.demo:demo_model "
+            f"--data {folder / part / 'inputs.npy'} --labels {folder / part / 'targets.npy'} "
+            f"--out {folder / part / 'features.npy'}"
+        )
     console.print(
-        f"next: lip repair {result.folder / 'model.pt'} --features {result.folder / 'features.npy'} "
-        f"--val-features {result.folder / 'val.npz'} --k 8"
+        f"  lip repair {model} --features {folder / 'train' / 'features.npy'} --val-features "
+        f"{folder / 'val' / 'features.npy'} --val-labels {folder / 'val' / 'labels.npy'} --k 8"
     )
 
 
@@ -489,3 +499,29 @@ def compare_document(report: Any) -> dict[str, Any]:
         },
         "largest_principal_angle_degrees": {str(k): v for k, v in report.largest_angle_degrees.items()},
     }
+
+
+def features_document(report: Any) -> dict[str, Any]:
+    return {
+        "checkpoint": str(report.checkpoint),
+        "features": str(report.features),
+        "labels": str(report.labels),
+        "classes": None if report.classes_file is None else str(report.classes_file),
+        "samples": report.samples,
+        "feature_dim": report.feature_dim,
+        "layer": report.layer,
+        "model": report.model,
+        "seconds": report.seconds,
+    }
+
+
+def render_features(report: Any) -> None:
+    console = stderr()
+    console.print(
+        f"cached the {report.feature_dim} inputs of `{report.layer}` ({report.model}) for {report.samples:,} "
+        f"samples in {report.seconds:.1f} s ({report.samples / max(report.seconds, 1e-9):,.0f} samples/s)"
+    )
+    console.print(f"wrote [bold]{report.features}[/] and {report.labels}")
+    if report.classes_file is not None:
+        console.print(f"class names in {report.classes_file}")
+    console.print(f"next: lip repair {report.checkpoint} --features {report.features} --k auto")

@@ -16,7 +16,7 @@ from lip_cli.cli import app
 from lip_cli.demo import DemoSettings, make_demo
 
 runner = CliRunner(env={"COLUMNS": "200"})
-COMMANDS = ["repair", "inspect", "compare", "demo"]
+COMMANDS = ["repair", "inspect", "compare", "features", "demo"]
 
 
 def command_options(name: str) -> list[str]:
@@ -56,20 +56,39 @@ def test_public_api_is_importable() -> None:
         lip_cli.does_not_exist  # noqa: B018
 
 
-def test_demo_then_repair(tmp_path: Path) -> None:
+def test_demo_then_features_then_repair(tmp_path: Path) -> None:
     settings = DemoSettings(train_samples=600, val_samples=300, epochs=3)
     result = make_demo(tmp_path / "demo", settings=settings)
     assert 0.0 <= result.val_accuracy <= 1.0
     folder = tmp_path / "demo"
+    for part in ("train", "val"):
+        cached = runner.invoke(
+            app,
+            [
+                "features",
+                str(folder / "model.pt"),
+                "--model",
+                "python:lip_cli.demo:demo_model",
+                "--data",
+                str(folder / part / "inputs.npy"),
+                "--labels",
+                str(folder / part / "targets.npy"),
+                "--out",
+                str(folder / part / "features.npy"),
+            ],
+        )
+        assert cached.exit_code == 0, cached.output
     repaired = runner.invoke(
         app,
         [
             "repair",
             str(folder / "model.pt"),
             "-f",
-            str(folder / "features.npy"),
+            str(folder / "train" / "features.npy"),
             "--val-features",
-            str(folder / "val.npz"),
+            str(folder / "val" / "features.npy"),
+            "--val-labels",
+            str(folder / "val" / "labels.npy"),
             "--k",
             "8",
             "--json",
@@ -83,6 +102,8 @@ def test_demo_then_repair(tmp_path: Path) -> None:
     assert document["accuracy"]["val_before"] == pytest.approx(result.val_accuracy, abs=1e-6)
     saved = torch.load(folder / "model.lip.pt", weights_only=True)
     assert saved["epoch"] == 3 and saved["state_dict"]["fc.weight"].shape == (10, 32)
+    inspected = runner.invoke(app, ["inspect", str(folder / "model.lip.pt")])
+    assert inspected.exit_code == 0 and "written by lip" in inspected.stderr
 
 
 def test_demo_refuses_to_replace_files_without_force(tmp_path: Path) -> None:

@@ -1,0 +1,203 @@
+"""Models and data for `lip features`: build an architecture from a spec, load weights safely, and
+read images or model inputs with the evaluation transforms of the model's library.
+
+Libraries beyond the core stack (torchvision, timm, transformers, pillow) are optional extras; a
+missing one is a one-line error with the install command.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from lip_cli import checkpoint as checkpoints
+from lip_cli.errors import LipError, first_line
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+SPEC_KINDS = ("torchvision", "timm", "hf", "python")
+
+
+def _need(module: str, extra: str = "vision") -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise LipError(f"this needs {module.split('.')[0]}: pip install 'lip-cli[{extra}]'") from error
+
+
+@dataclass
+class BuiltModel:
+    model: nn.Module
+    kind: str  # torchvision, timm, hf, python
+    name: str
+    classes: int
+
+
+def head_classes(state: dict[str, torch.Tensor], path: Path) -> int:
+    """The number of classes, read from the checkpoint's classifier layer."""
+    return checkpoints.likely_classifier(
+        checkpoints.Checkpoint(path=path, format="pt", state=state)
+    ).out_features
+
+
+def build_model(spec: str, checkpoint_path: Path) -> BuiltModel:
+    """The architecture named by `spec`, with the checkpoint's weights loaded (weights_only/safetensors)."""
+    kind, _, name = spec.partition(":")
+    if kind not in SPEC_KINDS or not name:
+        raise LipError(
+            f"--model {spec}: use torchvision:NAME, timm:NAME, hf:DIR or python:package.module:factory"
+        )
+    loaded = checkpoints.load_checkpoint(checkpoint_path)
+    state = dict(loaded.state)
+    classes = head_classes(state, Path(checkpoint_path))
+    if kind == "torchvision":
+        models = _need("torchvision.models")
+        try:
+            model = models.get_model(name, weights=None, num_classes=classes)
+        except (ValueError, KeyError) as error:
+            raise LipError(f"--model {spec}: torchvision has no model {name!r}") from error
+    elif kind == "timm":
+        timm = _need("timm")
+        try:
+            model = timm.create_model(name, pretrained=False, num_classes=classes)
+        except RuntimeError as error:
+            raise LipError(f"--model {spec}: timm has no model {name!r}") from error
+    elif kind == "hf":
+        transformers = _need("transformers", "dev")
+        auto = transformers.AutoModelForImageClassification
+        try:
+            if Path(name).resolve() == Path(checkpoint_path).resolve():  # weights and their key mapping
+                return BuiltModel(auto.from_pretrained(name, use_safetensors=True), kind, name, classes)
+            config = transformers.AutoConfig.from_pretrained(name)
+        except (OSError, ValueError) as error:
+            raise LipError(
+                f"--model {spec}: not a Hugging Face model folder ({first_line(error)})"
+            ) from error
+        config.num_labels = classes
+        model = auto.from_config(config)
+    else:
+        module_name, _, factory_name = name.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), factory_name)
+        except (ImportError, AttributeError, ValueError) as error:
+            raise LipError(f"--model {spec}: cannot import {factory_name!r} from {module_name!r}") from error
+        model = factory()
+        if not isinstance(model, nn.Module):
+            raise LipError(f"--model {spec}: the factory returned a {type(model).__name__}, not an nn.Module")
+    load_weights(model, state, Path(checkpoint_path))
+    return BuiltModel(model=model, kind=kind, name=name, classes=classes)
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Load a state dict, trying the wrapper prefixes (model., module., _orig_mod.) when keys miss."""
+    expected = set(model.state_dict())
+    candidates = [state]
+    for prefix in checkpoints.WRAPPER_PREFIXES:
+        stripped = {key.removeprefix(prefix): value for key, value in state.items() if key.startswith(prefix)}
+        if stripped:
+            candidates.append(stripped)
+    best = max(candidates, key=lambda candidate: len(expected & set(candidate)))
+    missing = sorted(expected - set(best))
+    unexpected = sorted(set(best) - expected)
+    if missing or unexpected:
+        raise LipError(
+            f"{path}: does not fit the architecture: {len(missing)} missing keys ({_few(missing)}), "
+            f"{len(unexpected)} unexpected keys ({_few(unexpected)})"
+        )
+    try:
+        model.load_state_dict(best, strict=True)
+    except RuntimeError as error:
+        raise LipError(f"{path}: does not fit the architecture ({first_line(error, 300)})") from error
+
+
+def _few(keys: list[str]) -> str:
+    return ", ".join(keys[:4]) + (" ..." if len(keys) > 4 else "")
+
+
+def eval_transform(built: BuiltModel, image_size: int | None, mean: tuple | None, std: tuple | None) -> Any:
+    """timm's data config for timm models, the standard ImageNet evaluation transform otherwise."""
+    transforms = _need("torchvision.transforms")
+    if built.kind == "timm":
+        timm_data = _need("timm.data")
+        config = timm_data.resolve_data_config({}, model=built.model)
+        if image_size:
+            config["input_size"] = (3, image_size, image_size)
+        if mean:
+            config["mean"] = mean
+        if std:
+            config["std"] = std
+        return timm_data.create_transform(**config)
+    size = image_size or 224
+    return transforms.Compose(
+        [
+            transforms.Resize(int(round(size / 0.875))),
+            transforms.CenterCrop(size),
+            transforms.ToTensor(),
+            transforms.Normalize(mean or IMAGENET_MEAN, std or IMAGENET_STD),
+        ]
+    )
+
+
+class ImageFolderData(Dataset):
+    """An ImageFolder layout: one sub-folder per class (sorted names = class ids), images inside."""
+
+    def __init__(self, root: Path, transform: Any = None) -> None:
+        root = Path(root)
+        if not root.exists():
+            raise LipError(f"{root}: no such folder")
+        if not root.is_dir():
+            raise LipError(f"{root}: not a folder of class sub-folders (or pass a .npy of inputs)")
+        self.classes = sorted(path.name for path in root.iterdir() if path.is_dir())
+        self.samples = [
+            (path, index)
+            for index, name in enumerate(self.classes)
+            for path in sorted((root / name).rglob("*"))
+            if path.suffix.lower() in IMAGE_SUFFIXES
+        ]
+        if not self.samples:
+            raise LipError(f"{root}: no images in class sub-folders ({', '.join(IMAGE_SUFFIXES)})")
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image_module = _need("PIL.Image")
+        path, label = self.samples[index]
+        try:
+            with image_module.open(path) as image:
+                return self.transform(image.convert("RGB")), label
+        except (OSError, ValueError, SyntaxError) as error:
+            raise LipError(f"{path}: unreadable image ({first_line(error)})") from error
+
+
+class ArrayInputs(Dataset):
+    """Model inputs from a .npy file (read through a memory map) with their labels."""
+
+    def __init__(self, inputs: Path, labels: Path) -> None:
+        for path in (inputs, labels):
+            if not Path(path).exists():
+                raise LipError(f"{path}: no such file")
+        try:
+            self.inputs = np.load(inputs, mmap_mode="r", allow_pickle=False)
+            self.labels = np.load(labels, allow_pickle=False)
+        except ValueError as error:
+            raise LipError(f"{inputs}: not a readable .npy file ({first_line(error)})") from error
+        if len(self.inputs) != len(self.labels):
+            raise LipError(f"{labels}: {len(self.labels)} labels but {len(self.inputs)} inputs in {inputs}")
+        if len(self.inputs) == 0:
+            raise LipError(f"{inputs}: holds no samples")
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
+        return torch.from_numpy(np.array(self.inputs[index], dtype=np.float32)), self.labels[index]
