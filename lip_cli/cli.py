@@ -86,6 +86,10 @@ def _import_heavy_modules() -> None:
 JsonOption = Annotated[
     bool, typer.Option("--json", help="Print one JSON document on stdout and nothing else there.")
 ]
+DeviceOption = Annotated[Device, typer.Option("--device", help="Where the statistics pass runs.")]
+ChunkRowsOption = Annotated[
+    int, typer.Option("--chunk-rows", min=1, help="Feature rows read at a time (bounds memory).")
+]
 LayerOption = Annotated[
     str | None,
     typer.Option(
@@ -163,14 +167,12 @@ def repair(
             "--val-labels", help="Validation labels (default: a labels array inside --val-features)."
         ),
     ] = None,
-    device: Annotated[Device, typer.Option("--device", help="Where the statistics pass runs.")] = Device.cpu,
+    device: DeviceOption = Device.cpu,
     compute_dtype: Annotated[
         ComputeDtype,
         typer.Option("--compute-dtype", help="Precision of the pass over the features; sums are float64."),
     ] = ComputeDtype.float64,
-    chunk_rows: Annotated[
-        int, typer.Option("--chunk-rows", min=1, help="Feature rows read at a time (bounds memory).")
-    ] = 16384,
+    chunk_rows: ChunkRowsOption = 16384,
     targets: Annotated[
         Targets,
         typer.Option(
@@ -267,10 +269,8 @@ def inspect(
         Path | None,
         typer.Option("--labels", "-l", help="Training labels (found as in `lip repair` when left out)."),
     ] = None,
-    device: Annotated[Device, typer.Option("--device", help="Where the statistics pass runs.")] = Device.cpu,
-    chunk_rows: Annotated[
-        int, typer.Option("--chunk-rows", min=1, help="Feature rows read at a time (bounds memory).")
-    ] = 16384,
+    device: DeviceOption = Device.cpu,
+    chunk_rows: ChunkRowsOption = 16384,
     plot: PlotOption = None,
     force: ForceOption = False,
     json_output: JsonOption = False,
