@@ -168,7 +168,8 @@ def statistics_pass(
                 "pass --val-features or another --holdout"
             )
     if sample_rows is None:
-        sample_rows = max(1, SAMPLE_BYTES // (4 * max(stats.svd.rank, 1)))
+        element = torch.finfo(stats.compute_dtype).bits // 8
+        sample_rows = max(1, SAMPLE_BYTES // (element * max(stats.svd.rank, 1)))
     sampled = torch.ones(rows, dtype=torch.bool)
     if rows > sample_rows:
         sampled = torch.zeros(rows, dtype=torch.bool)
