@@ -288,8 +288,9 @@ def inspect(
                     report.print_json(report.inspect_document(table))
                 else:
                     report.render_inspect(table)
-                if plot is not None:
-                    plots.plot_layer(jobs.inspect_layer(checkpoint, None), plot)
+                if plot is not None:  # the classifier's spectrum, already computed for the table
+                    classifier = next(layer for layer in table.layers if layer.is_classifier)
+                    plots.plot_layer(jobs.LayerReport(table.checkpoint, classifier), plot)
                 return
             result = jobs.inspect_layer(
                 checkpoint, layer, features, labels, device.value, chunk_rows, progress=progress

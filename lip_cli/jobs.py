@@ -317,13 +317,8 @@ def _repair(
         inputs = [Path(request.checkpoint), Path(request.features)]
         if output is not None:
             files.check_output(output, inputs, request.force, folder=Path(request.checkpoint).is_dir())
-            sidecar = checkpoint.sidecar_path(output)
-            if (
-                Path(request.checkpoint).suffix.lower() in (".pt", ".pth")
-                and sidecar.exists()
-                and not request.force
-            ):
-                raise LipError(f"{sidecar}: already exists; pass --force to overwrite it")
+            if Path(request.checkpoint).suffix.lower() in (".pt", ".pth"):
+                files.check_output(checkpoint.sidecar_path(output), inputs, request.force)
         hashing = ThreadPoolExecutor(max_workers=1)
         digests = {}
         if output is not None and group.leader:

@@ -46,13 +46,6 @@ def head_svd(weight: Tensor) -> HeadSVD:
     return HeadSVD(u=u[:, :rank].contiguous(), s=s[:rank].clone(), v=vh[:rank].T.contiguous())
 
 
-def label_targets(labels: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
-    """Y as an (n, l) matrix: integer class ids become one-hot rows; matrices pass through."""
-    if labels.ndim == 1:
-        return torch.nn.functional.one_hot(labels.long(), num_classes).to(dtype)
-    return labels.to(dtype)
-
-
 TARGETS = ("paper", "logit-scale")
 
 
