@@ -249,13 +249,26 @@ def repair(
             plots.plot_k_curve(result.k_curve, plot, title=f"{result.layer.name}: accuracy after PSP + LAP")
 
 
+def usage_error(message: str, option: str) -> typer.BadParameter:
+    """A misuse of the command line: exit 2 with the usage, before any work starts."""
+    return typer.BadParameter(message, param_hint=option)
+
+
 @app.command()
 def inspect(
-    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint: .pt/.pth (also nested) or .safetensors.")],
+    checkpoints: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Checkpoint: .pt/.pth (also nested) or .safetensors. Several: one layer of each, side "
+            "by side (e.g. trained at several noise levels)."
+        ),
+    ],
     layer: Annotated[
         str | None,
         typer.Option(
-            "--layer", help="Show this layer's full spectrum instead of the table of all 2-D weights."
+            "--layer",
+            help="Show this layer's full spectrum instead of the table of all 2-D weights. With several "
+            "checkpoints: the layer to show (default: each one's likely classifier).",
         ),
     ] = None,
     top: Annotated[int, typer.Option("--top", min=1, help="Singular values listed in the layer view.")] = 20,
@@ -269,18 +282,54 @@ def inspect(
         Path | None,
         typer.Option("--labels", "-l", help="Training labels (found as in `lip repair` when left out)."),
     ] = None,
+    names: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--label",
+            help="Name of a checkpoint of the series in the table, the figure's legend and the JSON; "
+            "repeat it, once per checkpoint, in order (default: the file stems).",
+        ),
+    ] = None,
+    normalize: Annotated[
+        bool,
+        typer.Option(
+            "--normalize",
+            help="With --plot: divide each spectrum by its largest value, so that shapes compare.",
+        ),
+    ] = False,
     device: DeviceOption = Device.cpu,
     chunk_rows: ChunkRowsOption = 16384,
     plot: PlotOption = None,
     force: ForceOption = False,
     json_output: JsonOption = False,
 ) -> None:
-    """Show singular-value spectra: every 2-D weight, or one layer in full (and the accuracy for each k)."""
+    """Show singular-value spectra: every 2-D weight, one layer in full (and the accuracy for each k),
+    or one layer across a series of checkpoints."""
+    series = len(checkpoints) > 1 or bool(names)
+    if series and (features is not None or labels is not None):
+        raise usage_error(
+            "takes one checkpoint and no --label; run lip inspect once per checkpoint", "--features"
+        )
+    if names and len(names) != len(checkpoints):
+        raise usage_error(
+            f"given {len(names)} times for {len(checkpoints)} checkpoints; give one each", "--label"
+        )
     with user_errors():
         from lip_cli import files, jobs, plots, report
 
         if plot is not None:
-            files.check_output(plot, [checkpoint], force)
+            files.check_output(plot, checkpoints, force)
+        if series:
+            with report.progress_bar(enabled=not json_output) as progress:
+                spectra = jobs.inspect_series(checkpoints, layer, names or (), progress)
+            if plot is not None:
+                plots.plot_series(spectra, plot, normalize)
+            if json_output:
+                report.print_json(report.series_document(spectra))
+            else:
+                report.render_series(spectra)
+            return
+        checkpoint = checkpoints[0]
         with report.progress_bar(enabled=not json_output) as progress:
             if layer is None and features is None and labels is None:
                 table = jobs.inspect_checkpoint(checkpoint, progress)
@@ -290,13 +339,13 @@ def inspect(
                     report.render_inspect(table)
                 if plot is not None:  # the classifier's spectrum, already computed for the table
                     classifier = next(layer for layer in table.layers if layer.is_classifier)
-                    plots.plot_layer(jobs.LayerReport(table.checkpoint, classifier), plot)
+                    plots.plot_layer(jobs.LayerReport(table.checkpoint, classifier), plot, normalize)
                 return
             result = jobs.inspect_layer(
                 checkpoint, layer, features, labels, device.value, chunk_rows, progress=progress
             )
         if plot is not None:
-            plots.plot_layer(result, plot)
+            plots.plot_layer(result, plot, normalize)
         if json_output:
             report.print_json(report.layer_document(result))
         else:
@@ -305,28 +354,48 @@ def inspect(
 
 @app.command()
 def compare(
-    checkpoint_a: Annotated[Path, typer.Argument(help="First checkpoint (A), e.g. trained on clean labels.")],
-    checkpoint_b: Annotated[Path, typer.Argument(help="Second checkpoint (B), e.g. noisy or repaired.")],
+    reference: Annotated[
+        Path, typer.Argument(help="The reference checkpoint (A), e.g. trained on clean labels.")
+    ],
+    checkpoints: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Checkpoint(s) compared with the reference (B, ...), e.g. noisy or repaired; each one "
+            "against the reference, in order."
+        ),
+    ],
     layer: Annotated[
-        str | None, typer.Option("--layer", help="Layer to compare (default: the last 2-D weight of A).")
+        str | None,
+        typer.Option("--layer", help="Layer to compare (default: the last 2-D weight of the reference)."),
     ] = None,
     plot: PlotOption = None,
     force: ForceOption = False,
     json_output: JsonOption = False,
 ) -> None:
-    """Compare one layer in two checkpoints: spectra, subspace similarity phi(i, j), principal angles."""
+    """Compare one layer against a reference: spectra, subspace similarity phi(i, j), principal angles."""
     with user_errors():
         from lip_cli import files, jobs, plots, report
 
         if plot is not None:
-            files.check_output(plot, [checkpoint_a, checkpoint_b], force)
-        result = jobs.compare_checkpoints(checkpoint_a, checkpoint_b, layer)
+            files.check_output(plot, [reference, *checkpoints], force)
+        if len(checkpoints) == 1:
+            result = jobs.compare_checkpoints(reference, checkpoints[0], layer)
+            if plot is not None:
+                plots.plot_comparison(result, plot)
+            if json_output:
+                report.print_json(report.compare_document(result))
+            else:
+                report.render_compare(result)
+            return
+        with report.progress_bar(enabled=not json_output) as progress:
+            results = jobs.compare_series(reference, checkpoints, layer, progress)
+        names = jobs.series_labels([reference, *checkpoints])
         if plot is not None:
-            plots.plot_comparison(result, plot)
+            plots.plot_comparison_series(results, names, plot)
         if json_output:
-            report.print_json(report.compare_document(result))
+            report.print_json(report.compare_series_document(results))
         else:
-            report.render_compare(result)
+            report.render_compare_series(results, names)
 
 
 class FeatureDtype(StrEnum):
@@ -429,9 +498,31 @@ def features(
             report.render_features(result)
 
 
+def parse_noise(value: str | None) -> str | None:
+    """--noise: comma-separated label-noise rates in [0, 1), no repeats."""
+    if value is None:
+        return None
+    try:
+        rates = [float(part) for part in value.split(",")]
+    except ValueError:
+        rates = []
+    if rates and all(0.0 <= rate < 1.0 for rate in rates) and len(set(rates)) == len(rates):
+        return value
+    raise typer.BadParameter(f"{value!r} is not a list of distinct rates in [0, 1) (e.g. 0,0.2,0.4)")
+
+
 @app.command()
 def demo(
     folder: Annotated[Path, typer.Argument(help="Folder to create the demo files in.")] = Path("demo"),
+    noise: Annotated[
+        str | None,
+        typer.Option(
+            "--noise",
+            parser=parse_noise,
+            help="Share of training labels made random (default 0.4). Several, comma-separated "
+            "(e.g. 0,0.2,0.4): one model per rate in FOLDER/noise-RATE/, trained alike on the same inputs.",
+        ),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace demo files already there.")] = False,
     json_output: JsonOption = False,
 ) -> None:
@@ -440,7 +531,18 @@ def demo(
         from lip_cli import demo as demo_module
         from lip_cli import report
 
-        result = demo_module.make_demo(folder, force=force)
+        rates = None if noise is None else [float(part) for part in noise.split(",")]
+        if rates is not None and len(rates) > 1:
+            results = demo_module.make_demo_series(folder, rates, force=force)
+            if json_output:
+                report.print_json({"demos": [result.document() for result in results]})
+            else:
+                report.render_demo_series(results)
+            return
+        settings = (
+            demo_module.DemoSettings() if rates is None else demo_module.DemoSettings(noise_rate=rates[0])
+        )
+        result = demo_module.make_demo(folder, force=force, settings=settings)
         if json_output:
             report.print_json(result.document())
         else:

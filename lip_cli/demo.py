@@ -5,7 +5,8 @@ Everything `lip repair` needs, made on the CPU in seconds with nothing downloade
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -133,3 +134,36 @@ def make_demo(folder: Path, force: bool = False, settings: DemoSettings | None =
     np.save(folder / "val" / "inputs.npy", val_inputs.numpy())
     np.save(folder / "val" / "targets.npy", val_labels.numpy())
     return DemoResult(folder, settings, train_accuracy, val_accuracy)
+
+
+def noise_folder(folder: Path, noise_rate: float) -> Path:
+    """Where `make_demo_series` puts the demo trained at one noise rate: FOLDER/noise-0.2."""
+    return Path(folder) / f"noise-{noise_rate:g}"
+
+
+def make_demo_series(
+    folder: Path, noise_rates: Sequence[float], force: bool = False, settings: DemoSettings | None = None
+) -> list[DemoResult]:
+    """One demo per noise rate, each in its `noise_folder`, for the paper's analysis across noise.
+
+    Only the training labels differ: the inputs, clean labels, initial weights and batch order are
+    the same, and a label flipped at one rate is flipped (to the same class) at every higher rate.
+    Existing files are looked for in every folder before any training starts.
+    """
+    settings = settings or DemoSettings()
+    if not force:
+        existing = [
+            noise_folder(folder, rate) / name
+            for rate in noise_rates
+            for name in DEMO_FILES
+            if (noise_folder(folder, rate) / name).exists()
+        ]
+        if existing:
+            raise LipError(
+                f"{existing[0]}: already exists ({len(existing)} demo files in all); "
+                "pass --force to replace them"
+            )
+    return [
+        make_demo(noise_folder(folder, rate), force=force, settings=replace(settings, noise_rate=rate))
+        for rate in noise_rates
+    ]

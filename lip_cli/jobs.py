@@ -7,7 +7,7 @@ No terminal here: progress goes to an optional callback and results come back as
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -481,6 +481,10 @@ class LayerSpectrum:
     is_classifier: bool = False
 
     @property
+    def shape_text(self) -> str:
+        return f"{self.shape[0]}x{self.shape[1]}"
+
+    @property
     def spectral_norm(self) -> float:
         return self.singular_values[0] if self.singular_values else 0.0
 
@@ -599,6 +603,73 @@ def inspect_layer(
     )
 
 
+def series_labels(paths: Sequence[Path], labels: Sequence[str] = ()) -> list[str]:
+    """Names of a series of checkpoints: `labels` when given, else the file stems, made unique.
+
+    Stems that collide take as many parent folders as it takes to tell them apart
+    (`run1/model`, `run2/model`); a file given twice is numbered.
+    """
+    if labels:
+        if len(labels) != len(paths):
+            raise LipError(
+                f"--label given {len(labels)} times for {len(paths)} checkpoints; give one per checkpoint"
+            )
+        return list(labels)
+    parts = [Path(path).with_suffix("").parts or (str(path),) for path in paths]
+    names = []
+    for mine in parts:
+        others = [theirs for theirs in parts if theirs != mine]
+        depth = 1
+        while depth < len(mine) and any(theirs[-depth:] == mine[-depth:] for theirs in others):
+            depth += 1
+        names.append("/".join(mine[-depth:]))
+    seen: dict[str, int] = {}
+    unique = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        unique.append(name if names.count(name) == 1 else f"{name} ({seen[name]})")
+    return unique
+
+
+@dataclass
+class SeriesReport:
+    """`lip inspect A B C ...`: one layer across a series of checkpoints, in the order given."""
+
+    labels: list[str]
+    layers: list[LayerReport]
+
+    @property
+    def layer(self) -> str:
+        return self.layers[0].spectrum.name
+
+
+def inspect_series(
+    paths: Sequence[Path],
+    layer_name: str | None = None,
+    labels: Sequence[str] = (),
+    progress: Progress = _no_progress,
+) -> SeriesReport:
+    """The spectrum of one layer in each checkpoint: `layer_name`, else each one's likely classifier.
+
+    Every layer must have the shape of the first one; a checkpoint that fails (unreadable, no such
+    layer, another shape) fails the whole series with its name.
+    """
+    names = series_labels(paths, labels)
+    layers: list[LayerReport] = []
+    for index, path in enumerate(paths):
+        report = inspect_layer(path, layer_name)
+        first = layers[0].spectrum if layers else report.spectrum
+        if report.spectrum.shape != first.shape:
+            raise LipError(
+                f"{path}: `{report.spectrum.name}` is {report.spectrum.shape_text} but "
+                f"`{first.name}` is {first.shape_text} in {paths[0]}; "
+                "a series compares layers of one shape"
+            )
+        layers.append(report)
+        progress("spectra", index + 1, len(paths))
+    return SeriesReport(names, layers)
+
+
 def comparison_sizes(rank: int) -> list[int]:
     """The subspace sizes shown in a comparison: 1, 2, 5, 10, 20, 50, ... up to the rank."""
     sizes = [size for base in (1, 2, 5) for size in (base * 10**e for e in range(7)) if size < rank]
@@ -629,38 +700,59 @@ class CompareReport:
 
 def compare_checkpoints(a: Path, b: Path, layer_name: str | None = None) -> CompareReport:
     """Spectra, subspace similarity phi(i, j) and principal angles of one layer in two checkpoints."""
-    model_a, model_b = checkpoint.load_checkpoint(a), checkpoint.load_checkpoint(b)
-    if layer_name:
-        layer_a, layer_b = (
-            checkpoint.layer_by_name(model_a, layer_name),
-            checkpoint.layer_by_name(model_b, layer_name),
-        )
-    else:
-        layer_a = checkpoint.likely_classifier(model_a)
-        layer_b = checkpoint.layer_by_name(model_b, layer_a.name)
-    if (layer_a.out_features, layer_a.in_features) != (layer_b.out_features, layer_b.in_features):
-        raise LipError(
-            f"`{layer_a.name}` is {layer_a.shape_text} in {a} but {layer_b.shape_text} in {b}; "
-            "only layers of the same shape compare"
-        )
-    weight_a, _ = _layer_tensors(model_a, layer_a)
-    weight_b, _ = _layer_tensors(model_b, layer_b)
-    v_a, v_b = spectra.right_singular_vectors(weight_a), spectra.right_singular_vectors(weight_b)
-    sizes = comparison_sizes(v_a.shape[1])
-    phi_matrix = spectra.subspace_similarity_matrix(v_a, v_b)
-    phi = [[float(phi_matrix[i - 1, j - 1]) for j in sizes] for i in sizes]
-    angles = {k: float(spectra.principal_angles(v_a, v_b, k)[-1].rad2deg()) for k in sizes}
-    return CompareReport(
-        checkpoint_a=Path(a),
-        checkpoint_b=Path(b),
-        layer=layer_a.name,
-        spectrum_a=layer_spectrum(model_a, layer_a, is_classifier=True),
-        spectrum_b=layer_spectrum(model_b, layer_b, is_classifier=True),
-        sizes=sizes,
-        phi=phi,
-        largest_angle_degrees=angles,
-        phi_matrix=phi_matrix,
+    return compare_series(a, [b], layer_name)[0]
+
+
+def compare_series(
+    reference: Path,
+    others: Sequence[Path],
+    layer_name: str | None = None,
+    progress: Progress = _no_progress,
+) -> list[CompareReport]:
+    """One layer of each checkpoint in `others` against the same layer of `reference`, in order.
+
+    The layer is `layer_name`, else the likely classifier of the reference; the reference is read
+    and decomposed once. Any checkpoint without the layer, or with it in another shape, fails the
+    whole series with its name.
+    """
+    model_a = checkpoint.load_checkpoint(reference)
+    layer_a = (
+        checkpoint.layer_by_name(model_a, layer_name) if layer_name else checkpoint.likely_classifier(model_a)
     )
+    weight_a, _ = _layer_tensors(model_a, layer_a)
+    v_a = spectra.right_singular_vectors(weight_a)
+    spectrum_a = layer_spectrum(model_a, layer_a, is_classifier=True)
+    del model_a, weight_a
+    sizes = comparison_sizes(v_a.shape[1])
+    reports = []
+    for index, b in enumerate(others):
+        model_b = checkpoint.load_checkpoint(b)
+        layer_b = checkpoint.layer_by_name(model_b, layer_name or layer_a.name)
+        if (layer_a.out_features, layer_a.in_features) != (layer_b.out_features, layer_b.in_features):
+            raise LipError(
+                f"`{layer_a.name}` is {layer_a.shape_text} in {reference} but {layer_b.shape_text} in {b}; "
+                "only layers of the same shape compare"
+            )
+        weight_b, _ = _layer_tensors(model_b, layer_b)
+        v_b = spectra.right_singular_vectors(weight_b)
+        phi_matrix = spectra.subspace_similarity_matrix(v_a, v_b)
+        reports.append(
+            CompareReport(
+                checkpoint_a=Path(reference),
+                checkpoint_b=Path(b),
+                layer=layer_a.name,
+                spectrum_a=spectrum_a,
+                spectrum_b=layer_spectrum(model_b, layer_b, is_classifier=True),
+                sizes=sizes,
+                phi=[[float(phi_matrix[i - 1, j - 1]) for j in sizes] for i in sizes],
+                largest_angle_degrees={
+                    k: float(spectra.principal_angles(v_a, v_b, k)[-1].rad2deg()) for k in sizes
+                },
+                phi_matrix=phi_matrix,
+            )
+        )
+        progress("comparisons", index + 1, len(others))
+    return reports
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,9 @@ from lip_cli.errors import LipError
 from lip_cli.files import atomic_output
 
 if TYPE_CHECKING:
-    from lip_cli.jobs import CompareReport, LayerReport
+    from collections.abc import Sequence
+
+    from lip_cli.jobs import CompareReport, LayerReport, SeriesReport
 
 
 def _pyplot() -> Any:
@@ -24,26 +26,34 @@ def _pyplot() -> Any:
 
 
 def _save(figure: Any, path: Path) -> None:
-    with atomic_output(path) as temporary:
-        figure.savefig(temporary, format="png", dpi=120, bbox_inches="tight")
+    """Write the figure as a PNG (atomically) and free it."""
+    try:
+        with atomic_output(path) as temporary:
+            figure.savefig(temporary, format="png", dpi=120, bbox_inches="tight")
+    finally:
+        _pyplot().close(figure)
 
 
-def _spectrum_axes(axis: Any, values: list[float], label: str, color: str) -> None:
-    positive = [(i + 1, v) for i, v in enumerate(values) if v > 0]
+def _spectrum_axes(
+    axis: Any, values: list[float], label: str, color: str | None, normalize: bool = False
+) -> None:
+    """Positive singular values against their index on a log scale; with `normalize`, over the largest."""
+    scale = values[0] if normalize and values and values[0] > 0 else 1.0
+    positive = [(i + 1, v / scale) for i, v in enumerate(values) if v > 0]
     axis.semilogy([i for i, _ in positive], [v for _, v in positive], ".-", color=color, label=label)
     axis.set_xlabel("component i")
-    axis.set_ylabel("singular value (log)")
+    axis.set_ylabel("singular value / largest (log)" if normalize else "singular value (log)")
     axis.grid(True, which="both", alpha=0.3)
 
 
-def plot_layer(report: LayerReport, path: Path) -> None:
+def plot_layer(report: LayerReport, path: Path, normalize: bool = False) -> None:
     """Spectrum on a log scale with cumulative energy; accuracy against k when measured."""
     plt = _pyplot()
     spectrum = report.spectrum
     panels = 2 if report.k_curve else 1
     figure, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.2), squeeze=False, layout="constrained")
     axis = axes[0][0]
-    _spectrum_axes(axis, spectrum.singular_values, "singular value", "tab:blue")
+    _spectrum_axes(axis, spectrum.singular_values, "singular value", "tab:blue", normalize)
     energy_axis = axis.twinx()
     energy = spectrum.cumulative_energy
     energy_axis.plot(range(1, len(energy) + 1), energy, color="tab:orange", label="cumulative energy")
@@ -62,7 +72,6 @@ def plot_layer(report: LayerReport, path: Path) -> None:
         curve_axis.grid(True, alpha=0.3)
         curve_axis.set_title("accuracy on the given labels against k")
     _save(figure, path)
-    plt.close(figure)
 
 
 def plot_comparison(report: CompareReport, path: Path) -> None:
@@ -83,7 +92,73 @@ def plot_comparison(report: CompareReport, path: Path) -> None:
     right.set_title("subspace similarity phi(i, j)")
     figure.colorbar(image, ax=right)
     _save(figure, path)
-    plt.close(figure)
+
+
+def series_figure(series: SeriesReport, normalize: bool = False) -> Any:
+    """Every checkpoint's spectrum on a log scale, and their cumulative energy: a line each."""
+    plt = _pyplot()
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6), layout="constrained")
+    first = series.layers[0].spectrum
+    for label, report in zip(series.labels, series.layers, strict=True):
+        values = report.spectrum.singular_values
+        _spectrum_axes(left, values, label, None, normalize)
+        energy = report.spectrum.cumulative_energy
+        right.plot(range(1, len(energy) + 1), energy, ".-", label=label)
+    left.set_title(f"singular values of {series.layer} ({first.shape_text})")
+    left.legend(fontsize=8)
+    right.set_ylim(0, 1.02)
+    right.set_xlabel("component i")
+    right.set_ylabel("cumulative energy")
+    right.set_title("share of ||W||_F^2 in the top i components")
+    right.grid(True, alpha=0.3)
+    right.legend(fontsize=8)
+    return figure
+
+
+def plot_series(series: SeriesReport, path: Path, normalize: bool = False) -> None:
+    """`lip inspect A B C ... --plot`: the figure of `series_figure`, saved as a PNG."""
+    _save(series_figure(series, normalize), path)
+
+
+def comparison_series_figure(reports: Sequence[CompareReport], labels: Sequence[str]) -> Any:
+    """The spectra, then one phi(i, j) heatmap per comparison on one colour scale (0 to 1)."""
+    plt = _pyplot()
+    panels = len(reports) + 1
+    columns = min(panels, 3)
+    rows = -(-panels // columns)
+    figure, axes = plt.subplots(
+        rows, columns, figsize=(4.6 * columns, 4.0 * rows), squeeze=False, layout="constrained"
+    )
+    flat = [axis for row in axes for axis in row]
+    spectra_axis, heatmap_axes = flat[0], flat[1:panels]
+    reference = reports[0]
+    _spectrum_axes(spectra_axis, reference.spectrum_a.singular_values, labels[0], "black")
+    for label, report in zip(labels[1:], reports, strict=True):
+        _spectrum_axes(spectra_axis, report.spectrum_b.singular_values, label, None)
+    spectra_axis.legend(fontsize=8)
+    spectra_axis.set_title(f"spectra of {reference.layer}")
+    image = None
+    for axis, label, report in zip(heatmap_axes, labels[1:], reports, strict=True):
+        phi = report.phi_matrix.numpy()
+        rank_a, rank_b = phi.shape
+        image = axis.imshow(
+            phi, origin="lower", vmin=0, vmax=1, cmap="viridis", extent=(0.5, rank_b + 0.5, 0.5, rank_a + 0.5)
+        )
+        axis.set_xlabel(f"j (right singular vectors of {label})")
+        axis.set_ylabel(f"i (of {labels[0]})")
+        axis.set_title(label)
+    for axis in flat[panels:]:
+        axis.set_visible(False)
+    figure.colorbar(image, ax=heatmap_axes, label="phi(i, j), one scale for every panel")
+    figure.suptitle(
+        f"subspace similarity phi(i, j) of {reference.layer}'s top right singular vectors with {labels[0]}'s"
+    )
+    return figure
+
+
+def plot_comparison_series(reports: Sequence[CompareReport], labels: Sequence[str], path: Path) -> None:
+    """`lip compare REF B C ... --plot`: the figure of `comparison_series_figure`, saved as a PNG."""
+    _save(comparison_series_figure(reports, labels), path)
 
 
 def plot_k_curve(curve: list[dict[str, float]], path: Path, title: str) -> None:
@@ -100,4 +175,3 @@ def plot_k_curve(curve: list[dict[str, float]], path: Path, title: str) -> None:
     axis.legend()
     axis.set_title(title)
     _save(figure, path)
-    plt.close(figure)

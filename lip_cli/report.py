@@ -284,6 +284,31 @@ def render_demo(result: Any) -> None:
     )
 
 
+def render_demo_series(results: Sequence[Any]) -> None:
+    """`lip demo --noise 0,0.2,...`: a line per model, and the analysis to run on them."""
+    console = stderr()
+    settings = results[0].settings
+    console.print(
+        f"made a {settings.classes}-class problem and trained a small MLP on it ({settings.train_samples:,} "
+        f"samples, classifier layer `fc`, {settings.width} features) at {len(results)} label-noise rates:"
+    )
+    table = Table()
+    for column in ("noise", "folder", "accuracy on its noisy labels", "on clean val labels"):
+        table.add_column(column, justify="left" if column == "folder" else "right")
+    for result in results:
+        table.add_row(
+            f"{result.settings.noise_rate:.0%}",
+            str(result.folder),
+            _percent(result.train_accuracy_noisy),
+            _percent(result.val_accuracy),
+        )
+    console.print(table)
+    models = " ".join(str(result.folder / "model.pt") for result in results)
+    console.print("next:")
+    console.print(f"  lip inspect {models} --layer fc --plot spectra.png", soft_wrap=True)
+    console.print(f"  lip compare {models} --plot phi.png", soft_wrap=True)
+
+
 def _classifier_mark(is_classifier: bool) -> str:
     return "[bold green]◀ classifier[/]" if is_classifier else ""
 
@@ -301,39 +326,64 @@ def render_provenance(record: dict | None) -> None:
     )
 
 
+_STATISTICS = ("shape", "rank", "‖W‖₂", "stable\nrank", "eff.\nrank", "top-10%\nenergy")
+
+
+def _statistics_table(title: str, leading: Sequence[str], trailing: Sequence[str] = ()) -> Table:
+    """A table of spectral statistics that fits 80 columns: the leading (name) column folds, numbers
+    never wrap."""
+    table = Table(title=title, title_justify="left")
+    for index, column in enumerate(leading):
+        table.add_column(column, overflow="fold", no_wrap=index > 0)
+    for column in (*_STATISTICS, *trailing):
+        table.add_column(column, justify="right", no_wrap=True)
+    return table
+
+
+def _statistics_cells(spectrum: Any) -> list[str]:
+    return [
+        spectrum.shape_text,
+        str(spectrum.rank),
+        f"{spectrum.spectral_norm:.4g}",
+        f"{spectrum.stable_rank:.2f}",
+        f"{spectrum.effective_rank:.2f}",
+        _percent(spectrum.top_energy),
+    ]
+
+
 def render_inspect(report: Any) -> None:
     render_provenance(report.provenance)
-    table = Table(title=f"2-D weights of {report.checkpoint}", title_justify="left")
-    for column in (
-        "layer",
-        "shape",
-        "dtype",
-        "rank",
-        "‖W‖₂",
-        "stable rank",
-        "eff. rank",
-        "top-10% energy",
-        "",
-    ):
-        table.add_column(column, justify="left" if column in ("layer", "dtype", "") else "right")
+    table = _statistics_table(f"2-D weights of {report.checkpoint}", ("layer", "dtype"))
     for layer in report.layers:
-        table.add_row(
-            layer.name,
-            f"{layer.shape[0]}x{layer.shape[1]}",
-            layer.dtype,
-            str(layer.rank),
-            f"{layer.spectral_norm:.4g}",
-            f"{layer.stable_rank:.2f}",
-            f"{layer.effective_rank:.2f}",
-            _percent(layer.top_energy),
-            _classifier_mark(layer.is_classifier),
-        )
+        name = f"{layer.name} [bold green]◀[/]" if layer.is_classifier else layer.name
+        table.add_row(name, layer.dtype, *_statistics_cells(layer))
     console = stderr()
     console.print(table)
     console.print(
-        f"[dim]not shown: {report.other_tensors} other tensors (biases, norms, convolutions, buffers); "
-        "marked: the last 2-D weight[/]"
+        f"[dim]◀ the likely classifier; not shown: {report.other_tensors} other tensors (biases, norms, "
+        "convolutions, buffers)[/]"
     )
+
+
+def render_series(series: Any) -> None:
+    """`lip inspect A B C ...`: a row per checkpoint for one layer."""
+    first = series.layers[0].spectrum
+    table = _statistics_table(
+        f"`{series.layer}` ({first.dtype}) in {len(series.layers)} checkpoints",
+        ("checkpoint",),
+        ("k for\n90/95/99%",),
+    )
+    for label, layer in zip(series.labels, series.layers, strict=True):
+        spectrum = layer.spectrum
+        table.add_row(
+            label, *_statistics_cells(spectrum), "/".join(str(k) for k in spectrum.k_for_energy.values())
+        )
+    console = stderr()
+    for label, layer in zip(series.labels, series.layers, strict=True):
+        if layer.provenance:
+            console.print(f"[bold]{label}[/]:", end=" ")
+            render_provenance(layer.provenance)
+    console.print(table)
 
 
 def layer_summary_rows(spectrum: Any) -> Table:
@@ -446,6 +496,65 @@ def render_compare(report: Any) -> None:
     console.print(angles)
 
 
+def render_compare_series(reports: Sequence[Any], labels: Sequence[str]) -> None:
+    """`lip compare REF B C ...`: each checkpoint against the reference, one column per comparison."""
+    console = stderr()
+    reference, names = labels[0], labels[1:]
+    first = reports[0]
+    console.print(
+        f"[bold]{first.layer}[/] ({first.spectrum_a.shape_text}) against the reference "
+        f"[bold]{reference}[/] = {first.checkpoint_a}"
+    )
+    for name, report in zip(names, reports, strict=True):
+        console.print(f"  {name} = {report.checkpoint_b}", soft_wrap=True)
+    summary = _statistics_table("spectra", ("checkpoint",))
+    spectra = [first.spectrum_a, *(report.spectrum_b for report in reports)]
+    for name, spectrum in zip(labels, spectra, strict=True):
+        summary.add_row(name, *_statistics_cells(spectrum))
+    console.print(summary)
+
+    console.print(f"[bold]singular values[/] of {reference}, and each one's over them (B / A)")
+    ratios = Table()
+    ratios.add_column("i", justify="right")
+    ratios.add_column(reference, justify="right", overflow="fold")
+    for name in names:
+        ratios.add_column(name, justify="right", overflow="fold")
+    values = first.spectrum_a.singular_values
+    for index in spectrum_rows(len(values), 0, head=8, around=0, tail=4):
+        if index is None:
+            ratios.add_row("…", *([""] * (len(reports) + 1)))
+            continue
+        cells = [report.ratio[index] for report in reports]
+        ratios.add_row(
+            str(index + 1),
+            f"{values[index]:.4g}",
+            *("-" if cell is None else f"{cell:.3f}" for cell in cells),
+        )
+    console.print(ratios)
+
+    sizes = first.sizes
+    console.print(
+        "[bold]subspace similarity phi(k, k)[/] of the top-k right singular vectors with the "
+        "reference's (1 = same span)"
+    )
+    phi = [[f"{report.phi[index][index]:.3f}" for index in range(len(sizes))] for report in reports]
+    console.print(_by_size_table(names, sizes, phi))
+    console.print("[bold]largest principal angle[/] (degrees) between the top-k right singular subspaces")
+    angles = [[f"{report.largest_angle_degrees[k]:.2f}" for k in sizes] for report in reports]
+    console.print(_by_size_table(names, sizes, angles))
+
+
+def _by_size_table(names: Sequence[str], sizes: Sequence[int], columns: list[list[str]]) -> Table:
+    """A row per subspace size k, a column per comparison."""
+    table = Table()
+    table.add_column("k", justify="right")
+    for name in names:
+        table.add_column(name, justify="right", overflow="fold")
+    for index, k in enumerate(sizes):
+        table.add_row(str(k), *(column[index] for column in columns))
+    return table
+
+
 def spectrum_document(spectrum: Any, full: bool) -> dict[str, Any]:
     document = {
         "name": spectrum.name,
@@ -498,6 +607,26 @@ def compare_document(report: Any) -> dict[str, Any]:
             "values": report.phi,
         },
         "largest_principal_angle_degrees": {str(k): v for k, v in report.largest_angle_degrees.items()},
+    }
+
+
+def series_document(series: Any) -> dict[str, Any]:
+    """One entry per checkpoint, in order: its label and the fields of `lip inspect X --layer L`."""
+    return {
+        "layer": series.layer,
+        "checkpoints": [
+            {"label": label} | layer_document(report)
+            for label, report in zip(series.labels, series.layers, strict=True)
+        ],
+    }
+
+
+def compare_series_document(reports: Sequence[Any]) -> dict[str, Any]:
+    """One entry per comparison, in order, each the document of `lip compare REF X`."""
+    return {
+        "reference": str(reports[0].checkpoint_a),
+        "layer": reports[0].layer,
+        "comparisons": [compare_document(report) for report in reports],
     }
 
 
