@@ -661,9 +661,8 @@ def inspect_series(
         first = layers[0].spectrum if layers else report.spectrum
         if report.spectrum.shape != first.shape:
             raise LipError(
-                f"{path}: `{report.spectrum.name}` is {report.spectrum.shape_text} but "
-                f"`{first.name}` is {first.shape_text} in {paths[0]}; "
-                "a series compares layers of one shape"
+                f"`{first.name}` is {first.shape_text} in {paths[0]} but `{report.spectrum.name}` is "
+                f"{report.spectrum.shape_text} in {path}; only layers of the same shape compare"
             )
         layers.append(report)
         progress("spectra", index + 1, len(paths))

@@ -41,7 +41,7 @@ def test_inspect_table_of_every_2d_weight(tmp_path: Path, head) -> None:
     assert fc["top10_energy"] == pytest.approx(values[0] ** 2 / (values**2).sum(), rel=1e-6)
     assert document["other_tensors"] == 2
     human = run("inspect", paths["model"])
-    assert human.exit_code == 0 and "◀ classifier" in human.stderr and human.stdout == ""
+    assert human.exit_code == 0 and "fc ◀" in human.stderr and human.stdout == ""
 
 
 def test_inspect_layer_spectrum(tmp_path: Path, head) -> None:
