@@ -103,7 +103,7 @@ LayerOption = Annotated[
 PlotOption = Annotated[
     Path | None,
     typer.Option(
-        "--plot", help="Also save a PNG figure here (needs matplotlib: pip install 'lip-cli[plot]')."
+        "--plot", help="Also save a PNG figure here (needs matplotlib: pip install 'lip-cli\\[plot]')."
     ),
 ]
 ForceOption = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
@@ -312,7 +312,7 @@ def inspect(
         )
     if names and len(names) != len(checkpoints):
         raise usage_error(
-            f"given {len(names)} times for {len(checkpoints)} checkpoints; give one each", "--label"
+            f"{len(names)} given for {len(checkpoints)} checkpoints; give one per checkpoint", "--label"
         )
     with user_errors():
         from lip_cli import files, jobs, plots, report
@@ -368,17 +368,29 @@ def compare(
         str | None,
         typer.Option("--layer", help="Layer to compare (default: the last 2-D weight of the reference)."),
     ] = None,
+    names: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--label",
+            help="Name of the reference, then of each checkpoint, in the tables, the figure and the JSON; "
+            "repeat it, in order (default: the file stems).",
+        ),
+    ] = None,
     plot: PlotOption = None,
     force: ForceOption = False,
     json_output: JsonOption = False,
 ) -> None:
     """Compare one layer against a reference: spectra, subspace similarity phi(i, j), principal angles."""
+    if names and len(names) != len(checkpoints) + 1:
+        raise usage_error(
+            f"{len(names)} given for {len(checkpoints) + 1} checkpoints; give one per checkpoint", "--label"
+        )
     with user_errors():
         from lip_cli import files, jobs, plots, report
 
         if plot is not None:
             files.check_output(plot, [reference, *checkpoints], force)
-        if len(checkpoints) == 1:
+        if len(checkpoints) == 1 and not names:
             result = jobs.compare_checkpoints(reference, checkpoints[0], layer)
             if plot is not None:
                 plots.plot_comparison(result, plot)
@@ -389,11 +401,11 @@ def compare(
             return
         with report.progress_bar(enabled=not json_output) as progress:
             results = jobs.compare_series(reference, checkpoints, layer, progress)
-        names = jobs.series_labels([reference, *checkpoints])
+        names = jobs.series_labels([reference, *checkpoints], names or ())
         if plot is not None:
             plots.plot_comparison_series(results, names, plot)
         if json_output:
-            report.print_json(report.compare_series_document(results))
+            report.print_json(report.compare_series_document(results, names))
         else:
             report.render_compare_series(results, names)
 

@@ -621,10 +621,11 @@ def series_document(series: Any) -> dict[str, Any]:
     }
 
 
-def compare_series_document(reports: Sequence[Any]) -> dict[str, Any]:
+def compare_series_document(reports: Sequence[Any], labels: Sequence[str]) -> dict[str, Any]:
     """One entry per comparison, in order, each the document of `lip compare REF X`."""
     return {
         "reference": str(reports[0].checkpoint_a),
+        "labels": list(labels),
         "layer": reports[0].layer,
         "comparisons": [compare_document(report) for report in reports],
     }

@@ -79,7 +79,7 @@ def test_labels_name_the_series(tmp_path: Path) -> None:
     rows = [line for line in human.stderr.splitlines() if line.startswith("│")]
     assert [row.split("│")[1].strip() for row in rows] == names
     wrong = run("inspect", *paths, "--label", "only-one")
-    assert wrong.exit_code == 2 and "given 1 times for 3 checkpoints" in wrong.output
+    assert wrong.exit_code == 2 and "1 given for 3 checkpoints" in wrong.output
 
 
 @pytest.mark.parametrize(
@@ -140,7 +140,7 @@ def test_compare_series_json_is_the_pair_json_per_entry(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     document = json.loads(result.stdout)
     assert document["reference"] == str(reference) and document["layer"] == "fc"
-    assert len(document["comparisons"]) == 3
+    assert len(document["comparisons"]) == 3 and document["labels"] == ["p0", "p1", "p2", "p3"]
     for other, entry in zip(others, document["comparisons"], strict=True):
         assert entry == json.loads(run("compare", reference, other, "--json").stdout)
     human = run("compare", reference, *others)
@@ -148,6 +148,16 @@ def test_compare_series_json_is_the_pair_json_per_entry(tmp_path: Path) -> None:
     assert "largest principal angle" in human.stderr and "p3" in human.stderr
     alone = run("compare", reference)
     assert alone.exit_code == 2
+    names = ["clean", "a", "b", "c"]
+    labelled = run(
+        "compare", reference, *others, *[part for name in names for part in ("--label", name)], "--json"
+    )
+    assert json.loads(labelled.stdout)["labels"] == names
+    assert json.loads(labelled.stdout)["comparisons"] == document["comparisons"]
+    pair = json.loads(run("compare", reference, others[0], "--label", "x", "--label", "y", "--json").stdout)
+    assert pair["labels"] == ["x", "y"] and pair["comparisons"] == document["comparisons"][:1]
+    wrong = run("compare", reference, *others, "--label", "x")
+    assert wrong.exit_code == 2 and "1 given for 4 checkpoints" in wrong.output
 
 
 def test_series_figure_has_a_line_per_checkpoint(tmp_path: Path) -> None:
