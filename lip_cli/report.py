@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -309,10 +310,6 @@ def render_demo_series(results: Sequence[Any]) -> None:
     console.print(f"  lip compare {models} --plot phi.png", soft_wrap=True)
 
 
-def _classifier_mark(is_classifier: bool) -> str:
-    return "[bold green]◀ classifier[/]" if is_classifier else ""
-
-
 def render_provenance(record: dict | None) -> None:
     if not record:
         return
@@ -355,7 +352,7 @@ def render_inspect(report: Any) -> None:
     render_provenance(report.provenance)
     table = _statistics_table(f"2-D weights of {report.checkpoint}", ("layer", "dtype"))
     for layer in report.layers:
-        name = f"{layer.name} [bold green]◀[/]" if layer.is_classifier else layer.name
+        name = escape(layer.name) + (" [bold green]◀[/]" if layer.is_classifier else "")
         table.add_row(name, layer.dtype, *_statistics_cells(layer))
     console = stderr()
     console.print(table)
@@ -367,21 +364,23 @@ def render_inspect(report: Any) -> None:
 
 def render_series(series: Any) -> None:
     """`lip inspect A B C ...`: a row per checkpoint for one layer."""
-    first = series.layers[0].spectrum
+    dtypes = ", ".join(sorted({layer.spectrum.dtype for layer in series.layers}))
     table = _statistics_table(
-        f"`{series.layer}` ({first.dtype}) in {len(series.layers)} checkpoints",
+        f"`{series.layer}` ({dtypes}) in {len(series.layers)} checkpoints",
         ("checkpoint",),
         ("k for\n90/95/99%",),
     )
     for label, layer in zip(series.labels, series.layers, strict=True):
         spectrum = layer.spectrum
         table.add_row(
-            label, *_statistics_cells(spectrum), "/".join(str(k) for k in spectrum.k_for_energy.values())
+            escape(label),
+            *_statistics_cells(spectrum),
+            "/".join(str(k) for k in spectrum.k_for_energy.values()),
         )
     console = stderr()
     for label, layer in zip(series.labels, series.layers, strict=True):
         if layer.provenance:
-            console.print(f"[bold]{label}[/]:", end=" ")
+            console.print(f"[bold]{escape(label)}[/]:", end=" ")
             render_provenance(layer.provenance)
     console.print(table)
 
@@ -499,21 +498,22 @@ def render_compare(report: Any) -> None:
 def render_compare_series(reports: Sequence[Any], labels: Sequence[str]) -> None:
     """`lip compare REF B C ...`: each checkpoint against the reference, one column per comparison."""
     console = stderr()
+    labels = [escape(label) for label in labels]
     reference, names = labels[0], labels[1:]
     first = reports[0]
     console.print(
-        f"[bold]{first.layer}[/] ({first.spectrum_a.shape_text}) against the reference "
-        f"[bold]{reference}[/] = {first.checkpoint_a}"
+        f"[bold]{escape(first.layer)}[/] ({first.spectrum_a.shape_text}) against the reference "
+        f"[bold]{reference}[/] = {escape(str(first.checkpoint_a))}"
     )
     for name, report in zip(names, reports, strict=True):
-        console.print(f"  {name} = {report.checkpoint_b}", soft_wrap=True)
+        console.print(f"  {name} = {escape(str(report.checkpoint_b))}", soft_wrap=True)
     summary = _statistics_table("spectra", ("checkpoint",))
     spectra = [first.spectrum_a, *(report.spectrum_b for report in reports)]
     for name, spectrum in zip(labels, spectra, strict=True):
         summary.add_row(name, *_statistics_cells(spectrum))
     console.print(summary)
 
-    console.print(f"[bold]singular values[/] of {reference}, and each one's over them (B / A)")
+    console.print(f"[bold]singular values[/] of {reference}, then each checkpoint's over them (B / A)")
     ratios = Table()
     ratios.add_column("i", justify="right")
     ratios.add_column(reference, justify="right", overflow="fold")

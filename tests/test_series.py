@@ -70,7 +70,7 @@ def test_one_checkpoint_keeps_its_documents(tmp_path: Path) -> None:
 
 def test_labels_name_the_series(tmp_path: Path) -> None:
     paths = write_series(tmp_path)
-    names = ["p=0", "p=0.2", "p=0.4"]
+    names = ["p=0", "[bold]p=0.2", "p=0.4"]  # markup in a label is shown as written
     options = [part for name in names for part in ("--label", name)]
     document = json.loads(run("inspect", *paths, *options, "--json").stdout)
     assert [entry["label"] for entry in document["checkpoints"]] == names
@@ -148,11 +148,11 @@ def test_compare_series_json_is_the_pair_json_per_entry(tmp_path: Path) -> None:
     assert "largest principal angle" in human.stderr and "p3" in human.stderr
     alone = run("compare", reference)
     assert alone.exit_code == 2
-    names = ["clean", "a", "b", "c"]
-    labelled = run(
-        "compare", reference, *others, *[part for name in names for part in ("--label", name)], "--json"
-    )
+    names = ["clean", "[red]a", "b", "c"]
+    options = [part for name in names for part in ("--label", name)]
+    labelled = run("compare", reference, *others, *options, "--json")
     assert json.loads(labelled.stdout)["labels"] == names
+    assert "[red]a" in run("compare", reference, *others, *options).stderr
     assert json.loads(labelled.stdout)["comparisons"] == document["comparisons"]
     pair = json.loads(run("compare", reference, others[0], "--label", "x", "--label", "y", "--json").stdout)
     assert pair["labels"] == ["x", "y"] and pair["comparisons"] == document["comparisons"][:1]
