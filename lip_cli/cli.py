@@ -268,7 +268,7 @@ def inspect(
         typer.Option(
             "--layer",
             help="Show this layer's full spectrum instead of the table of all 2-D weights. With several "
-            "checkpoints: the layer to show (default: each one's likely classifier).",
+            "checkpoints: the layer to show (default: the first one's likely classifier).",
         ),
     ] = None,
     top: Annotated[int, typer.Option("--top", min=1, help="Singular values listed in the layer view.")] = 20,

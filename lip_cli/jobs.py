@@ -649,7 +649,8 @@ def inspect_series(
     labels: Sequence[str] = (),
     progress: Progress = _no_progress,
 ) -> SeriesReport:
-    """The spectrum of one layer in each checkpoint: `layer_name`, else each one's likely classifier.
+    """The spectrum of one layer in each checkpoint: `layer_name`, else the likely classifier of the
+    first checkpoint, found by its name in the others.
 
     Every layer must have the shape of the first one; a checkpoint that fails (unreadable, no such
     layer, another shape) fails the whole series with its name.
@@ -657,7 +658,7 @@ def inspect_series(
     names = series_labels(paths, labels)
     layers: list[LayerReport] = []
     for index, path in enumerate(paths):
-        report = inspect_layer(path, layer_name)
+        report = inspect_layer(path, layer_name or (layers[0].spectrum.name if layers else None))
         first = layers[0].spectrum if layers else report.spectrum
         if report.spectrum.shape != first.shape:
             raise LipError(

@@ -246,3 +246,15 @@ def test_demo_noise_option(tmp_path: Path) -> None:
         result = run("demo", tmp_path / "demo", "--noise", bad)
         assert result.exit_code == 2, (bad, result.output)
     assert not (tmp_path / "demo").exists()
+
+
+def test_default_layer_is_the_first_ones_classifier_by_name(tmp_path: Path) -> None:
+    first, second = write_series(tmp_path, count=2)
+    state = torch.load(second, weights_only=True)
+    state["head.weight"] = torch.randn(6, 12)  # second's own likely classifier would be `head`
+    torch.save(state, second)
+    document = json.loads(run("inspect", first, second, "--json").stdout)
+    assert [entry["layer"]["name"] for entry in document["checkpoints"]] == ["fc", "fc"]
+    assert json.loads(run("inspect", second, "--layer", "fc", "--json").stdout) == without_label(
+        document["checkpoints"][1]
+    )
