@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_head, save_problem
 from typer.testing import CliRunner
 
 from lip_cli import jobs
@@ -214,7 +215,14 @@ def table_lines(text: str) -> list[str]:
 
 def test_inspect_tables_fit_80_columns(tmp_path: Path) -> None:
     paths = write_series(tmp_path)
-    for args in (["inspect", paths[0]], ["inspect", *paths], ["inspect", paths[0], "--layer", "fc"]):
+    (tmp_path / "fitted").mkdir()
+    fitted = save_problem(tmp_path / "fitted", make_head())
+    for args in (
+        ["inspect", paths[0]],
+        ["inspect", *paths],
+        ["inspect", paths[0], "--layer", "fc"],
+        ["inspect", fitted["model"], "--features", fitted["features"]],
+    ):
         wide = run(*args)
         result = run(*args, terminal=narrow)
         assert result.exit_code == 0, result.output
