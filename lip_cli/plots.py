@@ -34,6 +34,12 @@ def _save(figure: Any, path: Path) -> None:
         _pyplot().close(figure)
 
 
+def _plain(label: str) -> str:
+    """A name as matplotlib should show it: no mathtext from `$`, and not hidden for a leading `_`."""
+    text = label.replace("$", r"\$")
+    return " " + text if text.startswith("_") else text
+
+
 def _spectrum_axes(
     axis: Any, values: list[float], label: str, color: str | None, normalize: bool = False
 ) -> None:
@@ -99,7 +105,7 @@ def series_figure(series: SeriesReport, normalize: bool = False) -> Any:
     plt = _pyplot()
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6), layout="constrained")
     first = series.layers[0].spectrum
-    for label, report in zip(series.labels, series.layers, strict=True):
+    for label, report in zip(map(_plain, series.labels), series.layers, strict=True):
         values = report.spectrum.singular_values
         _spectrum_axes(left, values, label, None, normalize)
         energy = report.spectrum.cumulative_energy
@@ -123,6 +129,7 @@ def plot_series(series: SeriesReport, path: Path, normalize: bool = False) -> No
 def comparison_series_figure(reports: Sequence[CompareReport], labels: Sequence[str]) -> Any:
     """The spectra, then one phi(i, j) heatmap per comparison on one colour scale (0 to 1)."""
     plt = _pyplot()
+    labels = [_plain(label) for label in labels]
     panels = len(reports) + 1
     columns = min(panels, 3)
     rows = -(-panels // columns)

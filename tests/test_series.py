@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -178,6 +179,11 @@ def test_series_figure_has_a_line_per_checkpoint(tmp_path: Path) -> None:
             expected = values / values[0] if normalize else values
             np.testing.assert_allclose(line.get_ydata(), expected, rtol=1e-12)
         plots._pyplot().close(figure)
+    odd = jobs.inspect_series(paths, "fc", ["_hidden", "$\\notacommand$", "p=5$"])
+    figure = plots.series_figure(odd)
+    assert len(figure.axes[0].get_legend().get_texts()) == 3
+    figure.savefig(io.BytesIO(), format="png")  # no mathtext error
+    plots._pyplot().close(figure)
 
 
 def test_comparison_figure_has_a_heatmap_per_comparison_on_one_scale(tmp_path: Path) -> None:
