@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_head, save_problem
+from hypothesis import given
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from lip_cli import jobs
@@ -95,6 +97,17 @@ def test_labels_name_the_series(tmp_path: Path) -> None:
 )
 def test_default_labels_are_unique_stems(paths: list[str], names: list[str]) -> None:
     assert jobs.series_labels([Path(path) for path in paths]) == names
+
+
+@given(st.lists(st.lists(st.sampled_from(["a", "b", "model"]), min_size=1, max_size=3), max_size=6))
+def test_default_labels_are_unique_path_endings(parts: list[list[str]]) -> None:
+    paths = [Path(*names).with_suffix(".pt") for names in parts]
+    labels = jobs.series_labels(paths)
+    assert len(set(labels)) == len(labels)
+    for names, label in zip(parts, labels, strict=True):
+        ending = label.split(" (")[0]
+        assert "/".join(names).endswith(ending) and ending.endswith(names[-1])
+        assert ("(" in label) == (parts.count(names) > 1)  # numbered only when given twice
 
 
 def test_default_labels_of_model_pt_in_two_folders(tmp_path: Path) -> None:
