@@ -12,6 +12,7 @@ import glob
 import mmap
 import os
 import pickle
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,6 +23,9 @@ import torch
 from torch import Tensor
 
 from lip_cli.errors import LipError, first_line
+
+# torch.load rebuilding a quantized tensor prints deprecation notices; lip refuses it in one line instead
+warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\._utils")
 
 FEATURE_KEYS = ("features", "feats", "embeddings", "x", "X")
 LABEL_KEYS = ("labels", "targets", "label", "y", "Y")
