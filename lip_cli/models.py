@@ -88,6 +88,11 @@ def build_model(spec: str, checkpoint_path: Path) -> BuiltModel:
             raise LipError(
                 f"--model {spec}: not a Hugging Face model folder ({first_line(error)})"
             ) from error
+        except RuntimeError as error:  # transformers refuses weights whose shapes differ from the config
+            raise LipError(
+                f"{checkpoint_path}: its weights do not fit its config.json (some shapes differ, e.g. the "
+                "number of labels); fix config.json or pass the matching folder"
+            ) from error
         config.num_labels = classes
         model = auto.from_config(config)
     else:

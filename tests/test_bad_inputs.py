@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import os
 import warnings
 import zipfile
 from pathlib import Path
@@ -66,6 +68,10 @@ def test_labels_that_overflow_the_sums(tmp_path: Path, problem) -> None:
         "--k", 3, "-o", tmp_path / "out.pt", named=("huge.npy", "labels are too large"),
     )  # fmt: skip
     assert "NaN" not in message
+    refuses(
+        tmp_path, "inspect", problem["model"], "--layer", "fc", "-f", problem["features"],
+        "--labels", tmp_path / "huge.npy", named=("huge.npy", "labels are too large"),
+    )  # fmt: skip
 
 
 def test_features_that_overflow_float32_are_not_unexcited(tmp_path: Path, problem) -> None:
@@ -252,6 +258,23 @@ def test_weights_that_are_not_dense_real_floats(tmp_path: Path, problem, kind: s
     refuses(tmp_path, *args, named=("odd.pt", "fc.weight", word))
 
 
+def test_a_real_process_prints_one_line_for_a_quantized_weight(tmp_path: Path) -> None:
+    """torch's own deprecation notices while loading quantized tensors are not shown."""
+    import subprocess
+    import sys
+
+    torch.save({"fc.weight": odd_weights()["quantized"]}, tmp_path / "odd.pt")
+    command = [sys.executable, "-m", "lip_cli", "inspect", str(tmp_path / "odd.pt")]
+    process = subprocess.run(
+        command, capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "400"}
+    )
+    assert process.returncode == 1
+    assert process.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'odd.pt'}: `fc.weight` is a quantized tensor (torch.qint8); save "
+        "tensor.dequantize() instead"
+    ]
+
+
 def test_empty_layer_with_empty_features(tmp_path: Path) -> None:
     torch.save({"fc.weight": torch.zeros(10, 0)}, tmp_path / "empty.pt")
     np.save(tmp_path / "features.npy", np.zeros((200, 0), dtype=np.float32))
@@ -366,26 +389,42 @@ def test_features_checkpoint_missing_the_backbone(tmp_path: Path, factory) -> No
     )  # fmt: skip
 
 
-def test_features_hf_folder_holding_only_the_head(tmp_path: Path, factory) -> None:
+@pytest.fixture
+def vit(tmp_path: Path, factory) -> tuple[Path, list[object]]:
+    """A tiny Hugging Face ViT folder and the `lip features` arguments that read it as hf:DIR."""
     transformers = pytest.importorskip("transformers")
-    from safetensors.torch import load_file
-
     config = transformers.ViTConfig(
         image_size=8, patch_size=4, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
         intermediate_size=16, num_labels=3,
     )  # fmt: skip
     transformers.ViTForImageClassification(config).save_pretrained(tmp_path / "vit")
-    weights = load_file(tmp_path / "vit" / "model.safetensors")
-    head = {key: value for key, value in weights.items() if key.startswith("classifier.")}
-    save_file(head, str(tmp_path / "vit" / "model.safetensors"), metadata={"format": "pt"})
     np.save(tmp_path / "images.npy", np.zeros((4, 3, 8, 8), dtype=np.float32))
     np.save(tmp_path / "image_labels.npy", np.arange(4) % 3)
     args = features_args(
         factory, checkpoint=tmp_path / "vit", model=f"hf:{tmp_path / 'vit'}",
         inputs=tmp_path / "images.npy", labels=tmp_path / "image_labels.npy",
     )  # fmt: skip
+    return tmp_path / "vit", args
+
+
+def test_features_hf_folder_holding_only_the_head(tmp_path: Path, vit) -> None:
+    from safetensors.torch import load_file
+
+    folder, args = vit
+    weights = load_file(folder / "model.safetensors")
+    head = {key: value for key, value in weights.items() if key.startswith("classifier.")}
+    save_file(head, str(folder / "model.safetensors"), metadata={"format": "pt"})
     message = refuses(tmp_path, *args, named=("vit", "weights missing", "vit.embeddings"))
     assert f"{len(weights) - len(head)} weights missing" in message
+
+
+def test_features_hf_folder_whose_config_does_not_fit(tmp_path: Path, vit) -> None:
+    folder, args = vit
+    config = json.loads((folder / "config.json").read_text())
+    config["id2label"] = {str(i): f"class {i}" for i in range(5)}  # the head has 3
+    config["label2id"] = {f"class {i}": i for i in range(5)}
+    (folder / "config.json").write_text(json.dumps(config))
+    refuses(tmp_path, *args, named=("vit", "config.json"))
 
 
 @pytest.mark.parametrize(
