@@ -145,16 +145,15 @@ def collect_features(
 
 def _finite_block(features: Tensor, dtype: str, name: str) -> np.ndarray:
     """A batch of features in the cache's dtype, refused if any value is or becomes NaN or Inf."""
-    values = features.float().cpu().numpy()
-    if not np.isfinite(values).all():
+    if not bool(torch.isfinite(features).all()):
         raise LipError(f"`{name}` receives NaN or Inf values from the model; nothing written")
     with np.errstate(over="ignore"):  # overflow is reported below, as a LipError
-        block = values.astype(OUTPUT_DTYPES[dtype])
+        block = features.float().cpu().numpy().astype(OUTPUT_DTYPES[dtype])
     if not np.isfinite(block).all():
-        largest = float(np.abs(values).max())
+        fix = "use --dtype float32" if dtype != "float32" else "rescale the model's activations"
         raise LipError(
-            f"`{name}` receives values up to {largest:.4g}, beyond the range of {dtype} "
-            f"({float(np.finfo(OUTPUT_DTYPES[dtype]).max):.4g}); use --dtype float32. Nothing written"
+            f"`{name}` receives values up to {float(features.abs().max()):.4g}, beyond the range of "
+            f"{dtype} ({float(np.finfo(OUTPUT_DTYPES[dtype]).max):.4g}); {fix}. Nothing written"
         )
     return block
 

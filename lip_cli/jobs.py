@@ -132,7 +132,7 @@ def _check_statistics(stats: lip.LapStatistics, data: LabelledFeatures) -> None:
         raise LipError(f"{data.features.name}: the features are too large: their LAP sums overflow float64")
     if not all(bool(torch.isfinite(value).all()) for value in stats.sums.values()):
         raise LipError(
-            f"{data.labels.name}: the labels are too large: their LAP sums overflow float64; "
+            f"{data.labels.name}: the labels are too large: their LAP sums overflow; "
             "use class ids or 0/1 targets"
         )
 

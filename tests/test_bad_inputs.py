@@ -380,6 +380,13 @@ def test_features_float16_overflow(tmp_path: Path, factory) -> None:
     assert run(*features_args(factory, checkpoint=tmp_path / "loud.pt")).exit_code == 0
 
 
+def test_features_nan_activations(tmp_path: Path, factory) -> None:
+    state = torch.load(factory["checkpoint"], weights_only=True)
+    state["body.1.bias"][0] = float("nan")
+    torch.save(state, tmp_path / "nan.pt")
+    refuses(tmp_path, *features_args(factory, checkpoint=tmp_path / "nan.pt"), named=("`head`", "NaN"))
+
+
 def test_features_checkpoint_missing_the_backbone(tmp_path: Path, factory) -> None:
     state = torch.load(factory["checkpoint"], weights_only=True)
     torch.save({key: value for key, value in state.items() if key.startswith("head.")}, tmp_path / "head.pt")
