@@ -57,7 +57,7 @@ def collect_features(
     device: str | torch.device = "cpu",
     progress: Callable[[int], None] | None = None,
     force: bool = False,
-    inputs_name: str = "the inputs",
+    inputs_name: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray] | tuple[Path, Path]:
     """Run `model` over `batches` of (inputs, labels) and keep what its classifier layer receives.
 
@@ -68,7 +68,8 @@ def collect_features(
     torch.distributed each process writes its own pair of shards (`feats.part-00000.npy`,
     `labels.part-00000.npy`) for `lip repair -f 'feats.part-*.npy' --labels 'labels.part-*.npy'`.
     Nothing non-finite is kept: activations that are NaN, Inf or beyond the range of `dtype` fail the
-    run. `inputs_name` names the data in the error of a model that cannot run on it.
+    run. With `inputs_name` (the command line's data), a model that cannot run on a batch is a
+    LipError naming it; otherwise the model's own exception propagates.
     """
     if dtype not in OUTPUT_DTYPES:
         raise LipError(f"dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {dtype}")
@@ -99,6 +100,8 @@ def collect_features(
                     try:
                         model(inputs.to(device))
                     except (RuntimeError, ValueError, TypeError, IndexError) as error:
+                        if inputs_name is None:
+                            raise
                         raise LipError(
                             f"{inputs_name}: the model cannot run on a batch of shape "
                             f"{tuple(inputs.shape)} ({first_line(error)}); are these the model's inputs?"
