@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_head, save_problem
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
@@ -213,6 +215,35 @@ def test_unsigned_labels_inside_safetensors(tmp_path: Path, problem) -> None:
     assert reference.exit_code == 0, reference.output
     a, b = (torch.load(tmp_path / name, weights_only=True)["fc.weight"] for name in ("a.pt", "b.pt"))
     assert torch.equal(a, b)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    dtype=st.sampled_from([np.uint16, np.uint32, np.uint64]),
+    values=st.lists(st.integers(0, 2**64 - 1), min_size=1, max_size=20),
+    suffix=st.sampled_from([".npy", ".npz", ".safetensors"]),
+)
+def test_unsigned_labels_read_as_their_values(tmp_path: Path, dtype, values: list[int], suffix: str) -> None:
+    """Every unsigned id that fits int64 reads as itself, in every format; larger ones are refused."""
+    from lip_cli import arrays
+    from lip_cli.errors import LipError
+
+    limit = np.iinfo(dtype).max
+    labels = np.array([value % (int(limit) + 1) for value in values], dtype=dtype)
+    path = tmp_path / f"labels{suffix}"
+    if suffix == ".npy":
+        np.save(path, labels)
+    elif suffix == ".npz":
+        np.savez(path, labels=labels)
+    else:
+        save_file({"labels": torch.from_numpy(labels)}, str(path))
+    source = arrays.open_labels(path)
+    assert source.dtype == torch.int64
+    if int(labels.max()) > np.iinfo(np.int64).max:
+        with pytest.raises(LipError, match="larger than any class id"):
+            source.read()
+    else:
+        assert source.read().tolist() == [int(value) for value in labels]
 
 
 @pytest.mark.parametrize("shape", ["ids", "matrix"])
