@@ -88,6 +88,7 @@ def _classifier_for(
     for data in (train, val):
         if data is not None:
             arrays.check_labels(data.labels, data.features, layer.out_features)
+    _refuse_empty(model, layer)
     weight, bias = _layer_tensors(model, layer)
     return layer, weight, bias
 
@@ -112,9 +113,13 @@ def _layer_tensors(
                 "convert the layer to floating point first"
             )
         _finite_or_fail(tensor, where)
-    if 0 in weight.shape:
-        raise LipError(f"{model.path}: `{layer.weight_key}` is {layer.shape_text}: an empty layer")
     return weight, bias
+
+
+def _refuse_empty(model: checkpoint.Checkpoint, layer: checkpoint.LinearLayer) -> None:
+    """A layer with no inputs or no classes has no spectrum to repair or compare."""
+    if layer.out_features == 0 or layer.in_features == 0:
+        raise LipError(f"{model.path}: `{layer.weight_key}` is {layer.shape_text}: an empty layer")
 
 
 def _check_statistics(stats: lip.LapStatistics, data: LabelledFeatures) -> None:
@@ -692,6 +697,7 @@ def compare_checkpoints(a: Path, b: Path, layer_name: str | None = None) -> Comp
             f"`{layer_a.name}` is {layer_a.shape_text} in {a} but {layer_b.shape_text} in {b}; "
             "only layers of the same shape compare"
         )
+    _refuse_empty(model_a, layer_a)
     weight_a, _ = _layer_tensors(model_a, layer_a)
     weight_b, _ = _layer_tensors(model_b, layer_b)
     v_a, v_b = spectra.right_singular_vectors(weight_a), spectra.right_singular_vectors(weight_b)

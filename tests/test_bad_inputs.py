@@ -314,7 +314,9 @@ def test_empty_layer_with_empty_features(tmp_path: Path) -> None:
         tmp_path, "repair", tmp_path / "empty.pt", "-f", tmp_path / "features.npy", "--k", 0,
         "-o", tmp_path / "out.pt", named=("features.npy", "no columns"),
     )  # fmt: skip
-    refuses(tmp_path, "inspect", tmp_path / "empty.pt", named=("empty.pt", "10x0"))
+    refuses(tmp_path, "compare", tmp_path / "empty.pt", tmp_path / "empty.pt", named=("empty.pt", "10x0"))
+    shown = run("inspect", tmp_path / "empty.pt", "--json")  # an empty layer has an empty spectrum
+    assert shown.exit_code == 0 and json.loads(shown.stdout)["layers"][0]["shape"] == [10, 0]
 
 
 # item 10: provenance records and --seed
