@@ -37,8 +37,11 @@ def snapshot(folder: Path) -> dict[str, str]:
     }
 
 
-def assert_refused(result, folder: Path, before: dict[str, str], *named: str, code: int = 1) -> str:
-    """Exit `code`, one line on stderr naming `named`, nothing on stdout, no file added or changed."""
+def refuses(folder: Path, *args: object, named: tuple[str, ...] = (), code: int = 1) -> str:
+    """Run lip: exit `code`, one stderr line naming `named`, nothing on stdout, no file in `folder`
+    added or changed. Returns the line."""
+    before = snapshot(folder)
+    result = run(*args)
     assert result.exit_code == code, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -47,11 +50,6 @@ def assert_refused(result, folder: Path, before: dict[str, str], *named: str, co
         assert name in lines[0], lines[0]
     assert snapshot(folder) == before
     return lines[0]
-
-
-def refuses(folder: Path, *args: object, named: tuple[str, ...] = (), code: int = 1) -> str:
-    before = snapshot(folder)
-    return assert_refused(run(*args), folder, before, *named, code=code)
 
 
 @pytest.fixture
@@ -66,14 +64,32 @@ def test_labels_that_overflow_the_sums(tmp_path: Path, problem) -> None:
     labels = np.load(problem["labels"])
     np.save(tmp_path / "huge.npy", np.eye(10)[labels] * 1e308)
     message = refuses(
-        tmp_path, "repair", problem["model"], "-f", problem["features"], "--labels", tmp_path / "huge.npy",
-        "--k", 3, "-o", tmp_path / "out.pt", named=("huge.npy", "labels are too large"),
-    )  # fmt: skip
+        tmp_path,
+        "repair",
+        problem["model"],
+        "-f",
+        problem["features"],
+        "--labels",
+        tmp_path / "huge.npy",
+        "--k",
+        3,
+        "-o",
+        tmp_path / "out.pt",
+        named=("huge.npy", "labels are too large"),
+    )
     assert "NaN" not in message
     refuses(
-        tmp_path, "inspect", problem["model"], "--layer", "fc", "-f", problem["features"],
-        "--labels", tmp_path / "huge.npy", named=("huge.npy", "labels are too large"),
-    )  # fmt: skip
+        tmp_path,
+        "inspect",
+        problem["model"],
+        "--layer",
+        "fc",
+        "-f",
+        problem["features"],
+        "--labels",
+        tmp_path / "huge.npy",
+        named=("huge.npy", "labels are too large"),
+    )
 
 
 def test_features_that_overflow_float32_are_not_unexcited(tmp_path: Path, problem) -> None:
@@ -82,9 +98,14 @@ def test_features_that_overflow_float32_are_not_unexcited(tmp_path: Path, proble
     np.save(tmp_path / "big.npy", features)
     args = ("repair", problem["model"], "-f", tmp_path / "big.npy", "--labels", problem["labels"], "--k", 3)
     message = refuses(
-        tmp_path, *args, "--compute-dtype", "float32", "-o", tmp_path / "out.pt",
+        tmp_path,
+        *args,
+        "--compute-dtype",
+        "float32",
+        "-o",
+        tmp_path / "out.pt",
         named=("big.npy", "overflow float32", "--compute-dtype float64"),
-    )  # fmt: skip
+    )
     assert "excited" not in message
     fixed = run(*args, "--compute-dtype", "float64", "--dry-run")
     assert fixed.exit_code == 0, fixed.output
@@ -98,9 +119,19 @@ def test_repaired_weight_that_overflows_its_dtype(tmp_path: Path, problem) -> No
     torch.save(state, tmp_path / "half.pt")
     np.save(tmp_path / "tiny.npy", np.load(problem["features"]) * 1e-8)  # LAP's sigma grows as 1e8
     refuses(
-        tmp_path, "repair", tmp_path / "half.pt", "-f", tmp_path / "tiny.npy", "--labels", problem["labels"],
-        "--k", 0, "-o", tmp_path / "out.pt", named=("half.pt", "fc.weight", "overflows float16"),
-    )  # fmt: skip
+        tmp_path,
+        "repair",
+        tmp_path / "half.pt",
+        "-f",
+        tmp_path / "tiny.npy",
+        "--labels",
+        problem["labels"],
+        "--k",
+        0,
+        "-o",
+        tmp_path / "out.pt",
+        named=("half.pt", "fc.weight", "overflows float16"),
+    )
 
 
 # item 7: work bounded by what a file really holds
@@ -142,18 +173,38 @@ def test_npz_member_shorter_than_its_header(tmp_path: Path, problem) -> None:
     with zipfile.ZipFile(tmp_path / "lying.npz", "w") as archive:
         archive.writestr("features.npy", npy_bytes(features, (2**31, 12)))
     refuses(
-        tmp_path, "repair", problem["model"], "-f", tmp_path / "lying.npz", "--labels", problem["labels"],
-        "--k", 3, "-o", tmp_path / "out.pt", named=("lying.npz", "shorter than its header"),
-    )  # fmt: skip
+        tmp_path,
+        "repair",
+        problem["model"],
+        "-f",
+        tmp_path / "lying.npz",
+        "--labels",
+        problem["labels"],
+        "--k",
+        3,
+        "-o",
+        tmp_path / "out.pt",
+        named=("lying.npz", "shorter than its header"),
+    )
 
 
 def test_pt_tensor_with_zero_strides(tmp_path: Path, problem) -> None:
     torch.save({"features": torch.zeros(1, 12).expand(2**40, 12)}, tmp_path / "strided.pt")
     assert (tmp_path / "strided.pt").stat().st_size < 4096
     refuses(
-        tmp_path, "repair", problem["model"], "-f", tmp_path / "strided.pt", "--labels", problem["labels"],
-        "--k", 3, "-o", tmp_path / "out.pt", named=("strided.pt[features]", "storage holds 12"),
-    )  # fmt: skip
+        tmp_path,
+        "repair",
+        problem["model"],
+        "-f",
+        tmp_path / "strided.pt",
+        "--labels",
+        problem["labels"],
+        "--k",
+        3,
+        "-o",
+        tmp_path / "out.pt",
+        named=("strided.pt[features]", "storage holds 12"),
+    )
 
 
 def npy_bytes(array: np.ndarray, shape: tuple[int, ...]) -> bytes:
@@ -168,9 +219,19 @@ def npy_bytes(array: np.ndarray, shape: tuple[int, ...]) -> bytes:
 def test_npy_header_with_negative_rows(tmp_path: Path, problem) -> None:
     (tmp_path / "negative.npy").write_bytes(npy_bytes(np.load(problem["features"]), (-1, 12)))
     refuses(
-        tmp_path, "repair", problem["model"], "-f", tmp_path / "negative.npy", "--labels", problem["labels"],
-        "--k", 3, "-o", tmp_path / "out.pt", named=("negative.npy", "(-1, 12)"),
-    )  # fmt: skip
+        tmp_path,
+        "repair",
+        problem["model"],
+        "-f",
+        tmp_path / "negative.npy",
+        "--labels",
+        problem["labels"],
+        "--k",
+        3,
+        "-o",
+        tmp_path / "out.pt",
+        named=("negative.npy", "(-1, 12)"),
+    )
 
 
 def test_shard_header_with_negative_rows(tmp_path: Path, problem) -> None:
@@ -182,9 +243,19 @@ def test_shard_header_with_negative_rows(tmp_path: Path, problem) -> None:
     np.save(tmp_path / "labels" / "part-0.npy", labels[:100])
     np.save(tmp_path / "labels" / "part-1.npy", labels[100:])
     refuses(
-        tmp_path, "repair", problem["model"], "-f", tmp_path / "feats", "--labels", tmp_path / "labels",
-        "--k", 3, "-o", tmp_path / "out.pt", named=("part-1.npy", "negative"),
-    )  # fmt: skip
+        tmp_path,
+        "repair",
+        problem["model"],
+        "-f",
+        tmp_path / "feats",
+        "--labels",
+        tmp_path / "labels",
+        "--k",
+        3,
+        "-o",
+        tmp_path / "out.pt",
+        named=("part-1.npy", "negative"),
+    )
 
 
 # item 10 and low: labels in unsigned or complex types
@@ -252,9 +323,19 @@ def test_complex_labels(tmp_path: Path, problem, shape: str) -> None:
     values = labels if shape == "ids" else np.eye(10)[labels]
     np.save(tmp_path / "complex.npy", values.astype(np.complex64))
     refuses(
-        tmp_path, "repair", problem["model"], "-f", problem["features"], "--labels", tmp_path / "complex.npy",
-        "--k", 3, "-o", tmp_path / "out.pt", named=("complex.npy", "complex"),
-    )  # fmt: skip
+        tmp_path,
+        "repair",
+        problem["model"],
+        "-f",
+        problem["features"],
+        "--labels",
+        tmp_path / "complex.npy",
+        "--k",
+        3,
+        "-o",
+        tmp_path / "out.pt",
+        named=("complex.npy", "complex"),
+    )
 
 
 # item 10: weights lip cannot repair without losing information
@@ -311,9 +392,17 @@ def test_empty_layer_with_empty_features(tmp_path: Path) -> None:
     np.save(tmp_path / "features.npy", np.zeros((200, 0), dtype=np.float32))
     np.save(tmp_path / "labels.npy", np.arange(200) % 10)
     refuses(
-        tmp_path, "repair", tmp_path / "empty.pt", "-f", tmp_path / "features.npy", "--k", 0,
-        "-o", tmp_path / "out.pt", named=("features.npy", "no columns"),
-    )  # fmt: skip
+        tmp_path,
+        "repair",
+        tmp_path / "empty.pt",
+        "-f",
+        tmp_path / "features.npy",
+        "--k",
+        0,
+        "-o",
+        tmp_path / "out.pt",
+        named=("features.npy", "no columns"),
+    )
     refuses(tmp_path, "compare", tmp_path / "empty.pt", tmp_path / "empty.pt", named=("empty.pt", "10x0"))
     shown = run("inspect", tmp_path / "empty.pt", "--json")  # an empty layer has an empty spectrum
     assert shown.exit_code == 0 and json.loads(shown.stdout)["layers"][0]["shape"] == [10, 0]
@@ -338,9 +427,17 @@ def test_provenance_record_that_is_not_a_plain_object(
 def test_seed_beyond_64_bits_is_a_usage_error(tmp_path: Path, problem) -> None:
     before = snapshot(tmp_path)
     result = run(
-        "repair", problem["model"], "-f", problem["features"], "--k", "auto", "--seed", 2**70,
-        "-o", tmp_path / "out.pt",
-    )  # fmt: skip
+        "repair",
+        problem["model"],
+        "-f",
+        problem["features"],
+        "--k",
+        "auto",
+        "--seed",
+        2**70,
+        "-o",
+        tmp_path / "out.pt",
+    )
     assert result.exit_code == 2, result.output
     assert "--seed" in result.stderr and "Traceback" not in result.output
     assert snapshot(tmp_path) == before
@@ -396,9 +493,17 @@ def factory(tmp_path: Path, monkeypatch) -> dict[str, Path]:
 def features_args(setup: dict[str, Path], **changes: object) -> list[object]:
     values = {**setup, **changes}
     return [
-        "features", values["checkpoint"], "--model", values.get("model", "python:lipbad_models:make"),
-        "--data", values["inputs"], "--labels", values["labels"], "--out", values["out"],
-    ]  # fmt: skip
+        "features",
+        values["checkpoint"],
+        "--model",
+        values.get("model", "python:lipbad_models:make"),
+        "--data",
+        values["inputs"],
+        "--labels",
+        values["labels"],
+        "--out",
+        values["out"],
+    ]
 
 
 def test_features_float16_overflow(tmp_path: Path, factory) -> None:
@@ -406,9 +511,12 @@ def test_features_float16_overflow(tmp_path: Path, factory) -> None:
     state["body.1.weight"] *= 1e6
     torch.save(state, tmp_path / "loud.pt")
     message = refuses(
-        tmp_path, *features_args(factory, checkpoint=tmp_path / "loud.pt"), "--dtype", "float16",
+        tmp_path,
+        *features_args(factory, checkpoint=tmp_path / "loud.pt"),
+        "--dtype",
+        "float16",
         named=("`head`", "float16", "--dtype float32"),
-    )  # fmt: skip
+    )
     assert "e+0" in message  # the largest magnitude is named
     assert run(*features_args(factory, checkpoint=tmp_path / "loud.pt")).exit_code == 0
 
@@ -424,9 +532,10 @@ def test_features_checkpoint_missing_the_backbone(tmp_path: Path, factory) -> No
     state = torch.load(factory["checkpoint"], weights_only=True)
     torch.save({key: value for key, value in state.items() if key.startswith("head.")}, tmp_path / "head.pt")
     refuses(
-        tmp_path, *features_args(factory, checkpoint=tmp_path / "head.pt"),
+        tmp_path,
+        *features_args(factory, checkpoint=tmp_path / "head.pt"),
         named=("head.pt", "2 missing keys", "body.1.weight"),
-    )  # fmt: skip
+    )
 
 
 @pytest.fixture
@@ -434,16 +543,24 @@ def vit(tmp_path: Path, factory) -> tuple[Path, list[object]]:
     """A tiny Hugging Face ViT folder and the `lip features` arguments that read it as hf:DIR."""
     transformers = pytest.importorskip("transformers")
     config = transformers.ViTConfig(
-        image_size=8, patch_size=4, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=16, num_labels=3,
-    )  # fmt: skip
+        image_size=8,
+        patch_size=4,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        num_labels=3,
+    )
     transformers.ViTForImageClassification(config).save_pretrained(tmp_path / "vit")
     np.save(tmp_path / "images.npy", np.zeros((4, 3, 8, 8), dtype=np.float32))
     np.save(tmp_path / "image_labels.npy", np.arange(4) % 3)
     args = features_args(
-        factory, checkpoint=tmp_path / "vit", model=f"hf:{tmp_path / 'vit'}",
-        inputs=tmp_path / "images.npy", labels=tmp_path / "image_labels.npy",
-    )  # fmt: skip
+        factory,
+        checkpoint=tmp_path / "vit",
+        model=f"hf:{tmp_path / 'vit'}",
+        inputs=tmp_path / "images.npy",
+        labels=tmp_path / "image_labels.npy",
+    )
     return tmp_path / "vit", args
 
 
