@@ -7,6 +7,7 @@ No terminal here: progress goes to an optional callback and results come back as
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -113,6 +114,12 @@ def _layer_tensors(
                 "convert the layer to floating point first"
             )
         _finite_or_fail(tensor, where)
+    largest = float(weight.abs().max()) if weight.numel() else 0.0
+    if not math.isfinite(largest * largest * weight.numel()):  # the spectrum's energy is a float64 sum
+        raise LipError(
+            f"{model.path}: `{layer.weight_key}` holds values up to {largest:.3g}: its squared norm "
+            "overflows float64; rescale the layer"
+        )
     return weight, bias
 
 

@@ -394,6 +394,16 @@ def test_a_real_process_prints_one_line_for_a_quantized_weight(tmp_path: Path) -
     ]
 
 
+def test_weight_whose_energy_overflows_float64(tmp_path: Path, problem) -> None:
+    weight = torch.randn(10, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 1e200
+    torch.save({"fc.weight": weight}, tmp_path / "loud.pt")
+    for args in (
+        ("inspect", tmp_path / "loud.pt", "--json"),
+        ("compare", tmp_path / "loud.pt", problem["model"]),
+    ):
+        refuses(tmp_path, *args, named=("loud.pt", "fc.weight", "overflows float64"))
+
+
 def test_empty_layer_with_empty_features(tmp_path: Path) -> None:
     torch.save({"fc.weight": torch.zeros(10, 0)}, tmp_path / "empty.pt")
     np.save(tmp_path / "features.npy", np.zeros((200, 0), dtype=np.float32))
