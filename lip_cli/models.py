@@ -237,6 +237,10 @@ class ArrayInputs(Dataset):
                 f"{labels}: labels must be class ids (n) or an (n, classes) matrix of real numbers, "
                 f"got {self.labels.dtype} of shape {self.labels.shape}"
             )
+        if np.issubdtype(self.labels.dtype, np.unsignedinteger):  # batches of uint64 do not collate
+            if self.labels.size and int(self.labels.max()) > np.iinfo(np.int64).max:
+                raise LipError(f"{labels}: label {int(self.labels.max())} is larger than any class id")
+            self.labels = self.labels.astype(np.int64)
         if len(self.inputs) != len(self.labels):
             raise LipError(f"{labels}: {len(self.labels)} labels but {len(self.inputs)} inputs in {inputs}")
         if len(self.inputs) == 0:

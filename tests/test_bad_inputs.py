@@ -623,6 +623,14 @@ def test_features_pickled_labels_name_the_labels_file(tmp_path: Path, factory) -
     assert str(factory["inputs"]) not in message
 
 
+def test_features_unsigned_labels(tmp_path: Path, factory) -> None:
+    np.save(tmp_path / "unsigned.npy", (np.arange(20) % 4).astype(np.uint64))
+    result = run(*features_args(factory, labels=tmp_path / "unsigned.npy"))
+    assert result.exit_code == 0, result.output
+    written = np.load(factory["out"].parent / "labels.npy")
+    assert written.dtype == np.int64 and written.tolist() == (np.arange(20) % 4).tolist()
+
+
 def test_features_relative_module_spec(tmp_path: Path, factory) -> None:
     refuses(tmp_path, *features_args(factory, model="python:.x:f"), named=("--model python:.x:f",))
 
