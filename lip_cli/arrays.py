@@ -7,10 +7,13 @@ features; otherwise `labels.npy` beside the features file is used.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import mmap
 import os
 import pickle
+import warnings
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +23,9 @@ import torch
 from torch import Tensor
 
 from lip_cli.errors import LipError, first_line
+
+# torch.load rebuilding a quantized tensor prints deprecation notices; lip refuses it in one line instead
+warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\._utils")
 
 FEATURE_KEYS = ("features", "feats", "embeddings", "x", "X")
 LABEL_KEYS = ("labels", "targets", "label", "y", "Y")
@@ -34,6 +40,9 @@ SAFETENSORS_DTYPES = {
     "I16": torch.int16,
     "I8": torch.int8,
     "U8": torch.uint8,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
     "BOOL": torch.bool,
 }
 ARRAY_SUFFIXES = (".npy", ".npz", ".pt", ".pth", ".safetensors")
@@ -82,7 +91,31 @@ def _from_numpy(array: np.ndarray, path: Path, key: str | None) -> ArraySource:
     )
 
 
+def tensor_problem(tensor: Tensor) -> str | None:
+    """Why a loaded tensor cannot be read as the plain numbers its shape claims, or None.
+
+    Quantized, sparse and meta tensors have no plain values; a storage smaller than the shape needs
+    (zero or overlapping strides) would make a tiny file claim any amount of work.
+    """
+    if tensor.is_quantized:
+        return f"is a quantized tensor ({tensor.dtype}); save tensor.dequantize() instead"
+    if tensor.layout != torch.strided:
+        return f"is a {tensor.layout} tensor; convert it with .to_dense() and save it again"
+    if tensor.device.type == "meta":
+        return "is a meta tensor (a shape with no values); save the real tensor"
+    held = tensor.untyped_storage().nbytes() // tensor.element_size() - tensor.storage_offset()
+    if tensor.numel() > held:
+        return (
+            f"claims shape {tuple(tensor.shape)} ({tensor.numel()} values) but its storage holds {held} "
+            "(zero or overlapping strides); save a contiguous copy (tensor.contiguous())"
+        )
+    return None
+
+
 def _from_tensor(tensor: Tensor, path: Path, key: str | None) -> ArraySource:
+    problem = tensor_problem(tensor)
+    if problem is not None:
+        raise LipError(f"{path if key is None else f'{path}[{key}]'}: {problem}")
     return ArraySource(
         path=path, key=key, shape=tuple(tensor.shape), dtype=tensor.dtype, reader=lambda a, b: tensor[a:b]
     )
@@ -97,6 +130,7 @@ def _open_npy(path: Path) -> dict[str | None, ArraySource]:
             array = np.load(path, mmap_mode="r", allow_pickle=False)
             return {None: _from_numpy(array, path, None)}
         shape, fortran_order, dtype = readers[version](handle)
+        _check_header_shape(shape)
         offset = handle.tell()
         if fortran_order or dtype.hasobject or not shape:
             array = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -122,9 +156,48 @@ def _open_npy(path: Path) -> dict[str | None, ArraySource]:
     return {None: ArraySource(path, None, tuple(shape), _torch_dtype(dtype, path), read)}
 
 
+def _check_header_shape(shape: tuple[int, ...]) -> None:
+    if any(size < 0 for size in shape):
+        raise ValueError(f"its header claims shape {shape}, with a negative size")
+
+
 def _open_npz(path: Path) -> dict[str | None, ArraySource]:
-    with np.load(path, allow_pickle=False) as archive:
-        return {key: _from_numpy(archive[key], path, key) for key in archive.files}
+    """Every member's header now; a member's data only when one of its rows is read, so members
+    that are never used (however large they decompress) cost nothing."""
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    sources: dict[str | None, ArraySource] = {}
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            key = info.filename.removesuffix(".npy")
+            with archive.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                if version not in readers:
+                    raise ValueError(f"member {key} is an .npy of version {version}, not 1.0 or 2.0")
+                shape, _, dtype = readers[version](member)
+                header_bytes = member.tell()
+            _check_header_shape(shape)
+            if not dtype.hasobject:
+                needed = header_bytes + int(np.prod(shape, dtype=object)) * dtype.itemsize
+                if needed > info.file_size:
+                    raise ValueError(f"member {key} is shorter than its header says ({shape} {dtype})")
+            dtype_torch = _torch_dtype(dtype, path)
+            sources[key] = ArraySource(path, key, tuple(shape), dtype_torch, _npz_reader(path, key))
+    return sources
+
+
+def _npz_reader(path: Path, key: str) -> Callable[[int, int], Tensor]:
+    """Rows of one .npz member, which is decompressed (alone) on the first read."""
+    loaded: list[np.ndarray] = []
+
+    def read(start: int, stop: int) -> Tensor:
+        if not loaded:
+            with np.load(path, allow_pickle=False) as archive:
+                loaded.append(archive[key])
+        return torch.from_numpy(np.array(loaded[0][start:stop]))
+
+    return read
 
 
 def load_torch_file(path: Path) -> object:
@@ -215,6 +288,28 @@ def _pick(sources: dict[str | None, ArraySource], names: tuple[str, ...]) -> Arr
     return None
 
 
+UNSIGNED_DTYPES = (torch.uint16, torch.uint32, torch.uint64)
+
+
+def _as_labels(source: ArraySource) -> ArraySource:
+    """Labels as torch can count them: wide unsigned ids read as int64; complex values refused."""
+    if source.dtype.is_complex:
+        raise LipError(
+            f"{source.name}: labels are complex ({source.dtype}); store class ids as integers or "
+            "label targets as real numbers"
+        )
+    if source.dtype not in UNSIGNED_DTYPES:
+        return source
+
+    def read(start: int, stop: int) -> Tensor:
+        values = source.reader(start, stop)
+        if values.numel() and int(values.numpy().max()) > torch.iinfo(torch.int64).max:
+            raise LipError(f"{source.name}: label {int(values.numpy().max())} is larger than any class id")
+        return values.to(torch.int64)
+
+    return dataclasses.replace(source, dtype=torch.int64, reader=read)
+
+
 def open_features(path: Path) -> tuple[ArraySource, ArraySource | None]:
     """The features array of a file, and a labels array when the same file holds one."""
     sources = open_arrays(path)
@@ -229,21 +324,21 @@ def open_features(path: Path) -> tuple[ArraySource, ArraySource | None]:
             )
         features = sources[others[0]]
     check_features(features)
-    return features, labels
+    return features, None if labels is None else _as_labels(labels)
 
 
 def open_labels(path: Path) -> ArraySource:
     """The labels array of a file: its only array, or the one named like labels."""
     sources = open_arrays(path)
     if len(sources) == 1:
-        return next(iter(sources.values()))
+        return _as_labels(next(iter(sources.values())))
     labels = _pick(sources, LABEL_KEYS)
     if labels is None:
         raise LipError(
             f"{path}: cannot tell which array holds the labels among {sorted(map(str, sources))}; "
             f"name it one of {', '.join(LABEL_KEYS)}"
         )
-    return labels
+    return _as_labels(labels)
 
 
 def find_labels(
@@ -348,6 +443,8 @@ def check_features(features: ArraySource) -> None:
         raise LipError(f"{features.name}: features must be 2-D (samples x dims), got shape {features.shape}")
     if features.dtype not in FLOAT_DTYPES:
         raise LipError(f"{features.name}: features must be floating point, got {features.dtype}")
+    if features.shape[1] == 0:
+        raise LipError(f"{features.name}: features have no columns (shape {features.shape})")
     if features.rows == 0:
         raise LipError(f"{features.name}: holds no samples")
 

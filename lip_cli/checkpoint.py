@@ -365,19 +365,29 @@ def sidecar_path(output: Path) -> Path:
 
 
 def read_provenance(path: Path) -> dict | None:
-    """What lip recorded when it wrote this checkpoint, if it did."""
+    """What lip recorded when it wrote this checkpoint, if it did: a JSON object of plain values."""
     path = Path(path)
     try:
         if path.is_dir():
             record = path / LIP_RECORD
-            return json.loads(record.read_text()) if record.exists() else None
-        if path.suffix.lower() == ".safetensors":
+            text = record.read_text() if record.exists() else None
+        elif path.suffix.lower() == ".safetensors":
             from safetensors import safe_open
 
             with safe_open(str(path), framework="pt") as handle:
                 text = (handle.metadata() or {}).get("lip")
-            return json.loads(text) if text else None
-        sidecar = sidecar_path(path)
-        return json.loads(sidecar.read_text()) if sidecar.exists() else None
+        else:
+            sidecar = sidecar_path(path)
+            text = sidecar.read_text() if sidecar.exists() else None
+        provenance = json.loads(text, parse_constant=_refuse_constant) if text else None
     except (OSError, ValueError) as error:
         raise LipError(f"{path}: its lip provenance record is unreadable ({first_line(error)})") from error
+    if provenance is not None and not isinstance(provenance, dict):
+        raise LipError(
+            f"{path}: its lip provenance record is a JSON {type(provenance).__name__}, not an object"
+        )
+    return provenance
+
+
+def _refuse_constant(name: str) -> object:
+    raise ValueError(f"{name} is not a JSON value")

@@ -196,7 +196,9 @@ def repair(
             "--holdout", help="With --k auto and no validation set: share of training samples held out."
         ),
     ] = 0.1,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the held-out split.")] = 0,
+    seed: Annotated[
+        int, typer.Option("--seed", min=0, max=2**63 - 1, help="Seed of the held-out split.")
+    ] = 0,
     force_write: Annotated[
         bool,
         typer.Option("--force-write", help="With --k auto: write an unchanged copy even when no k helps."),

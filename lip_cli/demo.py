@@ -110,6 +110,9 @@ def make_demo(folder: Path, force: bool = False, settings: DemoSettings | None =
     if existing and not force:
         raise LipError(f"{folder}: already holds {', '.join(existing)}; pass --force to replace them")
     for part in ("train", "val"):
+        if (folder / part).exists() and not (folder / part).is_dir():
+            raise LipError(f"{folder / part}: exists and is not a folder; move it or choose another folder")
+    for part in ("train", "val"):
         (folder / part).mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(settings.seed)

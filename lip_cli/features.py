@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from lip_cli.arrays import NpyWriter
 from lip_cli.checkpoint import is_ema, is_head_name
-from lip_cli.errors import LipError
+from lip_cli.errors import LipError, first_line
 from lip_cli.files import atomic_output, check_output
 
 OUTPUT_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -57,6 +57,7 @@ def collect_features(
     device: str | torch.device = "cpu",
     progress: Callable[[int], None] | None = None,
     force: bool = False,
+    inputs_name: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray] | tuple[Path, Path]:
     """Run `model` over `batches` of (inputs, labels) and keep what its classifier layer receives.
 
@@ -66,6 +67,9 @@ def collect_features(
     existing files are replaced only with `force`) and returns the two paths. Under
     torch.distributed each process writes its own pair of shards (`feats.part-00000.npy`,
     `labels.part-00000.npy`) for `lip repair -f 'feats.part-*.npy' --labels 'labels.part-*.npy'`.
+    Nothing non-finite is kept: activations that are NaN, Inf or beyond the range of `dtype` fail the
+    run. With `inputs_name` (the command line's data), a model that cannot run on a batch is a
+    LipError naming it; otherwise the model's own exception propagates.
     """
     if dtype not in OUTPUT_DTYPES:
         raise LipError(f"dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {dtype}")
@@ -93,7 +97,15 @@ def collect_features(
                 for batch in batches:
                     inputs, labels = batch[0], batch[1]
                     captured.clear()
-                    model(inputs.to(device))
+                    try:
+                        model(inputs.to(device))
+                    except (RuntimeError, ValueError, TypeError, IndexError) as error:
+                        if inputs_name is None:
+                            raise
+                        raise LipError(
+                            f"{inputs_name}: the model cannot run on a batch of shape "
+                            f"{tuple(inputs.shape)} ({first_line(error)}); are these the model's inputs?"
+                        ) from error
                     if len(captured) != 1:
                         raise LipError(f"`{name}` ran {len(captured)} times for one batch; expected once")
                     features = captured[0]
@@ -102,7 +114,7 @@ def collect_features(
                             f"`{name}` receives inputs of shape {tuple(features.shape)}; lip needs one "
                             "feature vector per sample (batch x features)"
                         )
-                    block = features.float().cpu().numpy().astype(OUTPUT_DTYPES[dtype])
+                    block = _finite_block(features, dtype, name)
                     label_block = torch.as_tensor(labels).cpu().numpy()
                     if len(label_block) != len(block):
                         raise LipError(f"a batch has {len(block)} inputs but {len(label_block)} labels")
@@ -132,6 +144,21 @@ def collect_features(
     if not parts[0]:
         raise LipError("no batches: nothing to collect")
     return np.concatenate(parts[0]), np.concatenate(parts[1])
+
+
+def _finite_block(features: Tensor, dtype: str, name: str) -> np.ndarray:
+    """A batch of features in the cache's dtype, refused if any value is or becomes NaN or Inf."""
+    if not bool(torch.isfinite(features).all()):
+        raise LipError(f"`{name}` receives NaN or Inf values from the model; nothing written")
+    with np.errstate(over="ignore"):  # overflow is reported below, as a LipError
+        block = features.float().cpu().numpy().astype(OUTPUT_DTYPES[dtype])
+    if not np.isfinite(block).all():
+        fix = "use --dtype float32" if dtype != "float32" else "rescale the model's activations"
+        raise LipError(
+            f"`{name}` receives values up to {float(features.abs().max()):.4g}, beyond the range of "
+            f"{dtype} ({float(np.finfo(OUTPUT_DTYPES[dtype]).max):.4g}); {fix}. Nothing written"
+        )
+    return block
 
 
 def _output_paths(out: Path) -> tuple[Path, Path]:

@@ -7,6 +7,7 @@ No terminal here: progress goes to an optional callback and results come back as
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -88,6 +89,7 @@ def _classifier_for(
     for data in (train, val):
         if data is not None:
             arrays.check_labels(data.labels, data.features, layer.out_features)
+    _refuse_empty(model, layer)
     weight, bias = _layer_tensors(model, layer)
     return layer, weight, bias
 
@@ -95,12 +97,68 @@ def _classifier_for(
 def _layer_tensors(
     model: checkpoint.Checkpoint, layer: checkpoint.LinearLayer
 ) -> tuple[Tensor, Tensor | None]:
+    """The layer's weight and bias, refused unless they are dense, real, finite floating point."""
     weight = model.state[layer.weight_key]
     bias = model.state[layer.bias_key] if layer.bias_key else None
-    _finite_or_fail(weight, f"{model.path}: `{layer.weight_key}`")
-    if bias is not None:
-        _finite_or_fail(bias, f"{model.path}: `{layer.bias_key}`")
+    for key, tensor in ((layer.weight_key, weight), (layer.bias_key, bias)):
+        if tensor is None:
+            continue
+        where = f"{model.path}: `{key}`"
+        problem = arrays.tensor_problem(tensor)
+        if problem is not None:
+            raise LipError(f"{where} {problem}")
+        if tensor.dtype not in arrays.FLOAT_DTYPES:
+            raise LipError(
+                f"{where} is {str(tensor.dtype).removeprefix('torch.')}; lip reads and writes float16, "
+                "bfloat16, float32 and float64 weights only (a repaired weight would not fit this type); "
+                "convert the layer to floating point first"
+            )
+        _finite_or_fail(tensor, where)
+    largest = float(weight.abs().max()) if weight.numel() else 0.0
+    if not math.isfinite(largest * largest * weight.numel()):  # the spectrum's energy is a float64 sum
+        raise LipError(
+            f"{model.path}: `{layer.weight_key}` holds values up to {largest:.3g}: its squared norm "
+            "overflows float64; rescale the layer"
+        )
     return weight, bias
+
+
+def _refuse_empty(model: checkpoint.Checkpoint, layer: checkpoint.LinearLayer) -> None:
+    """A layer with no inputs or no classes has no spectrum to repair or compare."""
+    if layer.out_features == 0 or layer.in_features == 0:
+        raise LipError(f"{model.path}: `{layer.weight_key}` is {layer.shape_text}: an empty layer")
+
+
+def _check_statistics(stats: lip.LapStatistics, data: LabelledFeatures) -> None:
+    """Refuse LAP sums that overflowed, naming the input that is too large.
+
+    An overflowed sum would otherwise pass for a direction the features never excite, or give NaN.
+    """
+    if not all(bool(torch.isfinite(stats.sums[name]).all()) for name in ("square", "projection")):
+        if stats.compute_dtype != torch.float64:
+            dtype = str(stats.compute_dtype).removeprefix("torch.")
+            raise LipError(
+                f"{data.features.name}: the features overflow {dtype} in the LAP sums; "
+                "use --compute-dtype float64"
+            )
+        raise LipError(f"{data.features.name}: the features are too large: their LAP sums overflow float64")
+    if not all(bool(torch.isfinite(value).all()) for value in stats.sums.values()):
+        raise LipError(
+            f"{data.labels.name}: the labels are too large: their LAP sums overflow; "
+            "use class ids or 0/1 targets"
+        )
+
+
+def _check_repaired(repaired: lip.RepairedHead, where: str) -> None:
+    """Nothing non-finite is written: the fitted spectrum and the weight in its own dtype."""
+    if not bool(torch.isfinite(repaired.singular_values_after).all()):
+        raise LipError(f"{where}: the fitted singular values overflow float64; rescale the features")
+    if not bool(torch.isfinite(repaired.weight).all()):
+        dtype = str(repaired.weight.dtype).removeprefix("torch.")
+        raise LipError(
+            f"{where}: the repaired weight overflows {dtype} (singular values up to "
+            f"{float(repaired.singular_values_after.abs().max()):.3g}); rescale the features"
+        )
 
 
 SAMPLE_BYTES = 256 * 2**20
@@ -414,6 +472,8 @@ def _repair(
         )
         if not request.force_write:
             output = None
+    _check_statistics(stats, train)
+    _check_repaired(repaired, f"{request.checkpoint}: `{layer.weight_key}`")
     if output is not None and group.leader:
         updates = {layer.weight_key: repaired.weight.to(weight.device)}
         provenance = {
@@ -590,6 +650,7 @@ def inspect_layer(
     layer, weight, bias = _classifier_for(model, layer_name, train)
     stats = lip.LapStatistics(weight, bias, device=resolve_device(device))
     fitted = statistics_pass(train, stats, chunk_rows, progress=progress)
+    _check_statistics(fitted.stats, train)
     ks = lip.k_grid(stats.svd.rank)
     accuracies = fitted.curve(fitted.stats, fitted.sample, ks)
     return LayerReport(
@@ -719,6 +780,7 @@ def compare_series(
     layer_a = (
         checkpoint.layer_by_name(model_a, layer_name) if layer_name else checkpoint.likely_classifier(model_a)
     )
+    _refuse_empty(model_a, layer_a)
     weight_a, _ = _layer_tensors(model_a, layer_a)
     v_a = spectra.right_singular_vectors(weight_a)
     spectrum_a = layer_spectrum(model_a, layer_a, is_classifier=True)
@@ -836,7 +898,15 @@ def extract_features(request: FeaturesRequest, progress: Progress = _no_progress
     name, module = features.classifier_module(built.model, request.layer)
     try:
         features.collect_features(
-            built.model, loader, name, out, request.dtype, device, advance, force=request.force
+            built.model,
+            loader,
+            name,
+            out,
+            request.dtype,
+            device,
+            advance,
+            force=request.force,
+            inputs_name=f"--data {request.data}",
         )
     except LipError:
         raise

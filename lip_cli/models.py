@@ -7,7 +7,9 @@ missing one is a one-line error with the install command.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,11 +77,21 @@ def build_model(spec: str, checkpoint_path: Path) -> BuiltModel:
         auto = transformers.AutoModelForImageClassification
         try:
             if Path(name).resolve() == Path(checkpoint_path).resolve():  # weights and their key mapping
-                return BuiltModel(auto.from_pretrained(name, use_safetensors=True), kind, name, classes)
+                with _quiet(transformers):
+                    model, loading = auto.from_pretrained(
+                        name, use_safetensors=True, output_loading_info=True
+                    )
+                _refuse_missing(sorted(loading["missing_keys"]), Path(checkpoint_path))
+                return BuiltModel(model, kind, name, classes)
             config = transformers.AutoConfig.from_pretrained(name)
         except (OSError, ValueError) as error:
             raise LipError(
                 f"--model {spec}: not a Hugging Face model folder ({first_line(error)})"
+            ) from error
+        except RuntimeError as error:  # transformers refuses weights whose shapes differ from the config
+            raise LipError(
+                f"{checkpoint_path}: its weights do not fit its config.json (some shapes differ, e.g. the "
+                "number of labels); fix config.json or pass the matching folder"
             ) from error
         config.num_labels = classes
         model = auto.from_config(config)
@@ -87,9 +99,15 @@ def build_model(spec: str, checkpoint_path: Path) -> BuiltModel:
         module_name, _, factory_name = name.partition(":")
         try:
             factory = getattr(importlib.import_module(module_name), factory_name)
-        except (ImportError, AttributeError, ValueError) as error:
-            raise LipError(f"--model {spec}: cannot import {factory_name!r} from {module_name!r}") from error
-        model = factory()
+        except (ImportError, AttributeError, ValueError, TypeError) as error:
+            raise LipError(
+                f"--model {spec}: cannot import {factory_name!r} from {module_name!r} ({first_line(error)}); "
+                "name an importable module: python:package.module:factory"
+            ) from error
+        try:
+            model = factory()
+        except Exception as error:  # the user's factory may fail in any way
+            raise LipError(f"--model {spec}: {factory_name}() failed ({first_line(error)})") from error
         if not isinstance(model, nn.Module):
             raise LipError(f"--model {spec}: the factory returned a {type(model).__name__}, not an nn.Module")
     load_weights(model, state, Path(checkpoint_path))
@@ -116,6 +134,30 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -
         model.load_state_dict(best, strict=True)
     except RuntimeError as error:
         raise LipError(f"{path}: does not fit the architecture ({first_line(error, 300)})") from error
+
+
+@contextlib.contextmanager
+def _quiet(transformers: Any) -> Iterator[None]:
+    """transformers without its progress bars and load report: lip says what matters in one line."""
+    logging = transformers.utils.logging
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+
+
+def _refuse_missing(missing: list[str], path: Path) -> None:
+    """A checkpoint that leaves weights of the model at their random initialisation gives random features."""
+    if missing:
+        raise LipError(
+            f"{path}: does not cover the model: {len(missing)} weights missing ({_few(missing)}); they "
+            "would stay randomly initialised. Pass the full trained checkpoint"
+        )
 
 
 def _few(keys: list[str]) -> str:
@@ -183,14 +225,22 @@ class ArrayInputs(Dataset):
     """Model inputs from a .npy file (read through a memory map) with their labels."""
 
     def __init__(self, inputs: Path, labels: Path) -> None:
-        for path in (inputs, labels):
-            if not Path(path).exists():
-                raise LipError(f"{path}: no such file")
-        try:
-            self.inputs = np.load(inputs, mmap_mode="r", allow_pickle=False)
-            self.labels = np.load(labels, allow_pickle=False)
-        except ValueError as error:
-            raise LipError(f"{inputs}: not a readable .npy file ({first_line(error)})") from error
+        self.inputs = _load_npy(inputs, mmap=True)
+        self.labels = _load_npy(labels)
+        if self.inputs.ndim == 0 or not _is_real_number(self.inputs.dtype):
+            raise LipError(
+                f"{inputs}: model inputs must be an array of real numbers with one row per sample, "
+                f"got {self.inputs.dtype} of shape {self.inputs.shape}"
+            )
+        if self.labels.ndim not in (1, 2) or not _is_real_number(self.labels.dtype):
+            raise LipError(
+                f"{labels}: labels must be class ids (n) or an (n, classes) matrix of real numbers, "
+                f"got {self.labels.dtype} of shape {self.labels.shape}"
+            )
+        if np.issubdtype(self.labels.dtype, np.unsignedinteger):  # batches of uint64 do not collate
+            if self.labels.size and int(self.labels.max()) > np.iinfo(np.int64).max:
+                raise LipError(f"{labels}: label {int(self.labels.max())} is larger than any class id")
+            self.labels = self.labels.astype(np.int64)
         if len(self.inputs) != len(self.labels):
             raise LipError(f"{labels}: {len(self.labels)} labels but {len(self.inputs)} inputs in {inputs}")
         if len(self.inputs) == 0:
@@ -201,3 +251,21 @@ class ArrayInputs(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
         return torch.from_numpy(np.array(self.inputs[index], dtype=np.float32)), self.labels[index]
+
+
+def _load_npy(path: Path, mmap: bool = False) -> np.ndarray:
+    if not Path(path).exists():
+        raise LipError(f"{path}: no such file")
+    try:
+        array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:
+        raise LipError(f"{path}: not a readable .npy file ({first_line(error)})") from error
+    if not isinstance(array, np.ndarray):
+        array.close()
+        raise LipError(f"{path}: holds several arrays; model inputs and their labels are .npy files")
+    return array
+
+
+def _is_real_number(dtype: np.dtype) -> bool:
+    numeric = np.issubdtype(dtype, np.number) and not np.issubdtype(dtype, np.complexfloating)
+    return numeric or dtype == np.bool_
