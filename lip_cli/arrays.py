@@ -170,9 +170,17 @@ def _pickled_globals(path: Path) -> set[str]:
     """The classes and functions a torch file's pickle refers to, read statically (nothing imported or
     run): the `data.pkl` of a zip archive, or the leading pickles of a legacy file (magic number,
     protocol, system info, then the object). Empty for a corrupt file, which torch.load then reports."""
+    import _compat_pickle
     import io
     import pickletools
     import zipfile
+
+    def python3_name(argument: str) -> str:  # protocol 2 writes `__builtin__.dict` for builtins.dict
+        module, name = argument.split(" ", 1)
+        module, name = _compat_pickle.NAME_MAPPING.get(
+            (module, name), (_compat_pickle.IMPORT_MAPPING.get(module, module), name)
+        )
+        return f"{module}.{name}"
 
     try:
         if zipfile.is_zipfile(path):
@@ -183,7 +191,7 @@ def _pickled_globals(path: Path) -> set[str]:
             source, count = open(path, "rb"), 4  # noqa: SIM115 - closed by the with below
         with source:
             return {
-                str(argument).replace(" ", ".")
+                python3_name(str(argument))
                 for _ in range(count)
                 for opcode, argument, _position in pickletools.genops(source)
                 if opcode.name == "GLOBAL"
@@ -198,6 +206,7 @@ def load_torch_file(path: Path) -> object:
     import importlib
     import re
 
+    path = Path(path)
     allowed, missing = [], []
     for name in sorted(_pickled_globals(path) & DATA_ONLY_GLOBALS):
         module, attribute = name.rsplit(".", 1)
@@ -207,6 +216,9 @@ def load_torch_file(path: Path) -> object:
             missing.append(name)
     try:
         with torch.serialization.safe_globals(allowed):
+            if path.name.endswith(".safetensors"):  # torch.load would read the file as safetensors
+                with open(path, "rb") as handle:
+                    return torch.load(handle, map_location="cpu", weights_only=True)
             try:
                 return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except RuntimeError as error:

@@ -37,8 +37,8 @@ class Checkpoint:
 
     path: Path
     format: str  # "pt" (a torch file), "safetensors" or "hf" (a Hugging Face model folder)
-    legacy: bool = False  # pt: the pre-1.6 pickle serialization, kept on writing
     state: dict[str, Tensor]
+    legacy: bool = False  # pt: the pre-1.6 pickle serialization, kept on writing
     container: object = None  # the whole object of a .pt file
     nested_key: str | None = None  # where `state` sits inside `container`
     metadata: dict[str, str] = field(default_factory=dict)  # safetensors header metadata
@@ -137,10 +137,10 @@ def _hf_shards(path: Path) -> tuple[list[str], dict[str, str] | None, str]:
             return sorted(set(weight_map.values())), weight_map, index
         if _member(path, single).exists():
             return [single], None, single
-    names = ", ".join(name for layout in HF_LAYOUTS for name in layout)
+    names = [name for layout in HF_LAYOUTS for name in layout]
     raise LipError(
-        f"{path}: is a folder without any of {names}; lip reads checkpoint files and Hugging Face "
-        "model folders"
+        f"{path}: is a folder without {', '.join(names[:-1])} or {names[-1]}; lip reads checkpoint "
+        "files and Hugging Face model folders"
     )
 
 

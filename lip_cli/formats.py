@@ -14,14 +14,17 @@ Reading a few bytes runs nothing; each loader still checks the whole file as it 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 TORCH_ZIP, TORCH_PICKLE, SAFETENSORS, NPY, NPZ = "torch zip", "torch pickle", "safetensors", "npy", "npz"
 TORCH_FORMATS = (TORCH_ZIP, TORCH_PICKLE)
 
 _ZIP_LOCAL_HEADER = b"PK\x03\x04"
 _ZIP_NAME_OFFSET = 30  # a zip local header is 30 bytes, then the member's name
+_SAFETENSORS_MAX_HEADER = 100_000_000  # the limit of the safetensors library
 
 
 def detect_format(path: Path) -> str | None:
@@ -29,6 +32,8 @@ def detect_format(path: Path) -> str | None:
     with open(path, "rb") as handle:
         head = handle.read(512)
         size = os.fstat(handle.fileno()).st_size
+        if _is_safetensors(handle, head, size):  # first: a header length may start like a pickle
+            return SAFETENSORS
     if head.startswith(b"\x93NUMPY"):
         return NPY
     if head.startswith(_ZIP_LOCAL_HEADER) and len(head) >= _ZIP_NAME_OFFSET:
@@ -39,8 +44,18 @@ def detect_format(path: Path) -> str | None:
         return NPZ if first.endswith(".npy") else None
     if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
         return TORCH_PICKLE
-    if len(head) >= 9 and head[8:9] == b"{":
-        header_length = int.from_bytes(head[:8], "little")
-        if 2 <= header_length <= size - 8:
-            return SAFETENSORS
     return None
+
+
+def _is_safetensors(handle: BinaryIO, head: bytes, size: int) -> bool:
+    """A safetensors header: its length fits the file and it is a JSON object."""
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    length = int.from_bytes(head[:8], "little")
+    if not 2 <= length <= min(size - 8, _SAFETENSORS_MAX_HEADER):
+        return False
+    handle.seek(8)
+    try:
+        return isinstance(json.loads(handle.read(length)), dict)
+    except ValueError:
+        return False
