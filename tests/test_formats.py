@@ -307,3 +307,82 @@ def test_pytorch_model_bin_folders_load_with_transformers(tmp_path: Path, sharde
     for key, value in model.state_dict().items():
         if not key.startswith("classifier.weight"):
             assert torch.equal(repaired.state_dict()[key], value), key
+
+
+def assert_same(a: object, b: object, where: str = "") -> None:
+    """Equal containers, with tensors compared bit for bit."""
+    assert type(a) is type(b), where
+    if isinstance(a, dict):
+        assert list(a) == list(b), where
+        for key in a:
+            assert_same(a[key], b[key], f"{where}/{key}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for index, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{where}/{index}")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+def test_lightning_checkpoint_repairs_and_loads_back(tmp_path: Path) -> None:
+    lightning = pytest.importorskip("lightning")
+    omegaconf = pytest.importorskip("omegaconf")
+
+    class Net(lightning.LightningModule):
+        def __init__(self, hidden: int = 6, classes: int = 3, cfg=None, args=None) -> None:
+            super().__init__()
+            self.save_hyperparameters()
+            self.body = torch.nn.Linear(5, hidden)
+            self.fc = torch.nn.Linear(hidden, classes)
+
+        def embed(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.body(x))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.embed(x))
+
+        def training_step(self, batch, index):
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    torch.manual_seed(7)
+    x, y = torch.randn(96, 5), torch.randint(0, 3, (96,))
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
+    config = omegaconf.OmegaConf.create({"optimizer": {"lr": 0.1}, "layers": [5, 6, 3]})
+    net = Net(cfg=config, args=argparse.Namespace(seed=7, data="toy"))
+    trainer = lightning.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(net, data)
+    saved = Path(trainer.checkpoint_callback.best_model_path)
+    assert saved.name == "epoch=1-step=6.ckpt"  # Lightning's own naming
+    with torch.inference_mode():
+        features = net.embed(x)
+    np.save(tmp_path / "features.npy", features.numpy())
+    np.save(tmp_path / "labels.npy", y.numpy())
+
+    result = run("repair", saved, "-f", tmp_path / "features.npy", "--k", 2, "--json")
+    assert result.exit_code == 0, result.output
+    output = Path(json.loads(result.stdout)["output"])
+    assert output == saved.with_name("epoch=1-step=6.lip.ckpt")
+
+    loaded = Net.load_from_checkpoint(output, weights_only=False)  # our own file
+    expected = paper_lip(
+        net.fc.weight.detach().numpy(), net.fc.bias.detach().numpy(), features.numpy(), y.numpy(), 2
+    )
+    assert close_to(loaded.fc.weight.detach(), expected)
+    assert loaded.hparams.cfg == config and loaded.hparams.args == argparse.Namespace(seed=7, data="toy")
+    before = torch.load(saved, weights_only=False)
+    after = torch.load(output, weights_only=False)
+    before["state_dict"].pop("fc.weight"), after["state_dict"].pop("fc.weight")
+    assert_same(before, after)  # every other entry kept: loops, optimizer state, hyper-parameters...
