@@ -386,3 +386,18 @@ def test_lightning_checkpoint_repairs_and_loads_back(tmp_path: Path) -> None:
     after = torch.load(output, weights_only=False)
     before["state_dict"].pop("fc.weight"), after["state_dict"].pop("fc.weight")
     assert_same(before, after)  # every other entry kept: loops, optimizer state, hyper-parameters...
+
+
+def test_features_hint_names_both_roles(capsys) -> None:
+    from types import SimpleNamespace
+
+    from lip_cli import report
+
+    cached = SimpleNamespace(
+        checkpoint=Path("m.pt"), features=Path("val.npy"), labels=Path("labels.npy"), classes_file=None,
+        samples=10, feature_dim=4, layer="fc", model="timm:x", seconds=1.0,
+    )  # fmt: skip
+    report.render_features(cached)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[-2].endswith("lip repair m.pt --features val.npy --k auto")
+    assert "validation data: add --val-features val.npy" in lines[-1]
