@@ -129,19 +129,17 @@ def _member(folder: Path, name: str) -> Path:
     return folder / name
 
 
-def _hf_shards(path: Path) -> tuple[list[str], dict[str, str] | None, str]:
-    """The shard files of a model folder, its index's weight map (None for one file), the index name."""
+def _hf_layouts(path: Path) -> list[tuple[list[str], dict[str, str] | None, str]]:
+    """Each weight layout present in a model folder, in transformers' order of preference: its shard
+    files, its index's weight map (None for a single file) and the index's (or file's) name."""
+    found = []
     for single, index in HF_LAYOUTS:
         if _member(path, index).exists():
             weight_map = json.loads(_member(path, index).read_text())["weight_map"]
-            return sorted(set(weight_map.values())), weight_map, index
-        if _member(path, single).exists():
-            return [single], None, single
-    names = [name for layout in HF_LAYOUTS for name in layout]
-    raise LipError(
-        f"{path}: is a folder without {', '.join(names[:-1])} or {names[-1]}; lip reads checkpoint "
-        "files and Hugging Face model folders"
-    )
+            found.append((sorted(set(weight_map.values())), weight_map, index))
+        elif _member(path, single).exists():
+            found.append(([single], None, single))
+    return found
 
 
 def _load_shard(file: Path) -> tuple[dict[str, Tensor], dict[str, str], str]:
@@ -162,7 +160,14 @@ def _load_shard(file: Path) -> tuple[dict[str, Tensor], dict[str, str], str]:
 
 
 def _load_hf_folder(path: Path) -> Checkpoint:
-    shards, weight_map, index = _hf_shards(path)
+    layouts = _hf_layouts(path)
+    if not layouts:
+        names = [name for layout in HF_LAYOUTS for name in layout]
+        raise LipError(
+            f"{path}: is a folder without {', '.join(names[:-1])} or {names[-1]}; lip reads checkpoint "
+            "files and Hugging Face model folders"
+        )
+    shards, weight_map, index = layouts[0]
     state: dict[str, Tensor] = {}
     shard_of: dict[str, str] = {}
     shard_metadata: dict[str, dict[str, str]] = {}
@@ -398,21 +403,31 @@ def write_checkpoint(
 def _write_hf_folder(
     checkpoint: Checkpoint, state: dict[str, Tensor], changed: set[str], output: Path, record: dict
 ) -> None:
-    """A copy of the folder in which only the shards holding changed tensors are rewritten."""
-    from safetensors.torch import save_file
-
+    """A copy of the folder in which only the shards holding changed tensors are rewritten, in the
+    layout lip read and in any other layout of the same model there (pytorch_model.bin beside
+    model.safetensors), so that no stale copy of the layer is left behind."""
     with atomic_folder(output) as folder:
         shutil.copytree(checkpoint.path, folder, dirs_exist_ok=True)
         for shard in sorted({checkpoint.shard_of[key] for key in changed}):
             tensors = {key: state[key] for key, owner in checkpoint.shard_of.items() if owner == shard}
-            target = _member(folder, shard)
-            target.unlink()
-            kind = checkpoint.shard_format[shard]
-            if kind == formats.SAFETENSORS:
-                metadata = {"format": "pt", **checkpoint.shard_metadata[shard], **record}
-                save_file(tensors, str(target), metadata=metadata)
-            else:
-                _torch_save(tensors, target, legacy=kind == formats.TORCH_PICKLE)
+            metadata = {**checkpoint.shard_metadata[shard], **record}
+            _save_shard(tensors, _member(folder, shard), checkpoint.shard_format[shard], metadata)
+        for shards, _, name in _hf_layouts(checkpoint.path)[1:]:
+            remaining = {key: state[key] for key in changed}
+            for shard in shards:
+                tensors, metadata, kind = _load_shard(_member(checkpoint.path, shard))
+                held = [key for key in remaining if key in tensors]
+                for key in held:
+                    if tensors[key].shape != remaining[key].shape:
+                        raise LipError(f"{checkpoint.path}: `{key}` has another shape in {name}")
+                    tensors[key] = remaining.pop(key).to(tensors[key].dtype)
+                if held:
+                    _save_shard(tensors, _member(folder, shard), kind, {**metadata, **record})
+            if remaining:
+                raise LipError(
+                    f"{checkpoint.path}: {name} holds the model too, but not `{next(iter(remaining))}`; "
+                    f"move {name} and its shards out of the folder, then repair again"
+                )
         if record:
             _member(folder, LIP_RECORD).write_text(
                 json.dumps(json.loads(record["lip"]), indent=2, sort_keys=True) + "\n"
@@ -420,6 +435,17 @@ def _write_hf_folder(
 
 
 LIP_RECORD = "lip.json"
+
+
+def _save_shard(tensors: dict[str, Tensor], target: Path, kind: str, metadata: dict[str, str]) -> None:
+    """One weight file of a model folder, replaced in its own format (safetensors or torch)."""
+    target.unlink(missing_ok=True)
+    if kind == formats.SAFETENSORS:
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(target), metadata={"format": "pt", **metadata})
+    else:
+        _torch_save(tensors, target, legacy=kind == formats.TORCH_PICKLE)
 
 
 def _torch_save(content: object, path: Path, legacy: bool) -> None:

@@ -263,15 +263,18 @@ def bin_folder(model, folder: Path, sharded: bool) -> None:
         (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2))
 
 
-@pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
-def test_pytorch_model_bin_folders_load_with_transformers(tmp_path: Path, sharded: bool) -> None:
+@pytest.mark.parametrize("layout", ["single", "sharded", "beside safetensors"])
+def test_pytorch_model_bin_folders_load_with_transformers(tmp_path: Path, layout: str) -> None:
     transformers = pytest.importorskip("transformers")
     from test_hf_folders import features_and_logits, tiny_classifier
 
     model = tiny_classifier(seed=4)
     folder = tmp_path / "bert"
     folder.mkdir()
+    sharded = layout == "sharded"
     bin_folder(model, folder, sharded)
+    if layout == "beside safetensors":
+        model.save_pretrained(folder)  # many hub folders hold both; transformers prefers safetensors
     assert (folder / "pytorch_model.bin.index.json").exists() == sharded
     inputs = torch.randint(0, 64, (120, 8), generator=torch.Generator().manual_seed(5))
     features, _ = features_and_logits(model, inputs)
@@ -290,11 +293,13 @@ def test_pytorch_model_bin_folders_load_with_transformers(tmp_path: Path, sharde
     if sharded:
         index = json.loads(before["pytorch_model.bin.index.json"])
         assert changed == {index["weight_map"]["classifier.weight"]}
-    else:
+    elif layout == "single":
         assert changed == {"pytorch_model.bin"}
-    assert formats.detect_format(output / changed.pop()) == formats.TORCH_ZIP
+    else:  # both copies of the model repaired: no stale head left in the output
+        assert changed == {"pytorch_model.bin", "model.safetensors"}
+    bin_file = next(name for name in changed if name.endswith(".bin"))
+    assert formats.detect_format(output / bin_file) == formats.TORCH_ZIP
 
-    repaired = transformers.BertForSequenceClassification.from_pretrained(output).eval()
     expected = paper_lip(
         model.classifier.weight.detach().numpy(),
         model.classifier.bias.detach().numpy(),
@@ -302,11 +307,14 @@ def test_pytorch_model_bin_folders_load_with_transformers(tmp_path: Path, sharde
         labels.numpy(),
         2,
     )
-    assert close_to(repaired.classifier.weight.detach(), expected)
-    assert torch.equal(repaired.classifier.bias, model.classifier.bias)
-    for key, value in model.state_dict().items():
-        if not key.startswith("classifier.weight"):
-            assert torch.equal(repaired.state_dict()[key], value), key
+    for use_safetensors in [False, True] if layout == "beside safetensors" else [None]:
+        repaired = transformers.BertForSequenceClassification.from_pretrained(
+            output, use_safetensors=use_safetensors
+        ).eval()
+        assert close_to(repaired.classifier.weight.detach(), expected)
+        for key, value in model.state_dict().items():
+            if key != "classifier.weight":
+                assert torch.equal(repaired.state_dict()[key], value), key
 
 
 def assert_same(a: object, b: object, where: str = "") -> None:
