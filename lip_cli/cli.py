@@ -119,7 +119,10 @@ def parse_k(value: str) -> str:
 @app.command()
 def repair(
     checkpoint: Annotated[
-        Path, typer.Argument(help="Checkpoint: a .pt/.pth state dict (also nested) or .safetensors.")
+        Path,
+        typer.Argument(
+            help="Checkpoint: a torch file (.pt, .ckpt, .pth.tar, .bin...), safetensors, or a model folder."
+        ),
     ],
     features: Annotated[
         Path,
@@ -251,7 +254,12 @@ def repair(
 
 @app.command()
 def inspect(
-    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint: .pt/.pth (also nested) or .safetensors.")],
+    checkpoint: Annotated[
+        Path,
+        typer.Argument(
+            help="Checkpoint: a torch file (.pt, .ckpt, .pth.tar...), safetensors, or a model folder."
+        ),
+    ],
     layer: Annotated[
         str | None,
         typer.Option(
@@ -351,7 +359,7 @@ def parse_triple(value: str | None) -> str | None:
 @app.command()
 def features(
     checkpoint: Annotated[
-        Path, typer.Argument(help="Trained weights: .pt/.pth, .safetensors or a model folder.")
+        Path, typer.Argument(help="Trained weights: a torch file, safetensors, or a model folder.")
     ],
     model: Annotated[
         str,
