@@ -129,18 +129,21 @@ def _open_npz(path: Path) -> dict[str | None, ArraySource]:
 
 
 # Types that training frameworks store beside the weights and that hold only data, so that
-# weights_only loading may build them: timm's `args` (argparse.Namespace) and Lightning's / Hydra's
-# omegaconf configs (DictConfig, ListConfig, their nodes and metadata, and the type markers these
-# record: typing.Any, int, dict...). Unpickling each one only allocates the object and fills its
-# __dict__ (object.__new__ + BUILD, or omegaconf's __setstate__, which copies the state in and
-# normalises type markers); none defines a __reduce__ that calls code named by the file, and calling
-# one of them (REDUCE) only builds a value. Allowed during one load only, imported only when the file
-# names them; anything else is still refused. Lightning's AttributeDict is absent on purpose: Lightning
-# stores `hyper_parameters` as a plain dict, and torch's weights_only unpickler cannot fill a dict
-# subclass anyway.
+# weights_only loading may build them: timm's `args` (argparse.Namespace), paths in hyper-parameters
+# (pathlib's POSIX paths) and Lightning's / Hydra's omegaconf configs (DictConfig, ListConfig, their
+# nodes and metadata, and the type markers these record: typing.Any, int, dict...). Unpickling each
+# one only allocates the object and fills its __dict__ (object.__new__ + BUILD, or omegaconf's
+# __setstate__, which copies the state in and normalises type markers) or, for a path, calls the
+# class on its parts, which touches no file; none defines a __reduce__ that calls code named by the
+# file, and calling one of them (REDUCE) only builds a value. Allowed during one load only, imported
+# only when the file names them; anything else is still refused. Lightning's AttributeDict is absent
+# on purpose: Lightning stores `hyper_parameters` as a plain dict, and torch's weights_only unpickler
+# cannot fill a dict subclass anyway.
 DATA_ONLY_GLOBALS = frozenset(
     {
         "argparse.Namespace",
+        "pathlib.PosixPath",
+        "pathlib.PurePosixPath",
         "omegaconf.dictconfig.DictConfig",
         "omegaconf.listconfig.ListConfig",
         "omegaconf.base.ContainerMetadata",

@@ -186,7 +186,7 @@ def test_types_off_the_list_are_refused_by_name(tmp_path: Path) -> None:
 
 def test_timm_style_args_namespace_round_trips(tmp_path: Path) -> None:
     state, head = problem(tmp_path)
-    args = argparse.Namespace(model="resnet18", lr=0.05, epochs=3, mixup=None, data_dir="/data")
+    args = argparse.Namespace(model="resnet18", lr=0.05, epochs=3, mixup=None, data_dir=Path("/data"))
     ema = {key: value.clone() + 1 for key, value in state.items()}
     content = {"epoch": 3, "arch": "resnet18", "state_dict": state, "state_dict_ema": ema}
     content.update({"optimizer": {"state": {}, "param_groups": [{"lr": 0.05, "params": [0, 1, 2]}]}})
@@ -195,9 +195,10 @@ def test_timm_style_args_namespace_round_trips(tmp_path: Path) -> None:
     result = run("repair", tmp_path / "model_best.pth.tar", "-f", tmp_path / "features.npy", "--k", 2)
     assert result.exit_code == 0, result.output
 
-    with torch.serialization.safe_globals([argparse.Namespace]):
+    with torch.serialization.safe_globals([argparse.Namespace, type(Path())]):
         written = torch.load(tmp_path / "model_best.lip.pth.tar", weights_only=True)
     assert type(written["args"]) is argparse.Namespace and vars(written["args"]) == vars(args)
+    assert type(written["args"].data_dir) is type(Path())
     assert {key: written[key] for key in ("epoch", "arch", "metric", "version", "optimizer")} == {
         key: content[key] for key in ("epoch", "arch", "metric", "version", "optimizer")
     }
