@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_head
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from reference import paper_lip
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
@@ -91,6 +93,31 @@ def test_detected_by_content_and_repaired_in_kind(tmp_path: Path, name: str, ser
     assert torch.equal(repaired["fc.bias"], state["fc.bias"])
     inspected = json.loads(run("inspect", output, "--json").stdout)
     assert inspected["provenance"]["k"] == 2
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(content=st.binary(max_size=600), keep=st.integers(0, 600))
+def test_detection_reads_only_the_head_and_never_fails(tmp_path: Path, content: bytes, keep: int) -> None:
+    """Any bytes give a format or None, never an exception; a valid file keeps its format under any
+    name, and a torch archive or numpy file is told from its first bytes alone."""
+    path = tmp_path / "any"
+    path.write_bytes(content)
+    assert formats.detect_format(path) in (
+        None,
+        formats.SAFETENSORS,
+        formats.NPY,
+        formats.NPZ,
+        *formats.TORCH_FORMATS,
+    )
+    torch.save({"w": torch.ones(3)}, path)
+    zipped = path.read_bytes()
+    path.write_bytes(
+        zipped[: max(keep, 64)]
+    )  # truncated: still named by its head, the loader reports the rest
+    assert formats.detect_format(path) == formats.TORCH_ZIP
+    np.save(tmp_path / "a.npy", np.ones(3))
+    shutil.move(tmp_path / "a.npy", path)
+    assert formats.detect_format(path) == formats.NPY
 
 
 def test_default_output_keeps_the_framework_naming(tmp_path: Path) -> None:
