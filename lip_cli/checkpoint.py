@@ -88,7 +88,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
         known = "a torch file (zip or legacy pickle) or a safetensors file"
         if path.suffix.lower() in CHECKPOINT_SUFFIXES:
             raise LipError(f"{path}: not a readable {path.suffix} checkpoint (its bytes are not {known})")
-        what = f"a {kind} array file" if kind else "not recognised"
+        what = f"a numpy .{kind} file" if kind else "not recognised"
         raise LipError(f"{path}: unknown checkpoint format ({what}); lip reads {known}, or a model folder")
     try:
         if kind == formats.SAFETENSORS:
