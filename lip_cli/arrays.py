@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lip_cli import formats
 from lip_cli.errors import LipError, first_line
 
 # torch.load rebuilding a quantized tensor prints deprecation notices; lip refuses it in one line instead
@@ -200,20 +201,120 @@ def _npz_reader(path: Path, key: str) -> Callable[[int, int], Tensor]:
     return read
 
 
-def load_torch_file(path: Path) -> object:
-    """torch.load with weights_only=True (memory-mapped where the file format allows it)."""
+# Types that training frameworks store beside the weights and that hold only data, so that
+# weights_only loading may build them: timm's `args` (argparse.Namespace), paths in hyper-parameters
+# (pathlib's POSIX paths) and Lightning's / Hydra's omegaconf configs (DictConfig, ListConfig, their
+# nodes and metadata, and the type markers these record: typing.Any, int, dict...). Unpickling each
+# one only allocates the object and fills its __dict__ (object.__new__ + BUILD, or omegaconf's
+# __setstate__, which copies the state in and normalises type markers) or, for a path, calls the
+# class on its parts, which touches no file; none defines a __reduce__ that calls code named by the
+# file, and calling one of them (REDUCE) only builds a value. Allowed during one load only, imported
+# only when the file names them; anything else is still refused. Lightning's AttributeDict is absent
+# on purpose: Lightning stores `hyper_parameters` as a plain dict, and torch's weights_only unpickler
+# cannot fill a dict subclass anyway.
+DATA_ONLY_GLOBALS = frozenset(
+    {
+        "argparse.Namespace",
+        "pathlib.PosixPath",
+        "pathlib.PurePosixPath",
+        "omegaconf.dictconfig.DictConfig",
+        "omegaconf.listconfig.ListConfig",
+        "omegaconf.base.ContainerMetadata",
+        "omegaconf.base.Metadata",
+        "omegaconf.nodes.AnyNode",
+        "omegaconf.nodes.StringNode",
+        "omegaconf.nodes.IntegerNode",
+        "omegaconf.nodes.FloatNode",
+        "omegaconf.nodes.BooleanNode",
+        "omegaconf.nodes.BytesNode",
+        "typing.Any",
+        "typing.Dict",
+        "typing.List",
+        "builtins.bool",
+        "builtins.bytes",
+        "builtins.dict",
+        "builtins.float",
+        "builtins.int",
+        "builtins.list",
+        "builtins.str",
+        "collections.defaultdict",
+    }
+)
+
+
+def _pickled_globals(path: Path) -> set[str]:
+    """The classes and functions a torch file's pickle refers to, read statically (nothing imported or
+    run): the `data.pkl` of a zip archive, or the leading pickles of a legacy file (magic number,
+    protocol, system info, then the object). Empty for a corrupt file, which torch.load then reports."""
+    import _compat_pickle
+    import io
+    import pickletools
+    import zipfile
+
+    def python3_name(argument: str) -> str:  # protocol 2 writes `__builtin__.dict` for builtins.dict
+        module, name = argument.split(" ", 1)
+        module, name = _compat_pickle.NAME_MAPPING.get(
+            (module, name), (_compat_pickle.IMPORT_MAPPING.get(module, module), name)
+        )
+        return f"{module}.{name}"
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                member = next(name for name in archive.namelist() if name.endswith("data.pkl"))
+                source, count = io.BytesIO(archive.read(member)), 1
+        else:
+            source, count = open(path, "rb"), 4  # noqa: SIM115 - closed by the with below
+        with source:
+            return {
+                python3_name(str(argument))
+                for _ in range(count)
+                for opcode, argument, _position in pickletools.genops(source)
+                if opcode.name == "GLOBAL"
+            }
+    except Exception:  # every reader has its own error types for a corrupt file
+        return set()
+
+
+def load_torch_file(path: Path) -> object:
+    """torch.load with weights_only=True (memory-mapped where the file format allows it), with the
+    data-only types of DATA_ONLY_GLOBALS allowed for this load when the file refers to them."""
+    import importlib
+    import re
+
+    path = Path(path)
+    allowed, missing = [], []
+    for name in sorted(_pickled_globals(path) & DATA_ONLY_GLOBALS):
+        module, attribute = name.rsplit(".", 1)
+        try:
+            allowed.append((getattr(importlib.import_module(module), attribute), name))
+        except (ImportError, AttributeError):
+            missing.append(name)
+    try:
+        with torch.serialization.safe_globals(allowed):
+            if path.name.endswith(".safetensors"):  # torch.load would read the file as safetensors
+                with open(path, "rb") as handle:
+                    return torch.load(handle, map_location="cpu", weights_only=True)
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as error:
+                if "mmap" not in str(error):
+                    raise
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        named = re.search(r"GLOBAL (\S+)", str(error))
+        name = named.group(1) if named else None
+        if name in missing:
+            raise LipError(
+                f"{path}: holds `{name}`, a data-only type lip reads only when its package is installed "
+                f"here (pip install {name.split('.')[0]}); or re-save the file as described in the README"
+            ) from error
+        held = f"`{name}`" if name else "pickled objects other than tensors and plain containers"
         raise LipError(
-            f"{path}: holds pickled objects other than tensors and plain containers; lip never runs "
-            "pickled code (weights_only=True). Re-save it from your own code as a state dict "
-            "(torch.save(model.state_dict(), path)) or as .safetensors"
+            f"{path}: holds {held}; lip never runs pickled code (weights_only=True) and allows only "
+            "tensors, plain containers and a few data-only types. Re-save it from your own code as a "
+            "state dict (torch.save({'state_dict': model.state_dict()}, path)) or as .safetensors"
         ) from error
-    except RuntimeError as error:
-        if "mmap" not in str(error):
-            raise
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _open_torch(path: Path) -> dict[str | None, ArraySource]:
@@ -249,12 +350,12 @@ def _open_safetensors(path: Path) -> dict[str | None, ArraySource]:
     return sources
 
 
-OPENERS = {
-    ".npy": _open_npy,
-    ".npz": _open_npz,
-    ".pt": _open_torch,
-    ".pth": _open_torch,
-    ".safetensors": _open_safetensors,
+OPENERS = {  # by content (formats.detect_format), whatever the suffix
+    formats.NPY: _open_npy,
+    formats.NPZ: _open_npz,
+    formats.TORCH_ZIP: _open_torch,
+    formats.TORCH_PICKLE: _open_torch,
+    formats.SAFETENSORS: _open_safetensors,
 }
 
 
@@ -265,11 +366,13 @@ def open_arrays(path: Path) -> dict[str | None, ArraySource]:
         raise LipError(f"{path}: no such file")
     if path.is_dir():
         raise LipError(f"{path}: is a folder, expected one of {', '.join(ARRAY_SUFFIXES)}")
-    opener = OPENERS.get(path.suffix.lower())
-    if opener is None:
-        raise LipError(f"{path}: unknown array format; use one of {', '.join(ARRAY_SUFFIXES)}")
     if path.stat().st_size == 0:
         raise LipError(f"{path}: file is empty")
+    opener = OPENERS.get(formats.detect_format(path))
+    if opener is None:
+        raise LipError(
+            f"{path}: unknown array format (its first bytes are none of {', '.join(ARRAY_SUFFIXES)})"
+        )
     try:
         sources = opener(path)
     except LipError:

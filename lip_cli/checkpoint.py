@@ -1,10 +1,12 @@
 """Checkpoints: read them safely, find the classifier layer, write a patched copy atomically.
 
-Formats: a torch state dict in `.pt`/`.pth` (also nested under a key such as `state_dict` or
-`model`, with every other entry kept) loaded with weights_only=True only; `.safetensors`
-(metadata kept); and Hugging Face model folders (`model.safetensors`, or shards listed in
-`model.safetensors.index.json`), written back as a new folder in which only the shard holding the
-layer is rewritten. Every tensor that is not patched is written back bit for bit.
+Formats, recognised by content whatever the name (`.pt`, `.pth`, `.ckpt`, `.pth.tar`, `.bin`...,
+see formats.py): a torch file, zip archive or legacy pickle, holding a state dict (also nested under
+a key such as `state_dict` or `model`, with every other entry kept), loaded with weights_only=True
+only and written back in the same serialization; safetensors (metadata kept); and Hugging Face model
+folders (`model.safetensors`, `pytorch_model.bin`, or the shards listed in their `.index.json`),
+written back as a new folder in which only the shard holding the layer is rewritten. Every tensor
+that is not patched is written back bit for bit.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from lip_cli import formats
 from lip_cli.arrays import load_torch_file
 from lip_cli.errors import LipError, first_line
 from lip_cli.files import atomic_folder, atomic_output
@@ -25,7 +28,7 @@ WRAPPER_PREFIXES = ("model.", "module.", "_orig_mod.", "net.", "network.")  # Li
 EMA_COMPONENTS = {"ema", "model_ema", "ema_model", "ema_state_dict", "shadow"}
 HEAD_NAMES = {"fc", "head", "head.fc", "heads.head", "classifier", "score"}  # plus classifier.<N>
 NESTED_KEYS = ("state_dict", "model", "model_state_dict", "module", "net", "network", "weights")
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors")
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".tar", ".safetensors")  # usual names only
 
 
 @dataclass
@@ -33,13 +36,15 @@ class Checkpoint:
     """A loaded checkpoint: its flat state dict and what is needed to write it back as it was."""
 
     path: Path
-    format: str  # "pt", "safetensors" or "hf" (a Hugging Face model folder)
+    format: str  # "pt" (a torch file), "safetensors" or "hf" (a Hugging Face model folder)
     state: dict[str, Tensor]
+    legacy: bool = False  # pt: the pre-1.6 pickle serialization, kept on writing
     container: object = None  # the whole object of a .pt file
     nested_key: str | None = None  # where `state` sits inside `container`
     metadata: dict[str, str] = field(default_factory=dict)  # safetensors header metadata
     shard_of: dict[str, str] = field(default_factory=dict)  # hf: tensor name -> shard file
     shard_metadata: dict[str, dict[str, str]] = field(default_factory=dict)  # hf: per shard
+    shard_format: dict[str, str] = field(default_factory=dict)  # hf: formats.* of each shard
 
 
 @dataclass(frozen=True)
@@ -76,19 +81,30 @@ def load_checkpoint(path: Path) -> Checkpoint:
             raise LipError(
                 f"{path}: not a readable Hugging Face model folder ({first_line(error)})"
             ) from error
-    suffix = path.suffix.lower()
-    if suffix not in CHECKPOINT_SUFFIXES:
-        raise LipError(f"{path}: unknown checkpoint format; use one of {', '.join(CHECKPOINT_SUFFIXES)}")
     if path.stat().st_size == 0:
         raise LipError(f"{path}: file is empty")
+    kind = formats.detect_format(path)
+    if kind not in (formats.SAFETENSORS, *formats.TORCH_FORMATS):
+        known = "a torch file (zip or legacy pickle) or a safetensors file"
+        if path.suffix.lower() in CHECKPOINT_SUFFIXES:
+            raise LipError(f"{path}: not a readable {path.suffix} checkpoint (its bytes are not {known})")
+        what = f"a numpy .{kind} file" if kind else "not recognised"
+        raise LipError(f"{path}: unknown checkpoint format ({what}); lip reads {known}, or a model folder")
     try:
-        if suffix == ".safetensors":
+        if kind == formats.SAFETENSORS:
             return _load_safetensors(path)
-        return _load_torch(path)
+        return _load_torch(path, legacy=kind == formats.TORCH_PICKLE)
     except LipError:
         raise
     except Exception as error:  # each loader has its own error types for a corrupt file
-        raise LipError(f"{path}: not a readable {suffix} checkpoint ({first_line(error)})") from error
+        raise LipError(f"{path}: not a readable {kind} checkpoint ({first_line(error)})") from error
+
+
+def writes_sidecar(path: Path) -> bool:
+    """Whether repairing this checkpoint records provenance in a `<output>.lip.json` sidecar: a torch
+    file, which has no metadata of its own (safetensors and folders keep it inside)."""
+    path = Path(path)
+    return path.is_file() and formats.detect_format(path) in formats.TORCH_FORMATS
 
 
 def _load_safetensors(path: Path) -> Checkpoint:
@@ -100,48 +116,96 @@ def _load_safetensors(path: Path) -> Checkpoint:
     return Checkpoint(path=path, format="safetensors", state=state, metadata=metadata)
 
 
-HF_SINGLE, HF_INDEX = "model.safetensors", "model.safetensors.index.json"
+# The weight files of a Hugging Face model folder, in the order transformers looks for them:
+# (single file, index of shards); a `.bin` is a torch file, loaded with weights_only=True.
+HF_LAYOUTS = (
+    ("model.safetensors", "model.safetensors.index.json"),
+    ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+)
+
+
+def _member(folder: Path, name: str) -> Path:
+    """The file `name` (from an index or a layout) inside a model folder."""
+    return folder / name
+
+
+def _hf_layouts(path: Path) -> list[tuple[list[str], dict[str, str] | None, str]]:
+    """Each weight layout present in a model folder, in transformers' order of preference: its shard
+    files, its index's weight map (None for a single file) and the index's (or file's) name."""
+    found = []
+    for single, index in HF_LAYOUTS:
+        if _member(path, index).exists():
+            weight_map = json.loads(_member(path, index).read_text())["weight_map"]
+            found.append((sorted(set(weight_map.values())), weight_map, index))
+        elif _member(path, single).exists():
+            found.append(([single], None, single))
+    return found
+
+
+def _load_shard(file: Path) -> tuple[dict[str, Tensor], dict[str, str], str]:
+    """The tensors of one weight file of a model folder, its safetensors metadata, its format."""
+    kind = formats.detect_format(file)
+    if kind == formats.SAFETENSORS:
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt") as handle:
+            state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+            return state, dict(handle.metadata() or {}), kind
+    if kind in formats.TORCH_FORMATS:
+        content = load_torch_file(file)
+        if not _is_state_dict(content):
+            raise LipError(f"{file}: holds no state dict (a dict of tensors)")
+        return content, {}, kind
+    raise LipError(f"{file}: is neither a safetensors file nor a torch file")
 
 
 def _load_hf_folder(path: Path) -> Checkpoint:
-    from safetensors import safe_open
-
-    if (path / HF_INDEX).exists():
-        weight_map = json.loads((path / HF_INDEX).read_text())["weight_map"]
-        shards = sorted(set(weight_map.values()))
-    elif (path / HF_SINGLE).exists():
-        weight_map, shards = None, [HF_SINGLE]
-    else:
+    layouts = _hf_layouts(path)
+    if not layouts:
+        names = [name for layout in HF_LAYOUTS for name in layout]
         raise LipError(
-            f"{path}: is a folder without {HF_SINGLE} or {HF_INDEX}; lip reads checkpoint files "
-            f"({', '.join(CHECKPOINT_SUFFIXES)}) and Hugging Face folders of safetensors weights"
+            f"{path}: is a folder without {', '.join(names[:-1])} or {names[-1]}; lip reads checkpoint "
+            "files and Hugging Face model folders"
         )
+    shards, weight_map, index = layouts[0]
     state: dict[str, Tensor] = {}
     shard_of: dict[str, str] = {}
     shard_metadata: dict[str, dict[str, str]] = {}
+    shard_format: dict[str, str] = {}
     for shard in shards:
-        if not (path / shard).exists():
-            raise LipError(f"{path}: {HF_INDEX} names shard {shard}, which is missing")
-        with safe_open(str(path / shard), framework="pt") as handle:
-            shard_metadata[shard] = dict(handle.metadata() or {})
-            for key in handle.keys():  # noqa: SIM118
-                state[key], shard_of[key] = handle.get_tensor(key), shard
+        if not _member(path, shard).exists():
+            raise LipError(f"{path}: {index} names shard {shard}, which is missing")
+        tensors, shard_metadata[shard], shard_format[shard] = _load_shard(_member(path, shard))
+        for key, tensor in tensors.items():
+            state[key], shard_of[key] = tensor, shard
     if weight_map is not None:
         wrong = [key for key, shard in weight_map.items() if shard_of.get(key) != shard]
         if wrong:
-            raise LipError(f"{path}: {HF_INDEX} places `{wrong[0]}` in a shard that does not hold it")
-    return Checkpoint(path=path, format="hf", state=state, shard_of=shard_of, shard_metadata=shard_metadata)
+            raise LipError(f"{path}: {index} places `{wrong[0]}` in a shard that does not hold it")
+    return Checkpoint(
+        path=path,
+        format="hf",
+        state=state,
+        shard_of=shard_of,
+        shard_metadata=shard_metadata,
+        shard_format=shard_format,
+    )
 
 
-def _load_torch(path: Path) -> Checkpoint:
+def _load_torch(path: Path, legacy: bool) -> Checkpoint:
     content = load_torch_file(path)
     if _is_state_dict(content):
-        return Checkpoint(path=path, format="pt", state=content, container=content)
+        return Checkpoint(path=path, format="pt", legacy=legacy, state=content, container=content)
     if isinstance(content, dict):
         for key in NESTED_KEYS:
             if _is_state_dict(content.get(key)):
                 return Checkpoint(
-                    path=path, format="pt", state=content[key], container=content, nested_key=key
+                    path=path,
+                    format="pt",
+                    legacy=legacy,
+                    state=content[key],
+                    container=content,
+                    nested_key=key,
                 )
     raise LipError(
         f"{path}: holds no state dict (a dict of tensors, at the top or under one of "
@@ -330,8 +394,7 @@ def write_checkpoint(
             if checkpoint.nested_key is not None:
                 container = type(checkpoint.container)(checkpoint.container)  # type: ignore[call-arg]
                 container[checkpoint.nested_key] = state  # type: ignore[index]
-            with open(temporary, "wb") as handle:
-                torch.save(container, handle)
+            _torch_save(container, temporary, checkpoint.legacy)
     if checkpoint.format == "pt" and provenance is not None:
         with atomic_output(sidecar_path(output)) as temporary:
             temporary.write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
@@ -340,23 +403,58 @@ def write_checkpoint(
 def _write_hf_folder(
     checkpoint: Checkpoint, state: dict[str, Tensor], changed: set[str], output: Path, record: dict
 ) -> None:
-    """A copy of the folder in which only the shards holding changed tensors are rewritten."""
-    from safetensors.torch import save_file
-
+    """A copy of the folder in which only the shards holding changed tensors are rewritten, in the
+    layout lip read and in any other layout of the same model there (pytorch_model.bin beside
+    model.safetensors), so that no stale copy of the layer is left behind."""
     with atomic_folder(output) as folder:
         shutil.copytree(checkpoint.path, folder, dirs_exist_ok=True)
         for shard in sorted({checkpoint.shard_of[key] for key in changed}):
             tensors = {key: state[key] for key, owner in checkpoint.shard_of.items() if owner == shard}
-            metadata = {"format": "pt", **checkpoint.shard_metadata[shard], **record}
-            (folder / shard).unlink()
-            save_file(tensors, str(folder / shard), metadata=metadata)
+            metadata = {**checkpoint.shard_metadata[shard], **record}
+            _save_shard(tensors, _member(folder, shard), checkpoint.shard_format[shard], metadata)
+        for shards, _, name in _hf_layouts(checkpoint.path)[1:]:
+            remaining = {key: state[key] for key in changed}
+            for shard in shards:
+                tensors, metadata, kind = _load_shard(_member(checkpoint.path, shard))
+                held = [key for key in remaining if key in tensors]
+                for key in held:
+                    if tensors[key].shape != remaining[key].shape:
+                        raise LipError(f"{checkpoint.path}: `{key}` has another shape in {name}")
+                    tensors[key] = remaining.pop(key).to(tensors[key].dtype)
+                if held:
+                    _save_shard(tensors, _member(folder, shard), kind, {**metadata, **record})
+            if remaining:
+                raise LipError(
+                    f"{checkpoint.path}: {name} holds the model too, but not `{next(iter(remaining))}`; "
+                    f"move {name} and its shards out of the folder, then repair again"
+                )
         if record:
-            (folder / LIP_RECORD).write_text(
+            _member(folder, LIP_RECORD).write_text(
                 json.dumps(json.loads(record["lip"]), indent=2, sort_keys=True) + "\n"
             )
 
 
 LIP_RECORD = "lip.json"
+
+
+def _save_shard(tensors: dict[str, Tensor], target: Path, kind: str, metadata: dict[str, str]) -> None:
+    """One weight file of a model folder, replaced in its own format (safetensors or torch)."""
+    target.unlink(missing_ok=True)
+    if kind == formats.SAFETENSORS:
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(target), metadata={"format": "pt", **metadata})
+    else:
+        _torch_save(tensors, target, legacy=kind == formats.TORCH_PICKLE)
+
+
+def _torch_save(content: object, path: Path, legacy: bool) -> None:
+    """torch.save in the serialization the input had: zip archive, or the legacy pickle format."""
+    with open(path, "wb") as handle:
+        if legacy:
+            torch.save(content, handle, _use_new_zipfile_serialization=False)
+        else:
+            torch.save(content, handle)
 
 
 def sidecar_path(output: Path) -> Path:
@@ -369,9 +467,9 @@ def read_provenance(path: Path) -> dict | None:
     path = Path(path)
     try:
         if path.is_dir():
-            record = path / LIP_RECORD
+            record = _member(path, LIP_RECORD)
             text = record.read_text() if record.exists() else None
-        elif path.suffix.lower() == ".safetensors":
+        elif path.is_file() and formats.detect_format(path) == formats.SAFETENSORS:
             from safetensors import safe_open
 
             with safe_open(str(path), framework="pt") as handle:

@@ -119,7 +119,10 @@ def parse_k(value: str) -> str:
 @app.command()
 def repair(
     checkpoint: Annotated[
-        Path, typer.Argument(help="Checkpoint: a .pt/.pth state dict (also nested) or .safetensors.")
+        Path,
+        typer.Argument(
+            help="Checkpoint: a torch file (.pt, .ckpt, .pth.tar, .bin...), safetensors, or a model folder."
+        ),
     ],
     features: Annotated[
         Path,
@@ -261,8 +264,8 @@ def inspect(
     checkpoints: Annotated[
         list[Path],
         typer.Argument(
-            help="Checkpoint: .pt/.pth (also nested) or .safetensors. Several: one layer of each, side "
-            "by side (e.g. trained at several noise levels)."
+            help="Checkpoint: a torch file (.pt, .ckpt, .pth.tar...), safetensors, or a model folder. "
+            "Several: one layer of each, side by side (e.g. trained at several noise levels)."
         ),
     ],
     layer: Annotated[
@@ -434,7 +437,7 @@ def parse_triple(value: str | None) -> str | None:
 @app.command()
 def features(
     checkpoint: Annotated[
-        Path, typer.Argument(help="Trained weights: .pt/.pth, .safetensors or a model folder.")
+        Path, typer.Argument(help="Trained weights: a torch file, safetensors, or a model folder.")
     ],
     model: Annotated[
         str,

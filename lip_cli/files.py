@@ -84,12 +84,22 @@ def _umask() -> int:
     return mask
 
 
+ARCHIVE_SUFFIXES = (".tar", ".gz", ".bz2", ".xz", ".zip")  # outer part of `model_best.pth.tar`
+
+
 def sibling_output(path: Path, tag: str = "lip") -> Path:
-    """`<name>.<tag><ext>` beside `path` (model.pt -> model.lip.pt; a folder vit -> vit.lip)."""
+    """`<name>.<tag><ext>` beside `path`, keeping the input's naming: model.pt -> model.lip.pt,
+    epoch=1-step=64.ckpt -> epoch=1-step=64.lip.ckpt, model_best.pth.tar -> model_best.lip.pth.tar,
+    a folder vit -> vit.lip. A double extension counts when its outer part is an archive suffix and
+    its inner part a plain word, so `epoch=1.5.ckpt` keeps `.5` in the name."""
     path = Path(path)
     if path.is_dir():
         return path.with_name(f"{path.name}.{tag}")
-    return path.with_name(f"{path.stem}.{tag}{path.suffix}")
+    stem, suffix = path.stem, path.suffix
+    inner = Path(stem).suffix
+    if suffix.lower() in ARCHIVE_SUFFIXES and inner[1:].isalpha():
+        stem, suffix = Path(stem).stem, inner + suffix
+    return path.with_name(f"{stem}.{tag}{suffix}")
 
 
 def sha256_of(path: Path, shards: list[Path] | None = None) -> str:

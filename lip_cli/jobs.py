@@ -375,7 +375,7 @@ def _repair(
         inputs = [Path(request.checkpoint), Path(request.features)]
         if output is not None:
             files.check_output(output, inputs, request.force, folder=Path(request.checkpoint).is_dir())
-            if Path(request.checkpoint).suffix.lower() in (".pt", ".pth"):
+            if checkpoint.writes_sidecar(request.checkpoint):
                 files.check_output(checkpoint.sidecar_path(output), inputs, request.force)
         hashing = ThreadPoolExecutor(max_workers=1)
         digests = {}

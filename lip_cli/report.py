@@ -654,4 +654,8 @@ def render_features(report: Any) -> None:
     console.print(f"wrote [bold]{report.features}[/] and {report.labels}")
     if report.classes_file is not None:
         console.print(f"class names in {report.classes_file}")
-    console.print(f"next: lip repair {report.checkpoint} --features {report.features} --k auto")
+    # lip features cannot tell which split it cached, so the hint names both roles
+    console.print(
+        f"next, for training data: lip repair {report.checkpoint} --features {report.features} --k auto"
+    )
+    console.print(f"      for validation data: add --val-features {report.features} to that command")
