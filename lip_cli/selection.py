@@ -230,7 +230,7 @@ class Decision:
 
 def _interval_text(decision: Decision) -> str:
     low, high = decision.interval
-    return f"95% CI {_points(low)} to {_points(high)}"
+    return f"95% CI {100 * low:+.1f} to {_points(high)}"
 
 
 def decide(
