@@ -287,7 +287,7 @@ def assess_given_k(test: PairedCounts, k: int, rank: int, alpha: float) -> Decis
 
 
 def curve(
-    stats: lip.LapStatistics, rows: Rows, ks: list[int], targets: str, total: Total = _same
+    stats: lip.LapStatistics, rows: Rows, ks: list[int], targets: str = "paper", total: Total = _same
 ) -> list[float]:
     """Accuracy after PSP + LAP at each k on some rows, counts added by `total`."""
     accuracies = lip.KCurve(stats, ks, targets)
