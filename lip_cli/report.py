@@ -213,7 +213,11 @@ def render_repair(report: RepairReport) -> None:
         )
     if decision is not None and decision.best_k != decision.rank:
         console.print(_decision_table(decision))
-    if decision is not None and not any(decision.reason in message for message in report.warnings):
+    warned = decision is not None and (
+        any(decision.reason in message for message in report.warnings)
+        or (decision.given and decision.test.change < 0)  # the LOWERS warning says it
+    )
+    if decision is not None and not warned:
         console.print(f"[bold]decision[/]: {decision.reason}")
     for message in report.warnings:
         warning(message)
