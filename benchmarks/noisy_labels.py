@@ -381,10 +381,11 @@ def main() -> None:
     parser.add_argument("--cifar100", type=Path, default=None, help="folder holding cifar-100-python/")
     parser.add_argument("--cifar-epochs", type=int, default=100)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (1 is faster on a busy machine)")
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.epochs = 1, 3
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     out = Path(tempfile.mkdtemp()) if args.quick else HERE
     started = time.perf_counter()
     sets = {
