@@ -275,7 +275,8 @@ def evaluate_head(
     """Clean test accuracy of the head as trained, PSP alone, LIP at each k, and lip repair --k auto.
 
     Each auto run records its clean test accuracy, the k applied and whether it changed the head
-    (None when its rows are too few to split).
+    (None when its rows are too few to split), and the same for the best k on the selection part
+    applied with no test ("untested"), to show what the test prevents.
     """
     weight, bias = fc.weight.detach().cpu(), fc.bias.detach().cpu()
     row = {"original": accuracy(f_test, y_test, weight, bias), "weight": weight}
@@ -307,12 +308,22 @@ def evaluate_head(
                 report = repair_checkpoint(request)
             except LipError as error:  # too few rows to split: recorded, not hidden
                 print(f"{name}: {error}", flush=True)
-                row[name] = row[f"{name} k"] = row[f"{name} changed"] = None
+                for key in (
+                    name,
+                    f"{name} k",
+                    f"{name} changed",
+                    f"{name} untested",
+                    f"{name} untested changed",
+                ):
+                    row[key] = None
                 continue
             repaired = torch.load(folder / "model.lip.pt", weights_only=True)["fc.weight"]
             row[name] = accuracy(f_test, y_test, repaired, bias)
             row[f"{name} k"] = report.k
             row[f"{name} changed"] = report.decision.confirmed
+            best = report.decision.best_k  # what choosing alone would apply, with no test
+            row[f"{name} untested"] = accuracy(f_test, y_test, repair(stats, best, targets).weight, bias)
+            row[f"{name} untested changed"] = best != report.rank
     return row
 
 
@@ -432,6 +443,9 @@ def auto_changes(rows: list[dict], run: str) -> tuple[list[float], int]:
     )
 
 
+UNTESTED = {f"{run} untested": run for run in AUTO_RUNS}
+
+
 def auto_cell(changes: list[float], changed: int) -> str:
     if not changes:
         return "not run"
@@ -442,7 +456,7 @@ def setting_line(name: str, kind: str, rate: float, rows: list[dict]) -> tuple:
     """One setting's cells: fixed-k methods (mean ± sd) and each auto run (mean / worst / changed)."""
     fixed = [key for key in rows[0] if key != "weight" and not key.startswith("auto")]
     cells = {method: summarise([row[method] for row in rows]) for method in fixed}
-    autos = {run: auto_changes(rows, run) for run in AUTO_RUNS}
+    autos = {run: auto_changes(rows, run) for run in [*AUTO_RUNS, *UNTESTED]}
     ks = " / ".join(", ".join(str(row[f"{run} k"]) for row in rows) for run in AUTO_RUNS)
     print(f"{name} {kind} p={rate}: " + "  ".join(f"{m} {c}" for m, c in cells.items()), flush=True)
     print("    " + "  ".join(f"{run} {auto_cell(*value)}" for run, value in autos.items()), flush=True)
@@ -491,25 +505,31 @@ def write_results(lines: list, images: list[str], args: argparse.Namespace, seco
         "| data set | noise | p | " + " | ".join(AUTO_RUNS) + " | k applied per seed (same order) |",
         "|---|---|---|" + "---|" * len(AUTO_RUNS) + "---|",
     ]
-    for name, kind, rate, _, autos, ks in lines:
-        text.append(
-            f"| {name} | {kind} | {rate} | "
-            + " | ".join(auto_cell(*autos[run]) for run in AUTO_RUNS)
-            + f" | {ks} |"
-        )
-    for dataset in datasets:
-        totals = {
-            run: (
-                [change for line in lines if line[0] == dataset for change in line[4][run][0]],
-                sum(line[4][run][1] for line in lines if line[0] == dataset),
+    for columns, title in ((list(AUTO_RUNS), None), (list(UNTESTED), "untested")):
+        if title:
+            text += [
+                "",
+                "The same runs with the test switched off: the best k on the selection part applied",
+                "whatever the confirmation rows say (what an untested `--k auto` would do, choosing on",
+                "half the rows):",
+                "",
+                "| data set | noise | p | " + " | ".join(columns) + " |",
+                "|---|---|---|" + "---|" * len(columns),
+            ]
+        for name, kind, rate, _, autos, ks in lines:
+            cells = " | ".join(auto_cell(*autos[run]) for run in columns)
+            text.append(f"| {name} | {kind} | {rate} | {cells} |" + ("" if title else f" {ks} |"))
+        for dataset in datasets:
+            totals = [
+                auto_cell(
+                    [change for line in lines if line[0] == dataset for change in line[4][run][0]],
+                    sum(line[4][run][1] for line in lines if line[0] == dataset),
+                )
+                for run in columns
+            ]
+            text.append(
+                f"| **{dataset}, all settings** | | | " + " | ".join(totals) + (" |" if title else " | |")
             )
-            for run in AUTO_RUNS
-        }
-        text.append(
-            f"| **{dataset}, all settings** | | | "
-            + " | ".join(auto_cell(*totals[run]) for run in AUTO_RUNS)
-            + " | |"
-        )
     text += ["", "Spectra against p and phi(i, j) between the clean and the noisiest head (seed 0):", ""]
     text += [f"![{image}]({image})" for image in images]
     replace_section("accuracy", "\n".join(text))
