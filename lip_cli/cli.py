@@ -36,6 +36,7 @@ class Device(StrEnum):
 class Targets(StrEnum):
     paper = "paper"
     logit_scale = "logit-scale"
+    auto = "auto"
 
 
 class ComputeDtype(StrEnum):
@@ -189,8 +190,9 @@ def repair(
         Targets,
         typer.Option(
             "--targets",
-            help="What LAP fits the tail to: 'paper' (the labels, the paper's formula) or 'logit-scale' "
-            "(the labels centred and scaled to the head's own logit margin; see the README).",
+            help="What LAP fits the tail to: 'paper' (the labels, the paper's formula), 'logit-scale' "
+            "(the labels centred and scaled to the head's own logit margin; see the README), or, with "
+            "--k auto, 'auto' (both tried, chosen with k on the selection rows).",
         ),
     ] = Targets.paper,
     sample_rows: Annotated[

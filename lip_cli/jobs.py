@@ -258,7 +258,7 @@ class RepairRequest:
     dry_run: bool = False
     holdout: float = 0.1  # share of training samples held out to choose k when there is no val set
     sample_rows: int | None = None  # training rows kept for accuracies; None: as many as fit 256 MB
-    targets: str = "paper"  # or "logit-scale": labels scaled to the head's logit margin (lip.LapStatistics)
+    targets: str = "paper"  # "logit-scale": labels scaled to the head's logit margin; "auto" (k auto): chosen
     seed: int = 0
     force_write: bool = False  # with k = "auto": write an unchanged copy when no k is confirmed
     alpha: float = 0.05  # level of the one-sided McNemar test that confirms a k
@@ -334,6 +334,8 @@ def repair_checkpoint(request: RepairRequest, progress: Progress = _no_progress)
         raise LipError(f"--holdout {request.holdout}: must be a fraction between 0 and 1")
     if not 0.0 < request.alpha < 1.0:
         raise LipError(f"--alpha {request.alpha}: must be between 0 and 1")
+    if request.targets == selection.AUTO_TARGETS and not auto:
+        raise LipError("--targets auto chooses the targets together with k: it needs --k auto")
     compute_dtype = lip.COMPUTE_DTYPES[request.compute_dtype]
     device = resolve_device(request.device)
     group = distributed.from_environment(device)
@@ -402,9 +404,10 @@ def _repair(
     total = _counts_total(group, device)
     decision = _judge_k(request, fitted, val, total, progress, group)
     k = int(request.k) if decision is None else decision.k
-    repaired = lip.repair(fitted.stats, k, request.targets)
+    targets = decision.targets if auto and decision is not None else request.targets
+    repaired = lip.repair(fitted.stats, k, targets)
     ks = decision.ks if auto and decision is not None else sorted({k, rank})
-    train_curve = selection.curve(fitted.stats, fitted.sample, ks, request.targets, total)
+    train_curve = selection.curve(fitted.stats, fitted.sample, ks, targets, total)
     warnings = _repair_warnings(request, decision, repaired, output is not None)
     if decision is not None and auto and not decision.confirmed and not request.force_write:
         output = None
@@ -421,7 +424,7 @@ def _repair(
             "k_selection": decision.data if auto and decision is not None else "given",
             "decision": None if decision is None else decision.reason,
             "rank": rank,
-            "targets": request.targets,
+            "targets": targets,
             "input": str(request.checkpoint),
             "input_sha256": digests[str(request.checkpoint)].result(),
             "features": str(request.features),
@@ -454,8 +457,8 @@ def _repair(
         k_selection=decision.data if auto and decision is not None else None,
         accuracy_rows=fitted.sampled_rows,
         other_copies=[copy.name for copy in checkpoint.copies_of(model, layer)],
-        targets=request.targets,
-        target_scale=fitted.stats.target_scale() if request.targets == "logit-scale" else None,
+        targets=targets,
+        target_scale=fitted.stats.target_scale() if targets == "logit-scale" else None,
         decision=decision,
         alpha=request.alpha,
     )

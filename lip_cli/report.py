@@ -283,6 +283,8 @@ def decision_document(decision: Any) -> dict[str, Any] | None:
         "p_value": decision.p_value,
         "p_value_drop": decision.p_value_drop,
         "alpha": decision.alpha,
+        "targets": decision.targets,
+        "targets_chosen": decision.targets_chosen,
         "confirmed": None if decision.given else decision.confirmed,
     }
 

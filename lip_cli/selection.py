@@ -199,6 +199,8 @@ class Decision:
     selection_accuracies: list[float]
     reason: str = ""
     given: bool = False  # a k the user gave, tested on the whole validation set
+    targets: str = "paper"  # the LAP targets of best_k
+    targets_chosen: bool = False  # whether they were chosen on the selection part too (--targets auto)
 
     @property
     def p_value(self) -> float:
@@ -242,11 +244,27 @@ def decide(
     rank: int,
     alpha: float,
     data: str,
+    targets: str = "paper",
+    targets_chosen: bool = False,
 ) -> Decision:
     """Apply `best` only when it beats the unrepaired layer on the confirmation rows at `alpha`."""
     change = selection_accuracies[ks.index(best)] - selection_accuracies[ks.index(rank)]
-    decision = Decision(rank, best, rank, data, selection_rows, change, test, alpha, ks, selection_accuracies)
+    decision = Decision(
+        rank,
+        best,
+        rank,
+        data,
+        selection_rows,
+        change,
+        test,
+        alpha,
+        ks,
+        selection_accuracies,
+        targets=targets,
+        targets_chosen=targets_chosen,
+    )
     rows = f"{test.rows:,}"
+    named = f"k = {best}" + (f" ({targets} targets)" if targets_chosen else "")
     if best == rank:
         reason = (
             f"no k beats the unrepaired layer on the {selection_rows:,} selection rows; weights unchanged"
@@ -254,12 +272,12 @@ def decide(
     elif decision.p_value <= alpha:
         decision = replace(decision, k=best)
         reason = (
-            f"k = {best}: {_points(test.change)} on {rows} confirmation rows "
+            f"{named}: {_points(test.change)} on {rows} confirmation rows "
             f"({_interval_text(decision)}), p = {decision.p_value:.2g}, repaired"
         )
     else:
         reason = (
-            f"best k = {best} ({_points(change)} on selection) not confirmed "
+            f"best {named} ({_points(change)} on selection) not confirmed "
             f"({_points(test.change)}, p = {decision.p_value:.2g} on {rows} rows); weights unchanged"
         )
     return replace(decision, reason=reason)
@@ -310,6 +328,23 @@ def compare_heads(
     return as_counts(total(table))
 
 
+def selection_curve(
+    stats: lip.LapStatistics, rows: Rows, targets: str, total: Total = _same
+) -> tuple[list[int], list[float]]:
+    """Accuracies on the grid, then at every k between the best grid point's neighbours, sorted by k."""
+    ks = k_grid(stats.svd.rank)
+    accuracies = curve(stats, rows, ks, targets, total)
+    extra = refined_ks(ks, best_k(ks, accuracies))
+    if extra:
+        accuracies += curve(stats, rows, extra, targets, total)
+        pairs = sorted(zip(ks + extra, accuracies, strict=True))
+        ks, accuracies = [k for k, _ in pairs], [accuracy for _, accuracy in pairs]
+    return ks, accuracies
+
+
+AUTO_TARGETS = "auto"  # choose the targets on the selection part too
+
+
 def auto_k(
     stats: lip.LapStatistics,
     selection: Rows,
@@ -321,18 +356,23 @@ def auto_k(
 ) -> Decision:
     """Choose k on the selection rows (grid, then every k around the best), confirm it on the others.
 
-    `stats` must not have seen either part (for held-out rows: the fit without them). `total` adds
-    counts over processes so that every rank reaches the same decision.
+    With targets = "auto" both of `lip.TARGETS` are tried and the pair (targets, k) with the best
+    selection accuracy wins (ties: the larger k, then the paper's targets). `stats` must not have
+    seen either part (for held-out rows: the fit without them). `total` adds counts over processes
+    so that every rank reaches the same decision.
     """
     rank = stats.svd.rank
-    ks = k_grid(rank)
-    accuracies = curve(stats, selection, ks, targets, total)
-    extra = refined_ks(ks, best_k(ks, accuracies))
-    if extra:
-        accuracies += curve(stats, selection, extra, targets, total)
-        order = sorted(range(len(ks) + len(extra)), key=lambda index: (ks + extra)[index])
-        ks, accuracies = [(ks + extra)[i] for i in order], [accuracies[i] for i in order]
+    options = lip.TARGETS if targets == AUTO_TARGETS else (targets,)
+    curves = {option: selection_curve(stats, selection, option, total) for option in options}
+
+    def score(option: str) -> tuple[float, int, bool]:
+        ks, accuracies = curves[option]
+        best = best_k(ks, accuracies)
+        return accuracies[ks.index(best)], best, option == "paper"
+
+    chosen = max(options, key=score)
+    ks, accuracies = curves[chosen]
     best = best_k(ks, accuracies)
     selection_rows = int(total(torch.tensor([float(sum(int(z.shape[0]) for z, _ in selection))]))[0])
-    test = compare_heads(stats, best, targets, confirmation, total)
-    return decide(ks, accuracies, selection_rows, test, best, rank, alpha, data)
+    test = compare_heads(stats, best, chosen, confirmation, total)
+    return decide(ks, accuracies, selection_rows, test, best, rank, alpha, data, chosen, len(options) > 1)

@@ -323,3 +323,19 @@ def test_a_best_k_that_is_not_confirmed_writes_nothing(tmp_path: Path) -> None:
         result.stderr.split()
     )
     assert not (tmp_path / "model.lip.pt").exists()
+
+
+def test_targets_auto_is_chosen_with_k(tmp_path: Path) -> None:
+    head = make_head(n=400, q=16, l=8, seed=21)
+    paths = save_problem(tmp_path, head)
+    val = write_val(tmp_path, head)
+    args = ["repair", paths["model"], "-f", paths["features"], "--val-features", val, "--dry-run"]
+    result = run(*args, "--k", "auto", "--targets", "auto", "--json")
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert document["test"]["targets_chosen"] and document["targets"] in ("paper", "logit-scale")
+    assert document["targets"] == document["test"]["targets"]
+    alone = json.loads(run(*args, "--k", "auto", "--targets", document["targets"], "--json").stdout)
+    assert alone["test"]["best_k"] == document["test"]["best_k"] and alone["k_curve"] == document["k_curve"]
+    given = run(*args, "--k", 3, "--targets", "auto")
+    assert given.exit_code == 1 and "--targets auto" in given.stderr and "--k auto" in given.stderr

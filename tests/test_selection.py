@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from fractions import Fraction
 
@@ -181,6 +182,7 @@ def test_false_changes_stay_within_alpha_when_no_k_can_help() -> None:
     assert changed <= 0.05 + 3 * math.sqrt(0.05 * 0.95 / runs)
 
 
+@functools.cache
 def _collapsed_head() -> tuple[LapStatistics, torch.Tensor, torch.Tensor, float, float]:
     """A 20-class logistic regression on Gaussian clusters with its tail after k = 8 scaled by 0.05."""
     generator = torch.Generator().manual_seed(5)
@@ -255,3 +257,17 @@ def test_refinement_evaluates_every_k_around_the_best_grid_point() -> None:
     assert decision.best_k == selection.best_k(decision.ks, decision.selection_accuracies)
     direct = selection.curve(stats, [(z[:100], labels[:100])], decision.ks, "paper")
     assert direct == decision.selection_accuracies
+
+
+def test_targets_chosen_with_k_on_the_selection_part() -> None:
+    stats, x_val, y_val, _, _ = _collapsed_head()
+    z = stats.project(x_val)
+    confirm = selection.split_rows(torch.ones(len(y_val), dtype=torch.bool), 0)
+    parts = [(z[~confirm], y_val[~confirm])], [(z[confirm], y_val[confirm])]
+    chosen = selection.auto_k(stats, *parts, "auto")
+    each = {targets: selection.auto_k(stats, *parts, targets) for targets in lip.TARGETS}
+    best = max(each.values(), key=lambda d: d.selection_accuracies[d.ks.index(d.best_k)])
+    assert chosen.targets == best.targets == "logit-scale" and chosen.targets_chosen
+    assert (chosen.best_k, chosen.test) == (best.best_k, best.test)
+    assert chosen.confirmed and "(logit-scale targets)" in chosen.reason
+    assert not each["paper"].targets_chosen and "targets)" not in each["paper"].reason
