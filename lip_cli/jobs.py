@@ -289,7 +289,6 @@ class RepairReport:
     targets: str = "paper"
     target_scale: float | None = None  # c of the logit-scale targets
     decision: selection.Decision | None = None  # the test that decided k (None: no rows to test on)
-    alpha: float = 0.05
 
     @property
     def energy_kept(self) -> float:
@@ -460,7 +459,6 @@ def _repair(
         targets=targets,
         target_scale=fitted.stats.target_scale() if targets == "logit-scale" else None,
         decision=decision,
-        alpha=request.alpha,
     )
 
 
