@@ -28,7 +28,8 @@ $(VISION_VENV)/.installed: pyproject.toml
 	$(VBIN)/pip install --quiet -e '.[dev,vision]'
 	touch $@
 
-# The whole flow on the built-in demo: a model and its data, the feature cache, the repair, a look.
+# The whole flow on the built-in demo: a model and its data, the feature cache, and the recommended
+# repair: --k auto with a clean validation set, which changes the head only when a test confirms it.
 demo: install
 	$(BIN)/lip demo demo --force
 	$(BIN)/lip features demo/model.pt --model python:lip_cli.demo:demo_model --data demo/train/inputs.npy \
@@ -36,8 +37,7 @@ demo: install
 	$(BIN)/lip features demo/model.pt --model python:lip_cli.demo:demo_model --data demo/val/inputs.npy \
 		--labels demo/val/targets.npy --out demo/val/features.npy --force
 	$(BIN)/lip repair demo/model.pt --features demo/train/features.npy --val-features demo/val/features.npy \
-		--val-labels demo/val/labels.npy --k 8 --force
-	$(BIN)/lip inspect demo/model.lip.pt
+		--val-labels demo/val/labels.npy --k auto --force
 
 test: install install-vision
 	$(BIN)/python -m pytest

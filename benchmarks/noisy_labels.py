@@ -2,10 +2,12 @@
 
 For each data set, noise type and rate: train a small MLP with cross-entropy on noisy labels, cache
 its penultimate features, and measure clean test accuracy of the original head, of PSP alone
-(tail truncated), of LIP (PSP + LAP) at several k, and of `lip repair --k auto` (k chosen on a
-held-out 10% of the noisy training labels: no clean data is used to choose). Mean and spread over
-seeds go to benchmarks/RESULTS.md with two figures (spectra against p, phi between clean and noisy
-heads). Usage: python benchmarks/noisy_labels.py [--seeds 3] [--epochs 30] [--quick]
+(tail truncated), of LIP (PSP + LAP) at several k, and of `lip repair --k auto` with its
+confirmation test, k chosen and confirmed on a clean validation split or on a held-out 10% of the
+noisy training labels: the mean and the worst change against the original head, and how often auto
+changed the head. Mean and spread over seeds go to benchmarks/RESULTS.md with two figures (spectra
+against p, phi between clean and noisy heads).
+Usage: python benchmarks/noisy_labels.py [--seeds 3] [--epochs 30] [--quick]
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lip_cli import LapStatistics, head_svd, repair, spectra
+from lip_cli import LapStatistics, LipError, head_svd, repair, spectra
 from lip_cli.jobs import RepairRequest, repair_checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -44,11 +46,12 @@ def synthetic_cifar_like(seed: int) -> tuple[np.ndarray, ...]:
 
     x_train, y_train = sample(100)
     x_test, y_test = sample(40)
-    return x_train, y_train, x_test, y_test
+    x_val, y_val = sample(20)  # drawn last: the training and test rows stay as they were
+    return x_train, y_train, x_test, y_test, x_val, y_val
 
 
 def digits(seed: int) -> tuple[np.ndarray, ...]:
-    """scikit-learn's handwritten digits (8x8 images), split 2:1 by seed."""
+    """scikit-learn's handwritten digits (8x8 images): 2/3 to train, the rest half validation, half test."""
     from sklearn.datasets import load_digits
 
     data = load_digits()
@@ -56,7 +59,9 @@ def digits(seed: int) -> tuple[np.ndarray, ...]:
     order = rng.permutation(len(data.target))
     split = len(order) * 2 // 3
     x = (data.data / 16.0).astype(np.float32)
-    return x[order[:split]], data.target[order[:split]], x[order[split:]], data.target[order[split:]]
+    train, val, test = order[:split], order[split::2], order[split + 1 :: 2]
+    y = data.target
+    return x[train], y[train], x[test], y[test], x[val], y[val]
 
 
 def corrupt(
@@ -241,12 +246,20 @@ def psp_only(weight: torch.Tensor, k: int) -> torch.Tensor:
 def run_setting(
     data: tuple, classes: int, kind: str, rate: float, seed: int, epochs: int, ks: list[int]
 ) -> dict:
-    x_train, y_train, x_test, y_test = data
+    x_train, y_train, x_test, y_test, x_val, y_val = data
     noisy = corrupt(y_train, rate, kind, classes, seed)
     model = train(x_train, noisy, classes, epochs, seed)
     with torch.inference_mode():
-        f_train, f_test = model.body(torch.from_numpy(x_train)), model.body(torch.from_numpy(x_test))
-    return evaluate_head(model.fc, f_train, noisy, f_test, y_test, ks, seed)
+        f_train, f_test, f_val = (model.body(torch.from_numpy(x)) for x in (x_train, x_test, x_val))
+    return evaluate_head(model.fc, f_train, noisy, f_test, y_test, ks, seed, (f_val, y_val))
+
+
+AUTO_RUNS = {  # name: (--targets, rows that choose and confirm k)
+    "auto val": ("paper", "val"),
+    "auto holdout": ("paper", "holdout"),
+    "auto-ls val": ("logit-scale", "val"),
+    "auto-ls holdout": ("logit-scale", "holdout"),
+}
 
 
 def evaluate_head(
@@ -257,8 +270,14 @@ def evaluate_head(
     y_test: np.ndarray,
     ks: list[int],
     seed: int,
+    val: tuple[torch.Tensor, np.ndarray],
 ) -> dict:
-    """Clean test accuracy of the head as trained, PSP alone, LIP at each k, and lip repair --k auto."""
+    """Clean test accuracy of the head as trained, PSP alone, LIP at each k, and lip repair --k auto.
+
+    Each auto run records its clean test accuracy, the k applied and whether it changed the head
+    (None when its rows are too few to split), and the same for the best k on the selection part
+    applied with no test ("untested"), to show what the test prevents.
+    """
     weight, bias = fc.weight.detach().cpu(), fc.bias.detach().cpu()
     row = {"original": accuracy(f_test, y_test, weight, bias), "weight": weight}
     stats = LapStatistics(weight, bias)
@@ -273,21 +292,38 @@ def evaluate_head(
         torch.save({"fc.weight": weight, "fc.bias": bias}, folder / "model.pt")
         np.save(folder / "features.npy", f_train.numpy())
         np.save(folder / "labels.npy", noisy)
-        for name, targets in (("lip auto", "paper"), ("lip-ls auto", "logit-scale")):
-            report = repair_checkpoint(
-                RepairRequest(
-                    checkpoint=folder / "model.pt",
-                    features=folder / "features.npy",
-                    k="auto",
-                    force_write=True,
-                    force=True,
-                    seed=seed,
-                    targets=targets,
-                )
+        np.savez(folder / "val.npz", features=val[0].numpy(), labels=val[1])
+        for name, (targets, rows) in AUTO_RUNS.items():
+            request = RepairRequest(
+                checkpoint=folder / "model.pt",
+                features=folder / "features.npy",
+                k="auto",
+                val_features=folder / "val.npz" if rows == "val" else None,
+                force_write=True,
+                force=True,
+                seed=seed,
+                targets=targets,
             )
+            try:
+                report = repair_checkpoint(request)
+            except LipError as error:  # too few rows to split: recorded, not hidden
+                print(f"{name}: {error}", flush=True)
+                for key in (
+                    name,
+                    f"{name} k",
+                    f"{name} changed",
+                    f"{name} untested",
+                    f"{name} untested changed",
+                ):
+                    row[key] = None
+                continue
             repaired = torch.load(folder / "model.lip.pt", weights_only=True)["fc.weight"]
             row[name] = accuracy(f_test, y_test, repaired, bias)
             row[f"{name} k"] = report.k
+            row[f"{name} changed"] = report.decision.confirmed
+            best = report.decision.best_k  # what choosing alone would apply, with no test
+            row[f"{name} untested"] = accuracy(f_test, y_test, repair(stats, best, targets).weight, bias)
+            row[f"{name} untested changed"] = best != report.rank
     return row
 
 
@@ -297,7 +333,17 @@ def run_cifar100(folder: Path, kind: str, rate: float, seed: int, epochs: int, d
     noisy = corrupt(y_train, rate, kind, 100, seed, groups)
     model = train_cnn(x_train, noisy, 100, epochs, seed, device)
     f_train, f_test = cnn_features(model, x_train, device), cnn_features(model, x_test, device)
-    return evaluate_head(model.fc, f_train, noisy, f_test, y_test, [10, 25, 50, 75], seed)
+    val = len(y_test) // 2  # the first half of the test set is the clean validation split
+    return evaluate_head(
+        model.fc,
+        f_train,
+        noisy,
+        f_test[val:],
+        y_test[val:],
+        [10, 25, 50, 75],
+        seed,
+        (f_test[:val], y_test[:val]),
+    )
 
 
 def summarise(values: list[float]) -> str:
@@ -346,10 +392,11 @@ def main() -> None:
     parser.add_argument("--cifar100", type=Path, default=None, help="folder holding cifar-100-python/")
     parser.add_argument("--cifar-epochs", type=int, default=100)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (1 is faster on a busy machine)")
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.epochs = 1, 3
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     out = Path(tempfile.mkdtemp()) if args.quick else HERE
     started = time.perf_counter()
     sets = {
@@ -367,15 +414,7 @@ def main() -> None:
                     run_setting(loader(seed), classes, kind, rate, seed, args.epochs, ks)
                     for seed in range(args.seeds)
                 ]
-                methods = [key for key in rows[0] if key != "weight" and not key.endswith("auto k")]
-                cells = {method: summarise([row[method] for row in rows]) for method in methods}
-                auto_ks = " / ".join(
-                    ", ".join(str(row[f"{name} k"]) for row in rows) for name in ("lip auto", "lip-ls auto")
-                )
-                lines.append((name, kind, rate, cells, auto_ks))
-                print(
-                    f"{name} {kind} p={rate}: " + "  ".join(f"{m} {c}" for m, c in cells.items()), flush=True
-                )
+                lines.append(setting_line(name, kind, rate, rows))
                 if kind == "symmetric":
                     weights[rate] = rows[0]["weight"]
             if kind == "symmetric":
@@ -391,17 +430,37 @@ def main() -> None:
                 run_cifar100(cifar, kind, rate, seed, args.cifar_epochs, args.device)
                 for seed in range(args.seeds)
             ]
-            methods = [key for key in rows[0] if key != "weight" and not key.endswith("auto k")]
-            cells = {method: summarise([row[method] for row in rows]) for method in methods}
-            auto_ks = " / ".join(
-                ", ".join(str(row[f"{name} k"]) for row in rows) for name in ("lip auto", "lip-ls auto")
-            )
-            lines.append(("cifar-100 (ResNet-34)", kind, rate, cells, auto_ks))
-            print(
-                f"cifar-100 {kind} p={rate}: " + "  ".join(f"{m} {c}" for m, c in cells.items()), flush=True
-            )
+            lines.append(setting_line("cifar-100 (ResNet-34)", kind, rate, rows))
     if not args.quick:
         write_results(lines, images, args, time.perf_counter() - started)
+
+
+def auto_changes(rows: list[dict], run: str) -> tuple[list[float], int]:
+    """Change of clean test accuracy against the original head (points) per seed, and how many changed it."""
+    done = [row for row in rows if row[run] is not None]
+    return [100 * (row[run] - row["original"]) for row in done], sum(
+        bool(row[f"{run} changed"]) for row in done
+    )
+
+
+UNTESTED = {f"{run} untested": run for run in AUTO_RUNS}
+
+
+def auto_cell(changes: list[float], changed: int) -> str:
+    if not changes:
+        return "not run"
+    return f"{statistics.fmean(changes):+.2f} / {min(changes):+.2f} / {changed} of {len(changes)}"
+
+
+def setting_line(name: str, kind: str, rate: float, rows: list[dict]) -> tuple:
+    """One setting's cells: fixed-k methods (mean ± sd) and each auto run (mean / worst / changed)."""
+    fixed = [key for key in rows[0] if key != "weight" and not key.startswith("auto")]
+    cells = {method: summarise([row[method] for row in rows]) for method in fixed}
+    autos = {run: auto_changes(rows, run) for run in [*AUTO_RUNS, *UNTESTED]}
+    ks = " / ".join(", ".join(str(row[f"{run} k"]) for row in rows) for run in AUTO_RUNS)
+    print(f"{name} {kind} p={rate}: " + "  ".join(f"{m} {c}" for m, c in cells.items()), flush=True)
+    print("    " + "  ".join(f"{run} {auto_cell(*value)}" for run, value in autos.items()), flush=True)
+    return name, kind, rate, cells, autos, ks
 
 
 def write_results(lines: list, images: list[str], args: argparse.Namespace, seconds: float) -> None:
@@ -414,22 +473,63 @@ def write_results(lines: list, images: list[str], args: argparse.Namespace, seco
         "Clean test accuracy in %, mean ± standard deviation over seeds.",
         "`psp` keeps the top k singular triplets and drops the tail;",
         "`lip` is PSP + LAP (the paper's formula);",
-        "`lip auto` is `lip repair --k auto` choosing k on a held-out 10% of the *noisy* training labels.",
         "`lip-ls` is the same with `--targets logit-scale`: the labels centred and scaled to the head's own",
         "logit margin before LAP's fit (lip's variant, not the paper's formula).",
     ]
-    current = None
-    for name, kind, rate, cells, auto_ks in lines:
-        if name != current:
-            current = name
+    datasets = list(dict.fromkeys(line[0] for line in lines))
+    for dataset in datasets:
+        ours = [line for line in lines if line[0] == dataset]
+        cells = ours[0][3]
+        text += [
+            "",
+            f"### {dataset}",
+            "",
+            "| noise | p | " + " | ".join(cells) + " |",
+            "|---|---|" + "---|" * len(cells),
+        ]
+        text += [
+            f"| {kind} | {rate} | " + " | ".join(cells.values()) + " |" for _, kind, rate, cells, _, _ in ours
+        ]
+    text += [
+        "",
+        "### `lip repair --k auto` with its confirmation test",
+        "",
+        "k is chosen on one half of the rows that judge it and applied only when it beats the unrepaired",
+        "layer on the other half (exact one-sided McNemar test, alpha 0.05); otherwise the head stays",
+        "as it is. `val`: those rows are a clean validation split (synthetic-100: 2,000 rows; digits:",
+        "300 rows), `holdout`: a held-out 10% of the *noisy* training rows. `auto` uses the paper's",
+        "targets, `auto-ls` `--targets logit-scale`. Each cell: mean change of clean test accuracy",
+        "against the original head / worst change over seeds (points) / runs in which auto changed the",
+        "head.",
+        "",
+        "| data set | noise | p | " + " | ".join(AUTO_RUNS) + " | k applied per seed (same order) |",
+        "|---|---|---|" + "---|" * len(AUTO_RUNS) + "---|",
+    ]
+    for columns, title in ((list(AUTO_RUNS), None), (list(UNTESTED), "untested")):
+        if title:
             text += [
                 "",
-                f"### {name}",
+                "The same runs with the test switched off: the best k on the selection part applied",
+                "whatever the confirmation rows say (what an untested `--k auto` would do, choosing on",
+                "half the rows):",
                 "",
-                "| noise | p | " + " | ".join(cells) + " | auto k per seed (lip / lip-ls) |",
-                "|---|---|" + "---|" * len(cells) + "---|",
+                "| data set | noise | p | " + " | ".join(columns) + " |",
+                "|---|---|---|" + "---|" * len(columns),
             ]
-        text.append(f"| {kind} | {rate} | " + " | ".join(cells.values()) + f" | {auto_ks} |")
+        for name, kind, rate, _, autos, ks in lines:
+            cells = " | ".join(auto_cell(*autos[run]) for run in columns)
+            text.append(f"| {name} | {kind} | {rate} | {cells} |" + ("" if title else f" {ks} |"))
+        for dataset in datasets:
+            totals = [
+                auto_cell(
+                    [change for line in lines if line[0] == dataset for change in line[4][run][0]],
+                    sum(line[4][run][1] for line in lines if line[0] == dataset),
+                )
+                for run in columns
+            ]
+            text.append(
+                f"| **{dataset}, all settings** | | | " + " | ".join(totals) + (" |" if title else " | |")
+            )
     text += ["", "Spectra against p and phi(i, j) between the clean and the noisiest head (seed 0):", ""]
     text += [f"![{image}]({image})" for image in images]
     replace_section("accuracy", "\n".join(text))

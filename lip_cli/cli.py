@@ -36,6 +36,7 @@ class Device(StrEnum):
 class Targets(StrEnum):
     paper = "paper"
     logit_scale = "logit-scale"
+    auto = "auto"
 
 
 class ComputeDtype(StrEnum):
@@ -116,6 +117,17 @@ def parse_k(value: str) -> str:
     raise typer.BadParameter(f"{value!r} is neither a non-negative whole number nor 'auto'")
 
 
+def parse_alpha(value: str) -> float:
+    """--alpha: a level strictly between 0 and 1."""
+    try:
+        alpha = float(value)
+    except ValueError:
+        alpha = float("nan")
+    if not 0.0 < alpha < 1.0:
+        raise typer.BadParameter(f"{value!r} is not a level strictly between 0 and 1 (e.g. 0.05)")
+    return alpha
+
+
 @app.command()
 def repair(
     checkpoint: Annotated[
@@ -139,7 +151,8 @@ def repair(
             "-k",
             parser=parse_k,
             help="Singular components kept as they are (PSP); the rest are re-fitted (LAP). "
-            "'auto' picks the k with the best validation (or held-out) accuracy.",
+            "'auto' chooses k on half of the validation (or held-out) rows and applies it only when "
+            "it beats the unrepaired layer on the other half (exact McNemar test at --alpha).",
         ),
     ],
     labels: Annotated[
@@ -180,8 +193,9 @@ def repair(
         Targets,
         typer.Option(
             "--targets",
-            help="What LAP fits the tail to: 'paper' (the labels, the paper's formula) or 'logit-scale' "
-            "(the labels centred and scaled to the head's own logit margin; see the README).",
+            help="What LAP fits the tail to: 'paper' (the labels, the paper's formula), 'logit-scale' "
+            "(the labels centred and scaled to the head's own logit margin; see the README), or, with "
+            "--k auto, 'auto' (both tried, chosen with k on the selection rows).",
         ),
     ] = Targets.paper,
     sample_rows: Annotated[
@@ -200,11 +214,28 @@ def repair(
         ),
     ] = 0.1,
     seed: Annotated[
-        int, typer.Option("--seed", min=0, max=2**63 - 1, help="Seed of the held-out split.")
+        int,
+        typer.Option(
+            "--seed",
+            min=0,
+            max=2**63 - 1,
+            help="Seed of the held-out rows and of the selection / confirmation split.",
+        ),
     ] = 0,
+    alpha: Annotated[
+        float,
+        typer.Option(
+            "--alpha",
+            parser=parse_alpha,
+            help="Level of the one-sided exact McNemar test that confirms a k (--k auto) or says "
+            "whether a given k's change on the validation set is significant.",
+        ),
+    ] = 0.05,
     force_write: Annotated[
         bool,
-        typer.Option("--force-write", help="With --k auto: write an unchanged copy even when no k helps."),
+        typer.Option(
+            "--force-write", help="With --k auto: write an unchanged copy even when no k is confirmed."
+        ),
     ] = False,
     plot: PlotOption = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Compute and report, write nothing.")] = False,
@@ -237,6 +268,7 @@ def repair(
             sample_rows=sample_rows,
             targets=targets.value,
             force_write=force_write,
+            alpha=alpha,
         )
         if plot is not None:
             files.check_output(plot, [checkpoint, features], force)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lip_cli import __version__, arrays, checkpoint, distributed, files, lip, spectra
+from lip_cli import __version__, arrays, checkpoint, distributed, files, lip, selection, spectra
 from lip_cli.errors import LipError
 
 AUTO = "auto"
@@ -169,33 +169,17 @@ class FittedPass:
     """One streaming pass over the training data: LAP statistics, and projections kept for accuracy.
 
     `sample` holds X U and the labels of a seeded uniform sample of the training rows (all of them
-    when they fit the memory budget), so that accuracies for any k need no second pass.
+    when they fit the memory budget), so that accuracies for any k need no second pass. With a
+    holdout, the held-out rows of that sample are also kept in two seeded parts: one chooses k,
+    the other confirms it (`selection.auto_k`).
     """
 
     stats: lip.LapStatistics  # every training row
     fit_stats: lip.LapStatistics  # the rows not held out (the same object without a holdout)
-    sample: list[tuple[Tensor, Tensor]]
-    held_sample: list[tuple[Tensor, Tensor]]
+    sample: selection.Rows
+    held_selection: selection.Rows
+    held_confirmation: selection.Rows
     sampled_rows: int
-
-    @staticmethod
-    def curve(
-        stats: lip.LapStatistics,
-        sample: list[tuple[Tensor, Tensor]],
-        ks: list[int],
-        targets: str = "paper",
-        group: distributed.Group = distributed.Group(),
-    ) -> list[float]:
-        curve = lip.KCurve(stats, ks, targets)
-        for z, y in sample:
-            curve.update_projections(z, y)
-        return reduced_accuracies(curve, group)
-
-
-def reduced_accuracies(curve: lip.KCurve, group: distributed.Group) -> list[float]:
-    """A curve's accuracies with its counts added over the ranks of `group`."""
-    counts = group.sum(torch.tensor([*curve.correct, curve.samples], dtype=torch.float64))
-    return [float(count) / max(float(counts[-1]), 1.0) for count in counts[:-1]]
 
 
 def statistics_pass(
@@ -207,13 +191,15 @@ def statistics_pass(
     sample_rows: int | None = None,
     progress: Progress = _no_progress,
     group: distributed.Group = distributed.Group(),
+    min_held: int = 1,
 ) -> FittedPass:
     """Stream the training data once: accumulate LAP sums, keep the projections of a sample.
 
     With `holdout`, a seeded share of the rows is accumulated apart (to choose k on rows the fit
-    has not seen) and merged back afterwards. Under torchrun each rank streams its share of the
-    rows (the seeded masks are the same on every rank) and the sums are added over the ranks;
-    a failure on any rank fails every rank with its message.
+    has not seen) and merged back afterwards; at least `min_held` of them must be in the sample.
+    Under torchrun each rank streams its share of the rows (the seeded masks are the same on every
+    rank) and the sums are added over the ranks; a failure on any rank fails every rank with its
+    message.
     """
     rows = data.features.rows
     generator = torch.Generator().manual_seed(seed)
@@ -232,9 +218,20 @@ def statistics_pass(
     if rows > sample_rows:
         sampled = torch.zeros(rows, dtype=torch.bool)
         sampled[torch.randperm(rows, generator=generator)[:sample_rows]] = True
+    confirm = torch.zeros(rows, dtype=torch.bool)
+    if holdout > 0:
+        held_rows = int((held & sampled).sum())
+        if held_rows < min_held:
+            raise LipError(
+                f"--holdout {holdout}: {held_rows} held-out rows are too few to choose k on one part "
+                f"and confirm it on the other; --k auto needs at least {min_held}: pass --val-features "
+                "or a larger --holdout"
+            )
+        confirm = selection.split_rows(held & sampled, seed)  # (n,) the held-out rows that confirm k
     held_stats = stats.copy() if holdout > 0 else None
-    sample: list[tuple[Tensor, Tensor]] = []
-    held_sample: list[tuple[Tensor, Tensor]] = []
+    sample: selection.Rows = []
+    held_selection: selection.Rows = []
+    held_confirmation: selection.Rows = []
     failure = None
     try:
         for start, x, y in _batches(data, chunk_rows, "statistics", progress, group.rows(rows)):
@@ -247,7 +244,10 @@ def statistics_pass(
             else:
                 stats.accumulate(z[~is_held], y[~is_held])
                 held_stats.accumulate(z[is_held], y[is_held])
-                held_sample.append((z[keep & is_held].clone(), y[keep & is_held]))
+                chooses, confirms = keep & is_held, confirm[start:stop].to(z.device)
+                chooses &= ~confirms
+                held_selection.append((z[chooses], y[chooses]))
+                held_confirmation.append((z[confirms], y[confirms]))
             sample.append((z[keep].clone(), y[keep]))
     except LipError as error:
         failure = error
@@ -260,7 +260,41 @@ def statistics_pass(
     if held_stats is not None:
         stats = fit_stats.copy()
         stats.merge(held_stats)
-    return FittedPass(stats, fit_stats, sample, held_sample, int(sampled.sum()))
+    return FittedPass(stats, fit_stats, sample, held_selection, held_confirmation, int(sampled.sum()))
+
+
+def project_rows(
+    data: LabelledFeatures,
+    stats: lip.LapStatistics,
+    chunk_rows: int,
+    confirm: Tensor | None = None,
+    progress: Progress = _no_progress,
+    group: distributed.Group = distributed.Group(),
+) -> tuple[selection.Rows, selection.Rows]:
+    """Stream a labelled set once: its projections X U, apart from the `confirm` rows (n,) if given."""
+    rows = data.features.rows
+    confirm = torch.zeros(rows, dtype=torch.bool) if confirm is None else confirm
+    chooses: selection.Rows = []
+    confirms: selection.Rows = []
+    failure = None
+    try:
+        for start, x, y in _batches(data, chunk_rows, "validation", progress, group.rows(rows)):
+            z = stats.project(x)  # (n, r)
+            y = y.to(z.device)
+            part = confirm[start : start + x.shape[0]].to(z.device)
+            chooses.append((z[~part], y[~part]))
+            confirms.append((z[part], y[part]))
+    except LipError as error:
+        failure = error
+    group.check(failure)
+    return chooses, confirms
+
+
+def _counts_total(group: distributed.Group, device: torch.device) -> selection.Total:
+    """Adds counts over the ranks, on the device the backend reduces on."""
+    if not group.active:
+        return lambda counts: counts
+    return lambda counts: group.sum(counts.to(device)).cpu()
 
 
 @dataclass(frozen=True)
@@ -282,9 +316,10 @@ class RepairRequest:
     dry_run: bool = False
     holdout: float = 0.1  # share of training samples held out to choose k when there is no val set
     sample_rows: int | None = None  # training rows kept for accuracies; None: as many as fit 256 MB
-    targets: str = "paper"  # or "logit-scale": labels scaled to the head's logit margin (lip.LapStatistics)
+    targets: str = "paper"  # "logit-scale": labels scaled to the head's logit margin; "auto" (k auto): chosen
     seed: int = 0
-    force_write: bool = False  # with k = "auto": write an unchanged copy when no k helps
+    force_write: bool = False  # with k = "auto": write an unchanged copy when no k is confirmed
+    alpha: float = 0.05  # level of the one-sided McNemar test that confirms a k
 
 
 @dataclass
@@ -311,6 +346,7 @@ class RepairReport:
     other_copies: list[str] = field(default_factory=list)  # the same layer elsewhere (EMA, wrappers)
     targets: str = "paper"
     target_scale: float | None = None  # c of the logit-scale targets
+    decision: selection.Decision | None = None  # the test that decided k (None: no rows to test on)
 
     @property
     def energy_kept(self) -> float:
@@ -342,16 +378,21 @@ def _batches(
 def repair_checkpoint(request: RepairRequest, progress: Progress = _no_progress) -> RepairReport:
     """`lip repair`: PSP + LAP on the classifier layer of a checkpoint, written to a new file.
 
-    With k = "auto" the k is chosen by accuracy on the validation set, or on a seeded held-out
-    split of the training samples (the final fit still uses them all); ties go to the larger k.
-    When no k beats the unrepaired layer, the weights stay as they are and nothing is written
-    unless `force_write`.
+    With k = "auto" the rows that judge k (the validation set, or a seeded held-out share of the
+    training rows, left out of the fit used to choose) are split in two: k is chosen on one part
+    and applied only when it beats the unrepaired layer on the other by an exact one-sided McNemar
+    test at `alpha` (`selection.auto_k`); otherwise the weights stay as they are and nothing is
+    written unless `force_write`. A given k is tested the same way on the whole validation set.
     """
     if request.val_labels is not None and request.val_features is None:
         raise LipError("--val-labels needs --val-features")
     auto = request.k == AUTO
     if auto and request.val_features is None and not 0.0 < request.holdout < 1.0:
         raise LipError(f"--holdout {request.holdout}: must be a fraction between 0 and 1")
+    if not 0.0 < request.alpha < 1.0:
+        raise LipError(f"--alpha {request.alpha}: must be between 0 and 1")
+    if request.targets == selection.AUTO_TARGETS and not auto:
+        raise LipError("--targets auto chooses the targets together with k: it needs --k auto")
     compute_dtype = lip.COMPUTE_DTYPES[request.compute_dtype]
     device = resolve_device(request.device)
     group = distributed.from_environment(device)
@@ -393,6 +434,8 @@ def _repair(
                     f"{val.features.name}: validation features have {val.features.shape[1]} columns, "
                     f"training features {train.features.shape[1]}"
                 )
+            if auto:
+                _check_split_size(val, request.alpha)
 
         model = checkpoint.load_checkpoint(request.checkpoint)
         layer, weight, bias = _classifier_for(model, request.layer, train, val)
@@ -413,67 +456,20 @@ def _repair(
         sample_rows=request.sample_rows,
         progress=progress,
         group=group,
+        min_held=selection.minimum_rows(request.alpha),
     )
-    stats = fitted.stats
-
-    # accuracy at each candidate k; k = rank is the unrepaired layer
-    ks = lip.k_grid(rank) if auto else sorted({int(request.k), rank})
-    targets = request.targets
-    accuracies = {"train": fitted.curve(fitted.stats, fitted.sample, ks, targets, group)}
-    selection = "val" if val is not None else "holdout" if auto else None
-    if selection == "holdout":
-        accuracies["holdout"] = fitted.curve(fitted.fit_stats, fitted.held_sample, ks, targets, group)
-    if val is not None:
-        val_curve, failure = lip.KCurve(stats, ks, targets), None
-        try:
-            for _, x, y in _batches(
-                val, request.chunk_rows, "validation", progress, group.rows(val.features.rows)
-            ):
-                val_curve.update(x, y)
-        except LipError as error:
-            failure = error
-        group.check(failure)
-        accuracies["val"] = reduced_accuracies(val_curve, group)
-    warnings = []
-    if auto:
-        selected = accuracies[str(selection)]
-        best = max(selected)
-        k = max(k for k, value in zip(ks, selected, strict=True) if value == best)
-    else:
-        k = int(request.k)
-    improved = k < rank
-    repaired = lip.repair(stats, k, targets)
-    accuracy = {}
-    for name, values in accuracies.items():
-        accuracy[f"{name}_before"], accuracy[f"{name}_after"] = values[ks.index(rank)], values[ks.index(k)]
-    if not auto and val is not None and accuracy["val_after"] < accuracy["val_before"]:
-        warnings.append(
-            f"k = {k} LOWERS validation accuracy from {100 * accuracy['val_before']:.2f}% to "
-            f"{100 * accuracy['val_after']:.2f}%; consider --k auto"
-        )
-    if repaired.unexcited:
-        warnings.append(
-            f"{len(repaired.unexcited)} tail direction(s) are never excited by the features and "
-            f"keep their old singular values: {list(repaired.unexcited[:10])}"
-        )
-    if auto and not improved:
-        where = (
-            "validation set"
-            if selection == "val"
-            else f"held-out {request.holdout:.0%} of the training samples"
-        )
-        warnings.append(
-            f"no k beats the unrepaired layer on the {where}; the weights stay as they are"
-            + (
-                ""
-                if request.force_write or output is None
-                else ", nothing written (--force-write writes a copy)"
-            )
-        )
-        if not request.force_write:
-            output = None
-    _check_statistics(stats, train)
+    _check_statistics(fitted.stats, train)
+    total = _counts_total(group, device)
+    decision = _judge_k(request, fitted, val, total, progress, group)
+    k = int(request.k) if decision is None else decision.k
+    targets = decision.targets if auto and decision is not None else request.targets
+    repaired = lip.repair(fitted.stats, k, targets)
     _check_repaired(repaired, f"{request.checkpoint}: `{layer.weight_key}`")
+    ks = decision.ks if auto and decision is not None else sorted({k, rank})
+    train_curve = selection.curve(fitted.stats, fitted.sample, ks, targets, total)
+    warnings = _repair_warnings(request, decision, repaired, output is not None)
+    if decision is not None and auto and not decision.confirmed and not request.force_write:
+        output = None
     if output is not None and group.leader:
         updates = {layer.weight_key: repaired.weight.to(weight.device)}
         provenance = {
@@ -484,7 +480,8 @@ def _repair(
             "layer": layer.name,
             "weight_key": layer.weight_key,
             "k": k,
-            "k_selection": selection if auto else "given",
+            "k_selection": decision.data if auto and decision is not None else "given",
+            "decision": None if decision is None else decision.reason,
             "rank": rank,
             "targets": targets,
             "input": str(request.checkpoint),
@@ -496,12 +493,10 @@ def _repair(
         checkpoint.write_checkpoint(model, updates, output, provenance)
     hashing.shutdown(cancel_futures=True)
 
-    curve_ks = ks if auto else [k]
-    k_curve = [
-        {"k": k_value, "train_accuracy": accuracies["train"][ks.index(k_value)]}
-        | ({"val_accuracy": accuracies[selection][ks.index(k_value)]} if selection else {})
-        for k_value in curve_ks
-    ]
+    accuracy = {"train_before": train_curve[ks.index(rank)], "train_after": train_curve[ks.index(k)]}
+    if decision is not None:
+        accuracy[f"{decision.data}_before"] = decision.accuracy(rank)
+        accuracy[f"{decision.data}_after"] = decision.accuracy(k)
     return RepairReport(
         checkpoint=Path(request.checkpoint),
         layer=layer,
@@ -517,13 +512,95 @@ def _repair(
         accuracy=accuracy,
         output=output,
         warnings=warnings,
-        k_curve=k_curve,
-        k_selection=(selection if auto else None),
+        k_curve=_k_curve(ks if auto else [k], ks, train_curve, decision),
+        k_selection=decision.data if auto and decision is not None else None,
         accuracy_rows=fitted.sampled_rows,
         other_copies=[copy.name for copy in checkpoint.copies_of(model, layer)],
         targets=targets,
-        target_scale=stats.target_scale() if targets == "logit-scale" else None,
+        target_scale=fitted.stats.target_scale() if targets == "logit-scale" else None,
+        decision=decision,
     )
+
+
+def _check_split_size(val: LabelledFeatures, alpha: float) -> None:
+    rows, minimum = val.features.rows, selection.minimum_rows(alpha)
+    if rows < minimum:
+        raise LipError(
+            f"{val.features.name}: {rows} validation rows are too few to choose k on one part and "
+            f"confirm it on the other; --k auto needs at least {minimum} at --alpha {alpha:g}"
+        )
+
+
+def _judge_k(
+    request: RepairRequest,
+    fitted: FittedPass,
+    val: LabelledFeatures | None,
+    total: selection.Total,
+    progress: Progress,
+    group: distributed.Group,
+) -> selection.Decision | None:
+    """With --k auto: k chosen on one part and confirmed on the other. A given k: tested on the
+    whole validation set. None when there is nothing to test it on."""
+    auto = request.k == AUTO
+    targets, alpha = request.targets, request.alpha
+    if val is None:
+        if not auto:
+            return None
+        held = fitted.held_selection, fitted.held_confirmation
+        return selection.auto_k(fitted.fit_stats, *held, targets, alpha, "holdout", total)
+    rows = val.features.rows
+    confirm = selection.split_rows(torch.ones(rows, dtype=torch.bool), request.seed) if auto else None
+    chooses, confirms = project_rows(val, fitted.stats, request.chunk_rows, confirm, progress, group)
+    if auto:
+        return selection.auto_k(fitted.stats, chooses, confirms, targets, alpha, "val", total)
+    test = selection.compare_heads(fitted.stats, int(request.k), targets, chooses, total)
+    return selection.assess_given_k(test, int(request.k), fitted.stats.svd.rank, alpha)
+
+
+def _repair_warnings(
+    request: RepairRequest, decision: selection.Decision | None, repaired: lip.RepairedHead, writing: bool
+) -> list[str]:
+    warnings = []
+    if decision is not None and decision.given and decision.test.change < 0:
+        before, after = decision.accuracy(decision.rank), decision.accuracy(decision.k)
+        warnings.append(
+            f"k = {decision.k} LOWERS validation accuracy from {100 * before:.2f}% to {100 * after:.2f}% "
+            f"on {decision.test.rows:,} rows, {selection.significance(decision)}; consider --k auto"
+        )
+    if repaired.unexcited:
+        warnings.append(
+            f"{len(repaired.unexcited)} tail direction(s) are never excited by the features and "
+            f"keep their old singular values: {list(repaired.unexcited[:10])}"
+        )
+    if decision is not None and not decision.given:
+        if decision.data == "holdout":
+            warnings.append(
+                "k was chosen and confirmed on held-out training rows, whose labels are noisy: "
+                "a clean validation set (--val-features) is the reliable way to choose k"
+            )
+        if not decision.confirmed:
+            unwritten = writing and not request.force_write
+            warnings.append(
+                decision.reason + (", nothing written (--force-write writes a copy)" if unwritten else "")
+            )
+    return warnings
+
+
+def _k_curve(
+    shown: list[int], ks: list[int], train_curve: list[float], decision: selection.Decision | None
+) -> list[dict[str, float]]:
+    """{k, train_accuracy[, val_accuracy]} for the ks shown; val_accuracy is on the rows that chose k
+    (the selection part), or for a given k on the whole validation set."""
+    points = []
+    for k in shown:
+        point = {"k": k, "train_accuracy": train_curve[ks.index(k)]}
+        if decision is not None:
+            given = decision.given
+            point["val_accuracy"] = (
+                decision.accuracy(k) if given else decision.selection_accuracies[decision.ks.index(k)]
+            )
+        points.append(point)
+    return points
 
 
 ENERGY_LEVELS = (0.9, 0.95, 0.99)
@@ -651,8 +728,8 @@ def inspect_layer(
     stats = lip.LapStatistics(weight, bias, device=resolve_device(device))
     fitted = statistics_pass(train, stats, chunk_rows, progress=progress)
     _check_statistics(fitted.stats, train)
-    ks = lip.k_grid(stats.svd.rank)
-    accuracies = fitted.curve(fitted.stats, fitted.sample, ks)
+    ks = selection.k_grid(stats.svd.rank)
+    accuracies = selection.curve(fitted.stats, fitted.sample, ks)
     return LayerReport(
         checkpoint=Path(path),
         spectrum=layer_spectrum(model, layer, is_classifier=True),

@@ -314,19 +314,24 @@ def lip_repair(
     return repair(stats, k, targets), stats
 
 
-def count_correct(logits: Tensor, labels: Tensor) -> int:
-    """Predictions that hit a label: the class id, or any class holding the row's largest target.
+def correct_mask(logits: Tensor, labels: Tensor) -> Tensor:
+    """Which rows a prediction hits: the class id, or any class holding the row's largest target.
 
     With one-hot rows that is the labelled class, with soft rows the most likely class, and with a
-    0/1 candidate-set matrix (partial labels) any candidate.
+    0/1 candidate-set matrix (partial labels) any candidate. A boolean tensor (n,).
     """
     predicted = logits.argmax(dim=1)
     if labels.ndim == 1:
-        return int((predicted == labels.to(predicted.device).long()).sum())
+        return predicted == labels.to(predicted.device).long()
     targets = labels.to(logits.device, torch.float64)
     best = targets.max(dim=1).values
     hit = targets.gather(1, predicted[:, None]).squeeze(1)
-    return int(((hit == best) & (best > 0)).sum())
+    return (hit == best) & (best > 0)
+
+
+def count_correct(logits: Tensor, labels: Tensor) -> int:
+    """How many rows a prediction hits (`correct_mask`)."""
+    return int(correct_mask(logits, labels).sum())
 
 
 def k_grid(rank: int, most: int = 65) -> list[int]:

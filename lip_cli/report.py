@@ -202,10 +202,24 @@ def render_repair(report: RepairReport) -> None:
             f"[dim]training accuracies measured on a seeded random sample of {report.accuracy_rows:,} "
             f"of {report.samples:,} rows (--sample-rows)[/]"
         )
-    if report.k_selection:
-        render_k_curve(report.k_curve, report.samples, report.labels_origin, chosen=report.k)
-        where = "the validation set" if report.k_selection == "val" else "held-out training samples"
-        console.print(f"--k auto chose k = {report.k} of {report.rank} by accuracy on {where}")
+    decision = report.decision
+    if report.k_selection and decision is not None:
+        render_k_curve(report.k_curve, report.samples, report.labels_origin, chosen=decision.best_k)
+        where = (
+            "the validation set" if report.k_selection == "val" else "held-out training rows (noisy labels)"
+        )
+        console.print(
+            f"--k auto: k chosen on {decision.selection_rows:,} rows of {where}, then tested on "
+            f"{decision.test.rows:,} other rows (seeded split, --seed)"
+        )
+    if decision is not None and decision.best_k != decision.rank:
+        console.print(_decision_table(decision))
+    warned = decision is not None and (
+        any(decision.reason in message for message in report.warnings)
+        or (decision.given and decision.test.change < 0)  # the LOWERS warning says it
+    )
+    if decision is not None and not warned:
+        console.print(f"[bold]decision[/]: {decision.reason}")
     for message in report.warnings:
         warning(message)
     if report.other_copies:
@@ -217,6 +231,63 @@ def render_repair(report: RepairReport) -> None:
         console.print("nothing written")
     else:
         console.print(f"wrote [bold]{report.output}[/]")
+
+
+def _decision_table(decision: Any) -> Table:
+    """The paired test of a k against the unrepaired layer: the rows, the discordant counts, p, CI."""
+    test = decision.test
+    low, high = decision.interval
+    title = "validation rows" if decision.given else "confirmation rows"
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row(
+        "test",
+        f"k = {decision.best_k} against the unrepaired layer on {test.rows:,} {title}"
+        + ("" if decision.given else f" ({decision.selection_rows:,} other rows chose k)"),
+    )
+    table.add_row(
+        "discordant rows",
+        f"{test.gains:,} right only after the repair, {test.losses:,} right only before",
+    )
+    table.add_row(
+        "accuracy change",
+        f"{100 * test.change:+.2f} pt (95% CI {100 * low:+.2f} to {100 * high:+.2f}, Newcombe)",
+    )
+    table.add_row(
+        "p-value",
+        f"{decision.p_value:.3g} that it is better"
+        + (f", {decision.p_value_drop:.3g} that it is worse" if decision.given else "")
+        + f" (exact one-sided McNemar; alpha {decision.alpha:g})",
+    )
+    return table
+
+
+def decision_document(decision: Any) -> dict[str, Any] | None:
+    if decision is None:
+        return None
+    low, high = decision.interval
+    test = decision.test
+    return {
+        "data": decision.data,
+        "given_k": decision.given,
+        "best_k": decision.best_k,
+        "selection_rows": decision.selection_rows,
+        "confirmation_rows": test.rows,
+        "selection_change": decision.selection_change,
+        "discordant_gains": test.gains,
+        "discordant_losses": test.losses,
+        "both_right": test.both,
+        "both_wrong": test.neither,
+        "accuracy_change": test.change,
+        "ci95_accuracy_change": [low, high],
+        "p_value": decision.p_value,
+        "p_value_drop": decision.p_value_drop,
+        "alpha": decision.alpha,
+        "targets": decision.targets,
+        "targets_chosen": decision.targets_chosen,
+        "confirmed": None if decision.given else decision.confirmed,
+    }
 
 
 def repair_document(report: RepairReport) -> dict[str, Any]:
@@ -250,6 +321,8 @@ def repair_document(report: RepairReport) -> dict[str, Any]:
         "target_scale": report.target_scale,
         "k_selection": report.k_selection,
         "k_curve": report.k_curve,
+        "test": decision_document(report.decision),
+        "decision": None if report.decision is None else report.decision.reason,
         "output": None if report.output is None else str(report.output),
         "warnings": report.warnings,
     }

@@ -87,4 +87,4 @@ def test_cifar100_setting_runs_end_to_end(tmp_path: Path) -> None:
     folder = write_fake_cifar(tmp_path, per_split=48)
     row = noisy_labels.run_cifar100(folder, "asymmetric", 0.2, seed=0, epochs=1, device="cpu")
     assert 0.0 <= row["original"] <= 1.0
-    assert {"psp k=10", "lip k=75", "lip-ls k=25", "lip auto", "lip-ls auto"} <= set(row)
+    assert {"psp k=10", "lip k=75", "lip-ls k=25", "auto val", "auto-ls holdout"} <= set(row)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from conftest import Head, make_head, save_problem
 from reference import logit_scale_lip
 from typer.testing import CliRunner
 
+from lip_cli import selection
 from lip_cli.cli import app
 
 runner = CliRunner(env={"COLUMNS": "200"})
@@ -32,7 +34,7 @@ def chosen_by_rule(curve: list[dict], column: str) -> int:
     return max(point["k"] for point in curve if point[column] == best)
 
 
-def test_auto_on_validation_picks_the_best_k_and_writes_it(tmp_path: Path) -> None:
+def test_auto_on_validation_chooses_on_one_part_and_confirms_on_the_other(tmp_path: Path) -> None:
     head = make_head(n=400, q=16, l=8, seed=21)  # a random, untrained head: LAP helps a lot
     paths = save_problem(tmp_path, head)
     val = write_val(tmp_path, head)
@@ -41,18 +43,40 @@ def test_auto_on_validation_picks_the_best_k_and_writes_it(tmp_path: Path) -> No
     )
     assert result.exit_code == 0, result.output
     document = json.loads(result.stdout)
-    curve = document["k_curve"]
+    curve, test = document["k_curve"], document["test"]
     assert [point["k"] for point in curve] == list(range(9))
-    assert document["k_selection"] == "val"
-    assert document["k_chosen"] == chosen_by_rule(curve, "val_accuracy") < 8
+    assert document["k_selection"] == "val" and test["data"] == "val"
+    assert test["selection_rows"] == test["confirmation_rows"] == 100  # 200 validation rows, half each
+    assert test["best_k"] == chosen_by_rule(curve, "val_accuracy") < 8  # chosen on the selection part
+    assert test["confirmed"] and test["p_value"] <= test["alpha"] == 0.05
+    assert document["k_chosen"] == test["best_k"]
     assert document["accuracy"]["val_after"] > document["accuracy"]["val_before"]
-    assert document["accuracy"]["val_after"] == curve[document["k_chosen"]]["val_accuracy"]
-    written = torch.load(document["output"], weights_only=True)["fc.weight"]
+    low, high = test["ci95_accuracy_change"]
+    assert 0 < low <= test["accuracy_change"] <= high
+    assert document["decision"] == (
+        f"k = {test['best_k']}: {100 * test['accuracy_change']:+.1f} pt on 100 confirmation rows "
+        f"(95% CI {100 * low:+.1f} to {100 * high:+.1f} pt), p = {test['p_value']:.2g}, repaired"
+    )
+    # the discordant counts, recomputed in float64 from the written weight on the confirmation rows
+    written = torch.load(document["output"], weights_only=True)["fc.weight"].double()
+    data = np.load(val)
+    confirm = selection.split_rows(torch.ones(200, dtype=torch.bool), 0).numpy()
+    x, y, bias = data["features"][confirm], data["labels"][confirm], head.bias.float().double().numpy()
+    before = (x @ head.weight.float().double().numpy().T + bias).argmax(1) == y
+    after = (x @ written.numpy().T + bias).argmax(1) == y
+    assert (test["discordant_gains"], test["discordant_losses"]) == (
+        int((after & ~before).sum()),
+        int((before & ~after).sum()),
+    )
     explicit = run(
         "repair", paths["model"], "-f", paths["features"], "--k", document["k_chosen"], "--dry-run", "--json"
     )
     assert json.loads(explicit.stdout)["singular_values_after"] == document["singular_values_after"]
-    assert written.shape == (8, 16)
+    human = run(
+        "repair", paths["model"], "-f", paths["features"], "--val-features", val, "--k", "auto", "--dry-run"
+    )
+    text = " ".join(human.stderr.split())
+    assert "decision: " + document["decision"] in text and "exact one-sided McNemar" in text
 
 
 def test_auto_without_validation_holds_out_training_samples(tmp_path: Path) -> None:
@@ -63,9 +87,13 @@ def test_auto_without_validation_holds_out_training_samples(tmp_path: Path) -> N
     assert first.exit_code == 0, first.output
     document = json.loads(first.stdout)
     assert document == json.loads(second.stdout)  # seeded
-    assert document["k_selection"] == "holdout"
+    assert document["k_selection"] == "holdout" and document["test"]["data"] == "holdout"
     assert {"holdout_before", "holdout_after", "train_before", "train_after"} <= set(document["accuracy"])
-    assert document["k_chosen"] == chosen_by_rule(document["k_curve"], "val_accuracy")
+    assert document["test"]["best_k"] == chosen_by_rule(document["k_curve"], "val_accuracy")
+    held = int((torch.rand(600, generator=torch.Generator().manual_seed(0)) < 0.1).sum())
+    assert document["test"]["confirmation_rows"] == held // 2
+    assert document["test"]["selection_rows"] == held - held // 2
+    assert any("clean validation set (--val-features) is the reliable way" in w for w in document["warnings"])
     other_seed = json.loads(run(*args, "--seed", "5").stdout)
     assert other_seed["k_curve"] != document["k_curve"]
 
@@ -133,7 +161,19 @@ def test_explicit_k_that_lowers_validation_accuracy_warns(tmp_path: Path) -> Non
         ).stdout
     )
     assert document["accuracy"]["val_after"] < document["accuracy"]["val_before"]
-    assert "LOWERS validation accuracy" in result.stderr
+    test = document["test"]
+    assert test["given_k"] and test["selection_rows"] == 0 and test["confirmation_rows"] == 300
+    assert test["confirmed"] is None and document["k_chosen"] == 1
+    assert test["accuracy_change"] == pytest.approx(
+        document["accuracy"]["val_after"] - document["accuracy"]["val_before"]
+    )
+    gains, losses = test["discordant_gains"], test["discordant_losses"]
+    n = gains + losses
+    assert test["p_value_drop"] == pytest.approx(sum(math.comb(n, i) for i in range(losses, n + 1)) / 2**n)
+    assert test["p_value_drop"] <= 0.05
+    warning = " ".join(result.stderr.split())
+    assert "LOWERS validation accuracy" in warning and "a significant drop (p = " in warning
+    assert document["decision"].startswith("k = 1: -") and "validation rows" in document["decision"]
     assert (
         "LOWERS" not in run("repair", paths["model"], "-f", paths["features"], "--k", 5, "--dry-run").stderr
     )
@@ -211,3 +251,91 @@ def test_logit_scale_targets_from_the_command(tmp_path: Path) -> None:
     assert (
         run("repair", paths["model"], "-f", paths["features"], "--k", 2, "--targets", "other").exit_code == 2
     )
+
+
+@pytest.mark.parametrize("value", ["0", "1", "-0.5", "1.5", "abc"])
+def test_alpha_outside_zero_one_is_a_usage_error(tmp_path: Path, head, value: str) -> None:
+    paths = save_problem(tmp_path, head)
+    result = run("repair", paths["model"], "-f", paths["features"], "--k", "auto", "--alpha", value)
+    assert result.exit_code == 2 and "--alpha" in result.stderr
+    assert not (tmp_path / "model.lip.pt").exists()
+
+
+def test_alpha_sets_the_level_and_the_minimum(tmp_path: Path) -> None:
+    head = make_head(n=300, q=10, l=5, seed=27)
+    paths = save_problem(tmp_path, head)
+    small = make_head(n=12, q=10, l=5, seed=28)
+    np.savez(tmp_path / "small.npz", features=small.features.numpy(), labels=small.labels.numpy())
+    base = ["repair", paths["model"], "-f", paths["features"], "--val-features", tmp_path / "small.npz"]
+    accepted = run(*base, "--k", "auto", "--dry-run", "--json")
+    assert accepted.exit_code == 0, accepted.output
+    assert json.loads(accepted.stdout)["test"]["alpha"] == 0.05
+    refused = run(*base, "--k", "auto", "--alpha", "0.01")
+    assert refused.exit_code == 1
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert "12 validation rows are too few" in refused.stderr
+    assert "needs at least 14 at --alpha 0.01" in " ".join(refused.stderr.split())
+
+
+def test_a_validation_set_too_small_to_split(tmp_path: Path, head) -> None:
+    paths = save_problem(tmp_path, head)
+    tiny = make_head(n=6, q=head.weight.shape[1], l=5, seed=29)
+    np.savez(tmp_path / "tiny.npz", features=tiny.features.numpy(), labels=tiny.labels.numpy())
+    args = ["repair", paths["model"], "-f", paths["features"], "--val-features", tmp_path / "tiny.npz"]
+    result = run(*args, "--k", "auto")
+    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert "6 validation rows are too few" in result.stderr and "at least 10" in result.stderr
+    assert not (tmp_path / "model.lip.pt").exists()
+    assert run(*args, "--k", "2", "--dry-run").exit_code == 0  # a given k needs no split
+
+
+def test_a_holdout_too_small_to_split(tmp_path: Path) -> None:
+    head = make_head(n=60, q=8, l=4, seed=30)
+    paths = save_problem(tmp_path, head)
+    result = run("repair", paths["model"], "-f", paths["features"], "--k", "auto")
+    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert "held-out rows are too few" in result.stderr and "at least 10" in result.stderr
+    assert (
+        run("repair", paths["model"], "-f", paths["features"], "--k", "auto", "--holdout", "0.5").exit_code
+        == 0
+    )
+
+
+def test_a_best_k_that_is_not_confirmed_writes_nothing(tmp_path: Path) -> None:
+    head = make_head(n=300, q=10, l=5, seed=31)
+    paths = save_problem(tmp_path, head)
+    generator = torch.Generator().manual_seed(32)
+    features = torch.randn(200, 10, generator=generator)
+    labels = torch.randint(5, (200,), generator=generator)  # independent of the features: no k can help
+    np.savez(tmp_path / "val.npz", features=features.numpy(), labels=labels.numpy())
+    args = ["repair", paths["model"], "-f", paths["features"], "--val-features", tmp_path / "val.npz"]
+    result = run(*args, "--k", "auto", "--json")
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    test = document["test"]
+    assert test["best_k"] < document["rank"] and not test["confirmed"] and test["p_value"] > 0.05
+    assert document["k_chosen"] == document["rank"] and document["output"] is None
+    assert (
+        document["decision"].startswith(f"best k = {test['best_k']} (")
+        and "not confirmed" in document["decision"]
+    )
+    assert "weights unchanged, nothing written (--force-write writes a copy)" in " ".join(
+        result.stderr.split()
+    )
+    assert not (tmp_path / "model.lip.pt").exists()
+
+
+def test_targets_auto_is_chosen_with_k(tmp_path: Path) -> None:
+    head = make_head(n=400, q=16, l=8, seed=21)
+    paths = save_problem(tmp_path, head)
+    val = write_val(tmp_path, head)
+    args = ["repair", paths["model"], "-f", paths["features"], "--val-features", val, "--dry-run"]
+    result = run(*args, "--k", "auto", "--targets", "auto", "--json")
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert document["test"]["targets_chosen"] and document["targets"] in ("paper", "logit-scale")
+    assert document["targets"] == document["test"]["targets"]
+    alone = json.loads(run(*args, "--k", "auto", "--targets", document["targets"], "--json").stdout)
+    assert alone["test"]["best_k"] == document["test"]["best_k"] and alone["k_curve"] == document["k_curve"]
+    given = run(*args, "--k", 3, "--targets", "auto")
+    assert given.exit_code == 1 and "--targets auto" in given.stderr and "--k auto" in given.stderr

@@ -1,0 +1,378 @@
+"""Choosing k: the grid, a seeded selection / confirmation split, an exact test, the decision.
+
+Pure functions on tensors and counts, no files and no terminal. `--k auto` chooses k on one part of
+the rows that judge it (the validation set, or held-out training rows) and changes the head only
+when the choice beats the unrepaired layer on the other part by an exact one-sided McNemar test:
+the best of many noisy accuracy estimates beats the original by chance, a fresh test does not.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from statistics import NormalDist
+
+import torch
+from torch import Tensor
+
+from lip_cli import lip
+
+CONFIRMATION_SHARE = 0.5  # of the rows that judge k; the other half chooses it
+SPLIT_SEED_OFFSET = 104_729  # the split's stream differs from the held-out mask's for the same --seed
+EXACT_UP_TO = 20_000  # discordant rows summed in exact integers; above, in float64 logs
+Rows = list[tuple[Tensor, Tensor]]  # (projections X U (n, r), labels) chunks
+Total = Callable[[Tensor], Tensor]  # adds counts over processes (the identity in one process)
+
+
+def _same(counts: Tensor) -> Tensor:
+    return counts
+
+
+def k_grid(rank: int) -> list[int]:
+    """The k values a first look evaluates: every k up to 64 of them, else 65 spread out."""
+    return lip.k_grid(rank)
+
+
+def refined_ks(grid: Sequence[int], best: int) -> list[int]:
+    """Every k strictly between the grid's neighbours of `best` that the grid did not evaluate."""
+    index = list(grid).index(best)
+    low = grid[max(index - 1, 0)]
+    high = grid[min(index + 1, len(grid) - 1)]
+    return [k for k in range(low + 1, high) if k not in grid]
+
+
+def best_k(ks: Sequence[int], accuracies: Sequence[float]) -> int:
+    """The k with the highest accuracy; ties go to the larger k (the smaller change)."""
+    best = max(accuracies)
+    return max(k for k, value in zip(ks, accuracies, strict=True) if value == best)
+
+
+def minimum_rows(alpha: float, share: float = CONFIRMATION_SHARE) -> int:
+    """The fewest rows that split into two parts where a confirmation at `alpha` is possible at all.
+
+    Even a sweep (every confirmation row a gain) has p = 0.5 ** rows, so the confirmation part needs
+    ceil(log2(1 / alpha)) rows; the selection part needs one.
+    """
+    needed = max(1, math.ceil(math.log2(1 / alpha) - 1e-12))
+    rows = 2
+    while confirmation_count(rows, share) < needed or rows - confirmation_count(rows, share) < 1:
+        rows += 1
+    return rows
+
+
+def confirmation_count(rows: int, share: float = CONFIRMATION_SHARE) -> int:
+    return int(rows * share)
+
+
+def split_rows(eligible: Tensor, seed: int, share: float = CONFIRMATION_SHARE) -> Tensor:
+    """A seeded boolean mask of the confirmation rows: exactly int(share * m) of the m eligible rows.
+
+    The mask is over every row index, so processes that each stream a range of the rows agree on it.
+    """
+    generator = torch.Generator().manual_seed(seed + SPLIT_SEED_OFFSET)
+    candidates = torch.nonzero(eligible).flatten()
+    chosen = candidates[torch.randperm(candidates.numel(), generator=generator)]
+    confirm = torch.zeros(eligible.numel(), dtype=torch.bool)
+    confirm[chosen[: confirmation_count(candidates.numel(), share)]] = True
+    return confirm
+
+
+def correct_rows(
+    stats: lip.LapStatistics, k: int, targets: str, projections: Tensor, labels: Tensor
+) -> Tensor:
+    """Per-row correctness (`lip.correct_mask`) of the head after PSP + LAP at k; k = rank is the original."""
+    sigma = lip.singular_values_for_k(stats, k, targets)[0].to(projections.device, projections.dtype)
+    logits = (projections * sigma) @ stats.svd.v.T.to(projections.device, projections.dtype)  # (n, l)
+    if stats.bias is not None:
+        logits = logits + stats.bias.to(projections.device, projections.dtype)
+    return lip.correct_mask(logits, labels)
+
+
+@dataclass(frozen=True)
+class PairedCounts:
+    """The paired 2x2 table of two heads on the same rows."""
+
+    both: int = 0  # right before and after
+    gains: int = 0  # right after the repair only
+    losses: int = 0  # right before the repair only
+    neither: int = 0
+
+    @property
+    def rows(self) -> int:
+        return self.both + self.gains + self.losses + self.neither
+
+    @property
+    def change(self) -> float:
+        """Accuracy after minus accuracy before, as a fraction."""
+        return (self.gains - self.losses) / self.rows if self.rows else 0.0
+
+
+def paired_counts(before: Tensor, after: Tensor) -> Tensor:
+    """(both, gains, losses, neither) of two boolean correctness masks, as a float64 tensor to add up."""
+    return torch.stack(
+        [(before & after).sum(), (~before & after).sum(), (before & ~after).sum(), (~before & ~after).sum()]
+    ).to(torch.float64)
+
+
+def as_counts(table: Tensor) -> PairedCounts:
+    return PairedCounts(*(int(round(float(value))) for value in table.cpu()))
+
+
+def binomial_upper_tail(successes: int, trials: int) -> float:
+    """P(X >= successes) for X ~ Binomial(trials, 1/2): a direct sum of the binomial terms.
+
+    Exact in integers up to `EXACT_UP_TO` trials (correctly rounded to float), beyond that a
+    log-sum-exp of the terms in float64.
+    """
+    if successes <= 0:
+        return 1.0
+    if successes > trials:
+        return 0.0
+    if trials <= EXACT_UP_TO:
+        total, term = 0, math.comb(trials, successes)
+        for i in range(successes, trials + 1):
+            total += term
+            term = term * (trials - i) // (i + 1)
+        return total / 2**trials
+    i = torch.arange(successes, trials + 1, dtype=torch.float64)
+    n = torch.tensor(float(trials), dtype=torch.float64)
+    logs = torch.lgamma(n + 1) - torch.lgamma(i + 1) - torch.lgamma(n - i + 1) - n * math.log(2)
+    return float(torch.logsumexp(logs, 0).exp().clamp(max=1.0))
+
+
+def mcnemar_p_value(gains: int, losses: int) -> float:
+    """Exact one-sided McNemar test that the repair is better: P(X >= gains), X ~ Bin(gains + losses, 1/2).
+
+    Only the discordant rows count; with none the p-value is 1.
+    """
+    return binomial_upper_tail(gains, gains + losses)
+
+
+def _wilson(successes: int, rows: int, z: float) -> tuple[float, float]:
+    p = successes / rows
+    centre = (p + z * z / (2 * rows)) / (1 + z * z / rows)
+    half = z * math.sqrt(p * (1 - p) / rows + z * z / (4 * rows * rows)) / (1 + z * z / rows)
+    return centre - half, centre + half
+
+
+def change_interval(counts: PairedCounts, level: float = 0.95) -> tuple[float, float]:
+    """Confidence interval for the accuracy change of paired rows: Newcombe's hybrid score method.
+
+    Newcombe (1998), Statistics in Medicine 17:2635, method 10: the Wilson intervals of both
+    accuracies combined with the correlation phi of the paired table. Unlike the Wald interval it
+    stays inside [-1, 1] and keeps its coverage when the change is near zero or the rows are few.
+    """
+    rows = counts.rows
+    if rows == 0:
+        return -1.0, 1.0
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    a, b, c, d = counts.both, counts.gains, counts.losses, counts.neither
+    p1, p2 = (a + b) / rows, (a + c) / rows  # accuracy after, before
+    l1, u1 = _wilson(a + b, rows, z)
+    l2, u2 = _wilson(a + c, rows, z)
+    margins = (a + b) * (c + d) * (a + c) * (b + d)
+    phi = (a * d - b * c) / math.sqrt(margins) if margins else 0.0
+    change = p1 - p2
+    low = change - math.sqrt(max((p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2, 0.0))
+    high = change + math.sqrt(max((p2 - l2) ** 2 - 2 * phi * (p2 - l2) * (u1 - p1) + (u1 - p1) ** 2, 0.0))
+    return max(low, -1.0), min(high, 1.0)
+
+
+def _points(value: float) -> str:
+    return f"{100 * value:+.1f} pt"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the rows that judge k say, and what lip does about it."""
+
+    k: int  # the k applied: the rank when the layer stays as it is
+    best_k: int  # the best k on the selection part (the given k when there was no selection)
+    rank: int
+    data: str  # "val" or "holdout"
+    selection_rows: int  # 0 for a given k: the whole validation set tests it
+    selection_change: float  # accuracy change at best_k on the selection part
+    test: PairedCounts  # best_k against the unrepaired layer, on the confirmation rows
+    alpha: float
+    ks: list[int]  # the ks evaluated on the selection part
+    selection_accuracies: list[float]
+    reason: str = ""
+    given: bool = False  # a k the user gave, tested on the whole validation set
+    targets: str = "paper"  # the LAP targets of best_k
+    targets_chosen: bool = False  # whether they were chosen on the selection part too (--targets auto)
+
+    @property
+    def p_value(self) -> float:
+        """One-sided: the repair is better than the unrepaired layer."""
+        return mcnemar_p_value(self.test.gains, self.test.losses)
+
+    @property
+    def p_value_drop(self) -> float:
+        """One-sided the other way: the repair is worse."""
+        return mcnemar_p_value(self.test.losses, self.test.gains)
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        return change_interval(self.test)
+
+    @property
+    def confirmed(self) -> bool:
+        """With --k auto: whether the chosen k passed the test and is applied."""
+        return not self.given and self.k != self.rank
+
+    def accuracy(self, k: int) -> float:
+        """Accuracy of the head at k (best_k or the rank) over the selection and confirmation rows."""
+        test = self.test
+        right = test.both + (test.gains if k == self.best_k and k != self.rank else test.losses)
+        if self.selection_rows:
+            right += round(self.selection_accuracies[self.ks.index(k)] * self.selection_rows)
+        return right / max(self.selection_rows + test.rows, 1)
+
+
+def _interval_text(decision: Decision) -> str:
+    low, high = decision.interval
+    return f"95% CI {100 * low:+.1f} to {_points(high)}"
+
+
+def decide(
+    ks: list[int],
+    selection_accuracies: list[float],
+    selection_rows: int,
+    test: PairedCounts,
+    best: int,
+    rank: int,
+    alpha: float,
+    data: str,
+    targets: str = "paper",
+    targets_chosen: bool = False,
+) -> Decision:
+    """Apply `best` only when it beats the unrepaired layer on the confirmation rows at `alpha`."""
+    change = selection_accuracies[ks.index(best)] - selection_accuracies[ks.index(rank)]
+    decision = Decision(
+        rank,
+        best,
+        rank,
+        data,
+        selection_rows,
+        change,
+        test,
+        alpha,
+        ks,
+        selection_accuracies,
+        targets=targets,
+        targets_chosen=targets_chosen,
+    )
+    rows = f"{test.rows:,}"
+    named = f"k = {best}" + (f" ({targets} targets)" if targets_chosen else "")
+    if best == rank:
+        reason = (
+            f"no k beats the unrepaired layer on the {selection_rows:,} selection rows; weights unchanged"
+        )
+    elif decision.p_value <= alpha:
+        decision = replace(decision, k=best)
+        reason = (
+            f"{named}: {_points(test.change)} on {rows} confirmation rows "
+            f"({_interval_text(decision)}), p = {decision.p_value:.2g}, repaired"
+        )
+    else:
+        reason = (
+            f"best {named} ({_points(change)} on selection) not confirmed "
+            f"({_points(test.change)}, p = {decision.p_value:.2g} on {rows} rows); weights unchanged"
+        )
+    return replace(decision, reason=reason)
+
+
+def significance(decision: Decision) -> str:
+    """Whether the change of a given k is significant, in words, with the one-sided p-value."""
+    test, alpha = decision.test, decision.alpha
+    if test.gains > test.losses and decision.p_value <= alpha:
+        return f"a significant gain (p = {decision.p_value:.2g})"
+    if test.losses > test.gains and decision.p_value_drop <= alpha:
+        return f"a significant drop (p = {decision.p_value_drop:.2g})"
+    p = decision.p_value if test.gains >= test.losses else decision.p_value_drop
+    return f"not significant at alpha {alpha:g} (p = {p:.2g})"
+
+
+def assess_given_k(test: PairedCounts, k: int, rank: int, alpha: float) -> Decision:
+    """A k the user gave, tested against the unrepaired layer on the whole validation set."""
+    decision = Decision(k, k, rank, "val", 0, test.change, test, alpha, [], [], given=True)
+    reason = (
+        f"k = {k}: {_points(test.change)} on {test.rows:,} validation rows "
+        f"({_interval_text(decision)}), {significance(decision)}"
+    )
+    return replace(decision, reason=reason)
+
+
+def curve(
+    stats: lip.LapStatistics, rows: Rows, ks: list[int], targets: str = "paper", total: Total = _same
+) -> list[float]:
+    """Accuracy after PSP + LAP at each k on some rows, counts added by `total`."""
+    accuracies = lip.KCurve(stats, ks, targets)
+    for z, y in rows:
+        accuracies.update_projections(z, y)
+    counts = total(torch.tensor([*accuracies.correct, accuracies.samples], dtype=torch.float64))
+    return [float(count) / max(float(counts[-1]), 1.0) for count in counts[:-1]]
+
+
+def compare_heads(
+    stats: lip.LapStatistics, k: int, targets: str, rows: Rows, total: Total = _same
+) -> PairedCounts:
+    """The paired table of the head at k against the unrepaired layer on some rows."""
+    rank = stats.svd.rank
+    table = torch.zeros(4, dtype=torch.float64)
+    for z, y in rows:
+        before = correct_rows(stats, rank, targets, z, y)
+        after = before if k == rank else correct_rows(stats, k, targets, z, y)
+        table += paired_counts(before, after).cpu()
+    return as_counts(total(table))
+
+
+def selection_curve(
+    stats: lip.LapStatistics, rows: Rows, targets: str, total: Total = _same
+) -> tuple[list[int], list[float]]:
+    """Accuracies on the grid, then at every k between the best grid point's neighbours, sorted by k."""
+    ks = k_grid(stats.svd.rank)
+    accuracies = curve(stats, rows, ks, targets, total)
+    extra = refined_ks(ks, best_k(ks, accuracies))
+    if extra:
+        accuracies += curve(stats, rows, extra, targets, total)
+        pairs = sorted(zip(ks + extra, accuracies, strict=True))
+        ks, accuracies = [k for k, _ in pairs], [accuracy for _, accuracy in pairs]
+    return ks, accuracies
+
+
+AUTO_TARGETS = "auto"  # choose the targets on the selection part too
+
+
+def auto_k(
+    stats: lip.LapStatistics,
+    selection: Rows,
+    confirmation: Rows,
+    targets: str = "paper",
+    alpha: float = 0.05,
+    data: str = "val",
+    total: Total = _same,
+) -> Decision:
+    """Choose k on the selection rows (grid, then every k around the best), confirm it on the others.
+
+    With targets = "auto" both of `lip.TARGETS` are tried and the pair (targets, k) with the best
+    selection accuracy wins (ties: the larger k, then the paper's targets). `stats` must not have
+    seen either part (for held-out rows: the fit without them). `total` adds counts over processes
+    so that every rank reaches the same decision.
+    """
+    rank = stats.svd.rank
+    options = lip.TARGETS if targets == AUTO_TARGETS else (targets,)
+    curves = {option: selection_curve(stats, selection, option, total) for option in options}
+
+    def score(option: str) -> tuple[float, int, bool]:
+        ks, accuracies = curves[option]
+        best = best_k(ks, accuracies)
+        return accuracies[ks.index(best)], best, option == "paper"
+
+    chosen = max(options, key=score)
+    ks, accuracies = curves[chosen]
+    best = best_k(ks, accuracies)
+    selection_rows = int(total(torch.tensor([float(sum(int(z.shape[0]) for z, _ in selection))]))[0])
+    test = compare_heads(stats, best, chosen, confirmation, total)
+    return decide(ks, accuracies, selection_rows, test, best, rank, alpha, data, chosen, len(options) > 1)
