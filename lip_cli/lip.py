@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 from torch import Tensor
@@ -314,19 +315,26 @@ def lip_repair(
     return repair(stats, k, targets), stats
 
 
-def count_correct(logits: Tensor, labels: Tensor) -> int:
-    """Predictions that hit a label: the class id, or any class holding the row's largest target.
+def accepted_classes(labels: Tensor, classes: int) -> Tensor:
+    """(n, classes) bool: the predictions that count as right for each row.
 
-    With one-hot rows that is the labelled class, with soft rows the most likely class, and with a
-    0/1 candidate-set matrix (partial labels) any candidate.
+    The class id; or, for a label matrix, any class holding the row's largest target: the labelled
+    class of one-hot rows, the most likely class of soft rows, any candidate of a 0/1 candidate set
+    (no class for an all-zero row).
     """
-    predicted = logits.argmax(dim=1)
     if labels.ndim == 1:
-        return int((predicted == labels.to(predicted.device).long()).sum())
-    targets = labels.to(logits.device, torch.float64)
-    best = targets.max(dim=1).values
-    hit = targets.gather(1, predicted[:, None]).squeeze(1)
-    return int(((hit == best) & (best > 0)).sum())
+        ids = labels.long()
+        accepted = torch.zeros(ids.shape[0], classes, dtype=torch.bool, device=ids.device)
+        return accepted.scatter_(1, ids[:, None], True)
+    targets = labels.to(torch.float64)
+    best = targets.max(dim=1, keepdim=True).values  # (n, 1)
+    return (targets == best) & (best > 0)
+
+
+def count_correct(logits: Tensor, labels: Tensor) -> int:
+    """Predictions that hit a label (see `accepted_classes`); ties go to the first class."""
+    accepted = accepted_classes(labels.to(logits.device), logits.shape[1])
+    return int(accepted.gather(1, logits.argmax(dim=1, keepdim=True)).sum())
 
 
 def k_grid(rank: int, most: int = 65) -> list[int]:
@@ -337,21 +345,39 @@ def k_grid(rank: int, most: int = 65) -> list[int]:
 
 
 class KCurve:
-    """Accuracy after PSP + LAP for several k at once, from one more pass over labelled features.
+    """Accuracy after PSP + LAP for several k at once, from the projections X U of labelled rows.
 
-    Logits for k are X U diag(sigma^(k)) V^T + b, so each batch pays for X U once and a small
-    (n, r) x (r, l) product per k.
+    The spectra of two k differ only between them: sigma^(k) keeps s_i for i < k and takes LAP's
+    fitted value from k on. So the logits at every k follow from one product at the largest k and,
+    walking down the sorted k, one blocked update per step,
+
+        logits(k_a) = logits(k_b) + Z[:, k_a:k_b] diag(fitted - s)[k_a:k_b] V[:, k_a:k_b]^T,
+
+    which costs one more (n, r) x (r, l) product for the whole curve instead of one per k. Rows
+    go through in blocks small enough for their logits to stay in cache. Ties go to the first class.
     """
+
+    BLOCK_ROWS = 512
 
     def __init__(self, stats: LapStatistics, ks: list[int], targets: str = "paper") -> None:
         if stats.first_component:
             raise ValueError("an accuracy curve needs statistics of every direction (first_component=0)")
+        if not ks:
+            raise ValueError("an accuracy curve needs at least one k")
         self.ks = list(ks)
         self._stats = stats
-        spectra_k = [singular_values_for_k(stats, k, targets)[0] for k in self.ks]
-        self._sigmas = torch.stack(spectra_k).to(stats.device, stats.compute_dtype)  # (len(ks), r)
+        self._steps = sorted(set(self.ks), reverse=True)  # largest k first
+        spectra_k = [singular_values_for_k(stats, k, targets)[0] for k in self._steps]  # float64
+        dtype, device = stats.compute_dtype, stats.device
+        self._start = spectra_k[0].to(device, dtype)  # (r,)
+        self._blocks = [  # (low, high, the spectrum's change on low:high) per step down
+            (low, high, (below - above)[low:high].to(device, dtype))
+            for (high, low), (above, below) in zip(pairwise(self._steps), pairwise(spectra_k), strict=True)
+        ]
+        self._v_t = stats._v.T.contiguous()  # (r, l)
         bias = stats.bias
-        self._bias = None if bias is None else bias.to(stats.device, stats.compute_dtype)
+        self._bias = None if bias is None else bias.to(device, dtype)
+        self._order = torch.tensor([self._steps.index(k) for k in self.ks], dtype=torch.long)
         self.correct = [0] * len(self.ks)
         self.samples = 0
 
@@ -360,13 +386,32 @@ class KCurve:
 
     def update_projections(self, projections: Tensor, labels: Tensor) -> None:
         """Add a batch given as its projections X U (from `LapStatistics.project`)."""
-        stats = self._stats
-        for index in range(len(self.ks)):
-            out = (projections * self._sigmas[index]) @ stats._v.T  # (n, l)
-            if self._bias is not None:
-                out = out + self._bias
-            self.correct[index] += count_correct(out, labels)
+        counts = self.row_hits(projections, labels).sum(dim=1).tolist()
+        self.correct = [total + int(count) for total, count in zip(self.correct, counts, strict=True)]
         self.samples += int(projections.shape[0])
+
+    def row_hits(self, projections: Tensor, labels: Tensor) -> Tensor:
+        """(len(ks), n) bool: whether each row is predicted right at each k (in the order of `ks`)."""
+        z = projections  # (n, r)
+        labels = labels.to(z.device)
+        hits = torch.empty(len(self._steps), z.shape[0], dtype=torch.bool, device=z.device)
+        for first in range(0, z.shape[0], self.BLOCK_ROWS):
+            rows = slice(first, first + self.BLOCK_ROWS)
+            block = z[rows]  # (b, r)
+            accepted = accepted_classes(labels[rows], self._v_t.shape[1])  # (b, l)
+            logits = (block * self._start) @ self._v_t  # (b, l)
+            if self._bias is not None:
+                logits += self._bias
+            hits[0, rows] = self._hit(accepted, logits)
+            for step, (low, high, change) in enumerate(self._blocks, start=1):
+                logits.addmm_(block[:, low:high] * change, self._v_t[low:high])
+                hits[step, rows] = self._hit(accepted, logits)
+        return hits[self._order.to(z.device)]
+
+    @staticmethod
+    def _hit(accepted: Tensor, logits: Tensor) -> Tensor:
+        predicted = torch.max(logits, dim=1).indices  # the first of tied maxima, as argmax
+        return accepted.gather(1, predicted[:, None]).squeeze(1)
 
     def accuracies(self) -> list[float]:
         return [count / max(self.samples, 1) for count in self.correct]
