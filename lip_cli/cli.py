@@ -39,8 +39,8 @@ class Targets(StrEnum):
 
 
 class ComputeDtype(StrEnum):
-    float64 = "float64"
     float32 = "float32"
+    float64 = "float64"
 
 
 @contextlib.contextmanager
@@ -170,8 +170,11 @@ def repair(
     device: DeviceOption = Device.cpu,
     compute_dtype: Annotated[
         ComputeDtype,
-        typer.Option("--compute-dtype", help="Precision of the pass over the features; sums are float64."),
-    ] = ComputeDtype.float64,
+        typer.Option(
+            "--compute-dtype",
+            help="Precision of the products over the features; their sums are accumulated in float64.",
+        ),
+    ] = ComputeDtype.float32,
     chunk_rows: ChunkRowsOption = 16384,
     targets: Annotated[
         Targets,

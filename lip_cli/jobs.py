@@ -218,7 +218,7 @@ class RepairRequest:
     val_features: Path | None = None
     val_labels: Path | None = None
     device: str = "cpu"
-    compute_dtype: str = "float64"
+    compute_dtype: str = "float32"
     chunk_rows: int = 16384
     force: bool = False
     dry_run: bool = False

@@ -68,7 +68,7 @@ class LapStatistics:
         weight: Tensor,
         bias: Tensor | None = None,
         *,
-        compute_dtype: torch.dtype = torch.float64,
+        compute_dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         first_component: int = 0,
     ) -> None:
@@ -300,7 +300,7 @@ def lip_repair(
     labels: Tensor,
     k: int,
     *,
-    compute_dtype: torch.dtype = torch.float64,
+    compute_dtype: torch.dtype = torch.float32,
     chunk_rows: int = 16384,
     targets: str = "paper",
 ) -> tuple[RepairedHead, LapStatistics]:
