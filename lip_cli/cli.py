@@ -189,8 +189,8 @@ def repair(
         typer.Option(
             "--sample-rows",
             min=1,
-            help="Training rows kept in memory to measure accuracies after the fit (default: as many "
-            "as fit 256 MB, which is all of them for most caches; above that a seeded random sample).",
+            help="Rows each accuracy curve is measured on: training rows, and held-out rows apart "
+            "(default: 16384, a seeded random sample when there are more; standard error <= 0.4 points).",
         ),
     ] = None,
     holdout: Annotated[

@@ -13,6 +13,7 @@ samples gives the fit for every k at once. The sums add across chunks, shards an
 from __future__ import annotations
 
 import copy
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import pairwise
 
@@ -354,10 +355,13 @@ class KCurve:
         logits(k_a) = logits(k_b) + Z[:, k_a:k_b] diag(fitted - s)[k_a:k_b] V[:, k_a:k_b]^T,
 
     which costs one more (n, r) x (r, l) product for the whole curve instead of one per k. Rows
-    go through in blocks small enough for their logits to stay in cache. Ties go to the first class.
+    go through in blocks small enough for their logits to stay in cache; on the CPU the blocks are
+    shared by one worker thread per torch thread, each running torch on one thread (many small
+    operations on several torch threads each wait on the slowest, badly so on a busy machine).
+    Ties go to the first class.
     """
 
-    BLOCK_ROWS = 512
+    BLOCK_ELEMENTS = 2**18  # logits per block of rows: 1 MB in float32
 
     def __init__(self, stats: LapStatistics, ks: list[int], targets: str = "paper") -> None:
         if stats.first_component:
@@ -378,6 +382,7 @@ class KCurve:
         bias = stats.bias
         self._bias = None if bias is None else bias.to(device, dtype)
         self._order = torch.tensor([self._steps.index(k) for k in self.ks], dtype=torch.long)
+        self.block_rows = max(1, self.BLOCK_ELEMENTS // stats.num_classes)
         self.correct = [0] * len(self.ks)
         self.samples = 0
 
@@ -395,8 +400,8 @@ class KCurve:
         z = projections  # (n, r)
         labels = labels.to(z.device)
         hits = torch.empty(len(self._steps), z.shape[0], dtype=torch.bool, device=z.device)
-        for first in range(0, z.shape[0], self.BLOCK_ROWS):
-            rows = slice(first, first + self.BLOCK_ROWS)
+
+        def fill(rows: slice) -> None:
             block = z[rows]  # (b, r)
             accepted = accepted_classes(labels[rows], self._v_t.shape[1])  # (b, l)
             logits = (block * self._start) @ self._v_t  # (b, l)
@@ -406,6 +411,15 @@ class KCurve:
             for step, (low, high, change) in enumerate(self._blocks, start=1):
                 logits.addmm_(block[:, low:high] * change, self._v_t[low:high])
                 hits[step, rows] = self._hit(accepted, logits)
+
+        blocks = [slice(first, first + self.block_rows) for first in range(0, z.shape[0], self.block_rows)]
+        if z.device.type == "cpu":
+            workers = max(1, min(torch.get_num_threads(), len(blocks)))
+            with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+                list(pool.map(fill, blocks))
+        else:
+            for rows in blocks:
+                fill(rows)
         return hits[self._order.to(z.device)]
 
     @staticmethod

@@ -66,7 +66,7 @@ def test_updates_count_what_one_product_per_k_counts(n, q, l, seed, kind, target
     block_rows = data.draw(st.integers(1, 40))
     z = stats.project(head.features)
     curve = KCurve(stats, ks, targets)
-    curve.BLOCK_ROWS = block_rows
+    curve.block_rows = block_rows
     half = n // 2
     curve.update_projections(z[:half], labels[:half])
     curve.update_projections(z[half:], labels[half:])
