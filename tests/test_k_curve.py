@@ -110,3 +110,16 @@ def test_a_curve_needs_every_direction_and_some_k(head) -> None:
         KCurve(LapStatistics(head.weight, head.bias, first_component=1), [3])
     with pytest.raises(ValueError, match="at least one k"):
         KCurve(LapStatistics(head.weight, head.bias), [])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_curve_counts_what_the_cpu_counts() -> None:
+    head = make_head(n=700, q=20, l=15, seed=13)
+    counts = {}
+    for device in ("cpu", "cuda"):
+        stats = LapStatistics(head.weight, head.bias, compute_dtype=torch.float64, device=device)
+        stats.update(head.features, head.labels)
+        curve = KCurve(stats, k_grid(stats.svd.rank))
+        curve.update(head.features, head.labels)
+        counts[device] = curve.correct
+    assert counts["cuda"] == counts["cpu"]
