@@ -8,11 +8,13 @@ Each measurement runs in its own subprocess, so that its peak RSS is its own. Me
   xu        a bare X @ U in float32 on the in-memory features, in chunks of lip's default size
   read      a bare read pass over the memory-mapped .npy file (page cache warm)
   floor     a process that starts python and torch, loads the checkpoint, takes the SVD of the head
-            (float64, as lip does), then streams the .npy file once computing X @ U in float32, in
+            (lip's own `head_svd`), then streams the .npy file once computing X @ U in float32, in
             chunks of lip's default size, with torch's default threads: what any one-pass tool pays
   k         `lip repair CKPT -f FEATS --k K --dry-run --json`, end to end (process start included),
             default options (every pass and accuracy included)
   auto      the same with `--k auto`
+  precision float32 compute (the default) against float64 on the same data: the relative error of
+            the repaired weight and of the re-fitted tail, and of the accuracy curve (not timed)
 The end-to-end methods (floor, k, auto) run `--repeat` times, interleaved; the best time counts.
 
 Usage: python benchmarks/speed.py [--shapes cifar,imagenet] [--full] [--out benchmarks/speed.json]
@@ -103,6 +105,8 @@ def measure(method: str, folder: Path, k: int) -> dict:
             "peak_mb": peak_rss_mb() - baseline,
             "peak_total_mb": peak_rss_mb(),
         }
+    if method == "precision":
+        return precision(folder, k)
     x = torch.from_numpy(np.load(folder / "features.npy"))  # (n, q), as stored
     if method != "xu":
         x = x.float()
@@ -136,12 +140,50 @@ def measure(method: str, folder: Path, k: int) -> dict:
     }
 
 
+def precision(folder: Path, k: int) -> dict:
+    """float32 compute (float64 sums) against float64 compute, through the library, at k."""
+    import torch
+
+    from lip_cli.lip import KCurve, LapStatistics, k_grid, repair
+
+    array = np.load(folder / "features.npy", mmap_mode="r")
+    labels = torch.from_numpy(np.load(folder / "labels.npy"))
+    state = torch.load(folder / "model.pt", weights_only=True)
+    found = {}
+    for dtype in (torch.float32, torch.float64):
+        stats = LapStatistics(state["fc.weight"], state["fc.bias"], compute_dtype=dtype)
+        kept = []  # the first 2048 rows of the first 8 chunks, for the accuracy curve
+        for start in range(0, array.shape[0], CHUNK):
+            z = stats.project(torch.from_numpy(np.array(array[start : start + CHUNK])))
+            stats.accumulate(z, labels[start : start + CHUNK])
+            if len(kept) < 8:
+                kept.append((z[:2048], labels[start : start + 2048]))
+        curve = KCurve(stats, k_grid(stats.svd.rank))
+        for z, y in kept:
+            curve.update_projections(z, y)
+        found[dtype] = (repair(stats, k), curve)
+    (low, low_curve), (high, high_curve) = found[torch.float32], found[torch.float64]
+    tail_low, tail_high = low.singular_values_after[k:], high.singular_values_after[k:]
+    weight_low, weight_high = low.weight.double(), high.weight.double()
+    return {
+        "weight_relative_error": float((weight_low - weight_high).norm() / weight_high.norm()),
+        "tail_relative_error": float((tail_low - tail_high).norm() / tail_high.norm()),
+        "curve_rows": low_curve.samples,
+        "curve_points": len(low_curve.correct),
+        "curve_count_differences": sum(
+            abs(a - b) for a, b in zip(low_curve.correct, high_curve.correct, strict=True)
+        ),
+    }
+
+
 def floor_pass(folder: Path) -> None:
     """The floor process: start-up, checkpoint, SVD of the head, one streaming pass of X @ U."""
     import torch
 
+    from lip_cli.lip import head_svd
+
     weight = torch.load(folder / "model.pt", weights_only=True)["fc.weight"]
-    u = torch.linalg.svd(weight.T.double(), full_matrices=False).U.float()  # (q, r)
+    u = head_svd(weight).u.float()  # (q, r): the SVD as lip takes it
     array = np.load(folder / "features.npy", mmap_mode="r")
     for start in range(0, array.shape[0], CHUNK):
         _ = torch.from_numpy(np.asarray(array[start : start + CHUNK])).float() @ u
@@ -224,7 +266,7 @@ def main() -> None:
                 f"\n{name}: n={shape['n']:,} q={shape['q']} l={shape['l']} k={shape['k']} {shape['dtype']} "
                 f"(data made in {time.perf_counter() - started:.0f} s)"
             )
-            methods = ("read",) if name == "imagenet-full" else (*IN_MEMORY, "read")
+            methods = ("read",) if name == "imagenet-full" else (*IN_MEMORY, "read", "precision")
             rows = {method: run_one(method, folder, shape["k"]) for method in methods}
             runs: dict[str, list[dict]] = {method: [] for method in END_TO_END}
             for _ in range(args.repeat):  # interleaved, so that a burst of load hits all of them
@@ -286,6 +328,8 @@ def write_section(results: dict, command: str, machine: str) -> None:
         if shape == "lip --help":
             continue
         for method, row in rows.items():
+            if method == "precision":
+                continue
             over = row.get("peak_mb")
             runs = ", ".join(f"{value:.2f}" for value in row.get("all_seconds", []))
             lines.append(
@@ -300,7 +344,7 @@ def write_section(results: dict, command: str, machine: str) -> None:
     for shape, rows in results.items():
         if shape == "lip --help":
             continue
-        seconds = {method: row["seconds"] for method, row in rows.items()}
+        seconds = {method: row["seconds"] for method, row in rows.items() if method != "precision"}
         dense = f"{seconds['dense'] / seconds['core32']:.2f}x" if "dense" in seconds else "-"
         core = f"{seconds['core32'] / seconds['xu']:.2f}x" if "core32" in seconds else "-"
         scale = 2.0 if shape == "cifar" else 1.0
@@ -309,6 +353,24 @@ def write_section(results: dict, command: str, machine: str) -> None:
             for method in ("k", "auto")
         ]
         lines.append(f"| {shape} | {dense} | {core} | {ratios[0]} | {ratios[1]} | {rows['auto']['k']} |")
+    lines += [
+        "",
+        "Precision of the default float32 compute (float32 products, float64 sums) against",
+        "`--compute-dtype float64` on the same data, through the library at the k above: relative",
+        "(Frobenius) error of the repaired weight and of the re-fitted tail singular values, and the",
+        "accuracy curve (every k of the grid) on the first 2048 rows of up to 8 chunks, as total",
+        "differences in correct counts over all k.",
+        "",
+        "| shape | weight | tail values | curve rows x k | count differences |",
+        "|---|---|---|---|---|",
+    ]
+    for shape, rows in results.items():
+        found = rows.get("precision") if isinstance(rows, dict) else None
+        if found:
+            lines.append(
+                f"| {shape} | {found['weight_relative_error']:.1e} | {found['tail_relative_error']:.1e} | "
+                f"{found['curve_rows']} x {found['curve_points']} | {found['curve_count_differences']} |"
+            )
     if "lip --help" in results:
         lines += [
             "",

@@ -13,9 +13,11 @@ samples gives the fit for every k at once. The sums add across chunks, shards an
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import pairwise
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -23,6 +25,17 @@ from torch import Tensor
 from lip_cli.spectra import numerical_rank
 
 COMPUTE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+T = TypeVar("T")
+
+
+def one_thread(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Call `function` in a worker thread whose torch runs on one thread; the caller's stay as set.
+
+    For LAPACK's SVD and other chains of small parallel steps, one thread is faster on two cores and
+    many times faster on a busy machine, where each step waits for the slowest of the threads.
+    """
+    with ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        return pool.submit(function, *args, **kwargs).result()
 
 
 @dataclass(frozen=True)
@@ -43,7 +56,7 @@ def head_svd(weight: Tensor) -> HeadSVD:
     if weight.ndim != 2:
         raise ValueError(f"weight must be 2-D, got shape {tuple(weight.shape)}")
     w = weight.detach().to(device="cpu", dtype=torch.float64).T  # (q, l)
-    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    u, s, vh = one_thread(torch.linalg.svd, w, full_matrices=False)
     rank = numerical_rank(s, tuple(w.shape))
     return HeadSVD(u=u[:, :rank].contiguous(), s=s[:rank].clone(), v=vh[:rank].T.contiguous())
 
@@ -152,7 +165,7 @@ class LapStatistics:
             class_sums = torch.zeros(classes, z.shape[1], dtype=z.dtype, device=z.device)
             class_sums.index_add_(0, ids, z)  # (l, m): sum of z over each class
             label_part = (class_sums * self._v).sum(0)
-            label_mean = z.sum(0) / classes
+            label_mean = None  # the projection sum / classes, added below
             if full:
                 labelled_logits = (class_sums * self._scaled_v).sum() + self._bias[ids].sum()
                 cross = labelled_logits - logit_mean.sum()  # sum_n f_{n,y_n} - mean(f_n)
@@ -166,11 +179,12 @@ class LapStatistics:
                 logits = z @ self._scaled_v.T + self._bias  # (n, l)
                 cross = ((logits - logit_mean[:, None]) * (y - y_mean[:, None])).sum()
                 spread = ((y - y_mean[:, None]) ** 2).sum()
+        projection = z.sum(0)
         additions = {
             "label": label_part,
-            "projection": z.sum(0),
+            "projection": projection,
             "square": (z * z).sum(0),
-            "label_mean": label_mean,
+            "label_mean": projection / classes if label_mean is None else label_mean,
         }
         if full:
             additions |= {
