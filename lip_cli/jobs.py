@@ -201,7 +201,10 @@ def statistics_pass(
                 stats.accumulate(z[~is_held], y[~is_held])
                 held_stats.accumulate(z[is_held], y[is_held])
                 held_sample.append((z[keep_held], y[keep_held]))
-            sample.append((z[keep], y[keep]))  # boolean indexing copies already
+            if stats.first_component:  # the tail's sums, but every direction for the accuracies
+                sample.append((stats.full_projection(x[keep.to(x.device)]), y[keep]))
+            else:
+                sample.append((z[keep], y[keep]))  # boolean indexing copies already
     except LipError as error:
         failure = error
     group.check(failure)
@@ -354,6 +357,15 @@ def _repair(
         rank = stats.svd.rank
         if not auto and not 0 <= int(request.k) <= rank:
             raise LipError(f"--k {request.k}: must be between 0 and the rank of `{layer.weight_key}`, {rank}")
+        if not auto and request.targets == "paper":  # the fit needs the tail only, the accuracies a sample
+            stats = lip.LapStatistics(
+                weight,
+                bias,
+                compute_dtype=compute_dtype,
+                device=device,
+                first_component=int(request.k),
+                svd=stats.svd,
+            )
     except LipError as error:
         failure = error
     group.check(failure)

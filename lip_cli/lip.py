@@ -70,7 +70,8 @@ class LapStatistics:
     For direction i the paper's fit is sigma_i = sum_n (x_n . u_i)((y_n - b) . v_i) / sum_n (x_n . u_i)^2.
     Feed batches with `update`, combine partial sums with `merge` (or `all_reduce` under
     torch.distributed), then call `repair(stats, k)` for any k. With `first_component=k0` only
-    directions k0.. are tracked: cheaper when k >= k0 is known (paper targets only).
+    directions k0.. are tracked: cheaper when k >= k0 is known (paper targets only). `svd` reuses
+    a head's SVD already taken.
 
     The sums also serve a variant (targets="logit-scale"): the targets are the labels centred and
     scaled to the head's own logit margin, T_n = c (y_n - mean(y_n)) + mean(f_n), with c the
@@ -85,10 +86,11 @@ class LapStatistics:
         compute_dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         first_component: int = 0,
+        svd: HeadSVD | None = None,
     ) -> None:
         self.weight = weight.detach()
         self.bias = None if bias is None else bias.detach()
-        self.svd = head_svd(weight)
+        self.svd = head_svd(weight) if svd is None else svd
         self.compute_dtype = compute_dtype
         self.device = torch.device(device) if device is not None else weight.device
         if not 0 <= first_component <= self.svd.rank:
@@ -103,6 +105,8 @@ class LapStatistics:
         tracked = slice(first_component, None)
         self._u = self.svd.u[:, tracked].to(self.device, compute_dtype)  # (q, m), m = r - k0
         self._v = v_all[:, tracked].to(self.device, compute_dtype)  # (l, m)
+        self._u_all = self._u if first_component == 0 else self.svd.u.to(self.device, compute_dtype)
+        self._v_all = self._v if first_component == 0 else v_all.to(self.device, compute_dtype)
         self._bias = bias64.to(self.device, compute_dtype)  # (l,)
         self._bias_v = bias64 @ v_all[:, tracked]  # (m,) float64
         self._ones_v = v_all[:, tracked].sum(0)  # (m,) float64: 1^T v_i
@@ -152,6 +156,12 @@ class LapStatistics:
         if features.ndim != 2 or features.shape[1] != self.in_features:
             raise ValueError(f"features must be (n, {self.in_features}), got {tuple(features.shape)}")
         return features.to(self.device, self.compute_dtype) @ self._u
+
+    def full_projection(self, features: Tensor) -> Tensor:
+        """X U over every direction, (n, r), tracked or not: what the logits of any k need."""
+        if self.first_component == 0:
+            return self.project(features)
+        return features.to(self.device, self.compute_dtype) @ self._u_all
 
     def accumulate(self, projections: Tensor, labels: Tensor) -> None:
         """Add a batch given as its projections X U (from `project`) and its labels."""
@@ -378,10 +388,12 @@ class KCurve:
     BLOCK_ELEMENTS = 2**18  # logits per block of rows: 1 MB in float32
 
     def __init__(self, stats: LapStatistics, ks: list[int], targets: str = "paper") -> None:
-        if stats.first_component:
-            raise ValueError("an accuracy curve needs statistics of every direction (first_component=0)")
         if not ks:
             raise ValueError("an accuracy curve needs at least one k")
+        if min(ks) < stats.first_component:
+            raise ValueError(
+                f"these statistics fit directions {stats.first_component}.. only; every k must be >= that"
+            )
         self.ks = list(ks)
         self._stats = stats
         self._steps = sorted(set(self.ks), reverse=True)  # largest k first
@@ -392,7 +404,7 @@ class KCurve:
             (low, high, (below - above)[low:high].to(device, dtype))
             for (high, low), (above, below) in zip(pairwise(self._steps), pairwise(spectra_k), strict=True)
         ]
-        self._v_t = stats._v.T.contiguous()  # (r, l)
+        self._v_t = stats._v_all.T.contiguous()  # (r, l)
         bias = stats.bias
         self._bias = None if bias is None else bias.to(device, dtype)
         self._order = torch.tensor([self._steps.index(k) for k in self.ks], dtype=torch.long)
@@ -401,10 +413,10 @@ class KCurve:
         self.samples = 0
 
     def update(self, features: Tensor, labels: Tensor) -> None:
-        self.update_projections(self._stats.project(features), labels)
+        self.update_projections(self._stats.full_projection(features), labels)
 
     def update_projections(self, projections: Tensor, labels: Tensor) -> None:
-        """Add a batch given as its projections X U (from `LapStatistics.project`)."""
+        """Add a batch given as its projections X U on every direction (`full_projection`)."""
         counts = self.row_hits(projections, labels).sum(dim=1).tolist()
         self.correct = [total + int(count) for total, count in zip(self.correct, counts, strict=True)]
         self.samples += int(projections.shape[0])

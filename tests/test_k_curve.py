@@ -105,9 +105,9 @@ def test_ties_go_to_the_first_class_as_with_argmax() -> None:
     assert torch.equal(tied, (labels[::3] == 0).expand(len(ks), -1))
 
 
-def test_a_curve_needs_every_direction_and_some_k(head) -> None:
-    with pytest.raises(ValueError, match="first_component=0"):
-        KCurve(LapStatistics(head.weight, head.bias, first_component=1), [3])
+def test_a_curve_needs_its_k_fitted_and_some_k(head) -> None:
+    with pytest.raises(ValueError, match="every k must be >= that"):
+        KCurve(LapStatistics(head.weight, head.bias, first_component=1), [3, 0])
     with pytest.raises(ValueError, match="at least one k"):
         KCurve(LapStatistics(head.weight, head.bias), [])
 
@@ -123,3 +123,16 @@ def test_cuda_curve_counts_what_the_cpu_counts() -> None:
         curve.update(head.features, head.labels)
         counts[device] = curve.correct
     assert counts["cuda"] == counts["cpu"]
+
+
+def test_tail_statistics_give_the_curve_of_full_ones() -> None:
+    head = make_head(n=400, q=14, l=9, seed=14)
+    full = fitted_statistics(head, head.labels, torch.float64)
+    tail = LapStatistics(head.weight, head.bias, compute_dtype=torch.float64, first_component=4, svd=full.svd)
+    tail.update(head.features, head.labels)
+    ks = [9, 4, 6]
+    curves = [KCurve(stats, ks) for stats in (full, tail)]
+    for curve in curves:
+        curve.update(head.features, head.labels)
+    assert curves[0].correct == curves[1].correct
+    torch.testing.assert_close(tail.full_projection(head.features), full.project(head.features))

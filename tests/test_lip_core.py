@@ -195,8 +195,8 @@ def test_tracking_only_the_tail_gives_the_same_repair() -> None:
         assert torch.equal(repair(tail, k).weight, repair(full, k).weight)
     with pytest.raises(ValueError, match="k must be >= that"):
         repair(tail, 2)
-    with pytest.raises(ValueError, match="first_component=0"):
-        KCurve(tail, [3])
+    with pytest.raises(ValueError, match="every k must be >= that"):
+        KCurve(tail, [2, 5])
     with pytest.raises(ValueError, match="different heads"):
         full.merge(tail)
 
