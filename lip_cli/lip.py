@@ -170,12 +170,13 @@ class LapStatistics:
         classes = self.num_classes
         full = self.first_component == 0
         logit_mean = z @ self._mean_weights + self._bias.mean() if full else None  # (n,)
+        projection = z.sum(0)
         if labels.ndim == 1:
             ids = labels.long()
             class_sums = torch.zeros(classes, z.shape[1], dtype=z.dtype, device=z.device)
             class_sums.index_add_(0, ids, z)  # (l, m): sum of z over each class
             label_part = (class_sums * self._v).sum(0)
-            label_mean = None  # the projection sum / classes, added below
+            label_mean = projection / classes
             if full:
                 labelled_logits = (class_sums * self._scaled_v).sum() + self._bias[ids].sum()
                 cross = labelled_logits - logit_mean.sum()  # sum_n f_{n,y_n} - mean(f_n)
@@ -189,12 +190,11 @@ class LapStatistics:
                 logits = z @ self._scaled_v.T + self._bias  # (n, l)
                 cross = ((logits - logit_mean[:, None]) * (y - y_mean[:, None])).sum()
                 spread = ((y - y_mean[:, None]) ** 2).sum()
-        projection = z.sum(0)
         additions = {
             "label": label_part,
             "projection": projection,
             "square": (z * z).sum(0),
-            "label_mean": projection / classes if label_mean is None else label_mean,
+            "label_mean": label_mean,
         }
         if full:
             additions |= {
