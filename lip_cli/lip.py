@@ -439,8 +439,8 @@ class KCurve:
                 hits[step, rows] = self._hit(accepted, logits)
 
         blocks = [slice(first, first + self.block_rows) for first in range(0, z.shape[0], self.block_rows)]
-        if z.device.type == "cpu":
-            workers = max(1, min(torch.get_num_threads(), len(blocks)))
+        if z.device.type == "cpu" and blocks:
+            workers = min(torch.get_num_threads(), len(blocks))
             with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
                 list(pool.map(fill, blocks))
         else:
