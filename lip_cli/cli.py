@@ -40,8 +40,8 @@ class Targets(StrEnum):
 
 
 class ComputeDtype(StrEnum):
-    float64 = "float64"
     float32 = "float32"
+    float64 = "float64"
 
 
 @contextlib.contextmanager
@@ -186,8 +186,11 @@ def repair(
     device: DeviceOption = Device.cpu,
     compute_dtype: Annotated[
         ComputeDtype,
-        typer.Option("--compute-dtype", help="Precision of the pass over the features; sums are float64."),
-    ] = ComputeDtype.float64,
+        typer.Option(
+            "--compute-dtype",
+            help="Precision of the products over the features; their sums are accumulated in float64.",
+        ),
+    ] = ComputeDtype.float32,
     chunk_rows: ChunkRowsOption = 16384,
     targets: Annotated[
         Targets,
@@ -203,8 +206,8 @@ def repair(
         typer.Option(
             "--sample-rows",
             min=1,
-            help="Training rows kept in memory to measure accuracies after the fit (default: as many "
-            "as fit 256 MB, which is all of them for most caches; above that a seeded random sample).",
+            help="Rows each accuracy curve is measured on: training rows, and held-out rows apart "
+            "(default: 16384, a seeded random sample when there are more; standard error <= 0.4 points).",
         ),
     ] = None,
     holdout: Annotated[

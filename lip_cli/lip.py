@@ -13,7 +13,11 @@ samples gives the fit for every k at once. The sums add across chunks, shards an
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import pairwise
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -21,6 +25,17 @@ from torch import Tensor
 from lip_cli.spectra import numerical_rank
 
 COMPUTE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+T = TypeVar("T")
+
+
+def one_thread(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Call `function` in a worker thread whose torch runs on one thread; the caller's stay as set.
+
+    For LAPACK's SVD and other chains of small parallel steps, one thread is faster on two cores and
+    many times faster on a busy machine, where each step waits for the slowest of the threads.
+    """
+    with ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        return pool.submit(function, *args, **kwargs).result()
 
 
 @dataclass(frozen=True)
@@ -41,7 +56,7 @@ def head_svd(weight: Tensor) -> HeadSVD:
     if weight.ndim != 2:
         raise ValueError(f"weight must be 2-D, got shape {tuple(weight.shape)}")
     w = weight.detach().to(device="cpu", dtype=torch.float64).T  # (q, l)
-    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    u, s, vh = one_thread(torch.linalg.svd, w, full_matrices=False)
     rank = numerical_rank(s, tuple(w.shape))
     return HeadSVD(u=u[:, :rank].contiguous(), s=s[:rank].clone(), v=vh[:rank].T.contiguous())
 
@@ -55,7 +70,8 @@ class LapStatistics:
     For direction i the paper's fit is sigma_i = sum_n (x_n . u_i)((y_n - b) . v_i) / sum_n (x_n . u_i)^2.
     Feed batches with `update`, combine partial sums with `merge` (or `all_reduce` under
     torch.distributed), then call `repair(stats, k)` for any k. With `first_component=k0` only
-    directions k0.. are tracked: cheaper when k >= k0 is known (paper targets only).
+    directions k0.. are tracked: cheaper when k >= k0 is known (paper targets only). `svd` reuses
+    a head's SVD already taken.
 
     The sums also serve a variant (targets="logit-scale"): the targets are the labels centred and
     scaled to the head's own logit margin, T_n = c (y_n - mean(y_n)) + mean(f_n), with c the
@@ -67,13 +83,14 @@ class LapStatistics:
         weight: Tensor,
         bias: Tensor | None = None,
         *,
-        compute_dtype: torch.dtype = torch.float64,
+        compute_dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         first_component: int = 0,
+        svd: HeadSVD | None = None,
     ) -> None:
         self.weight = weight.detach()
         self.bias = None if bias is None else bias.detach()
-        self.svd = head_svd(weight)
+        self.svd = head_svd(weight) if svd is None else svd
         self.compute_dtype = compute_dtype
         self.device = torch.device(device) if device is not None else weight.device
         if not 0 <= first_component <= self.svd.rank:
@@ -88,6 +105,8 @@ class LapStatistics:
         tracked = slice(first_component, None)
         self._u = self.svd.u[:, tracked].to(self.device, compute_dtype)  # (q, m), m = r - k0
         self._v = v_all[:, tracked].to(self.device, compute_dtype)  # (l, m)
+        self._u_all = self._u if first_component == 0 else self.svd.u.to(self.device, compute_dtype)
+        self._v_all = self._v if first_component == 0 else v_all.to(self.device, compute_dtype)
         self._bias = bias64.to(self.device, compute_dtype)  # (l,)
         self._bias_v = bias64 @ v_all[:, tracked]  # (m,) float64
         self._ones_v = v_all[:, tracked].sum(0)  # (m,) float64: 1^T v_i
@@ -138,6 +157,12 @@ class LapStatistics:
             raise ValueError(f"features must be (n, {self.in_features}), got {tuple(features.shape)}")
         return features.to(self.device, self.compute_dtype) @ self._u
 
+    def full_projection(self, features: Tensor) -> Tensor:
+        """X U over every direction, (n, r), tracked or not: what the logits of any k need."""
+        if self.first_component == 0:
+            return self.project(features)
+        return features.to(self.device, self.compute_dtype) @ self._u_all
+
     def accumulate(self, projections: Tensor, labels: Tensor) -> None:
         """Add a batch given as its projections X U (from `project`) and its labels."""
         z = projections  # (n, m)
@@ -145,12 +170,13 @@ class LapStatistics:
         classes = self.num_classes
         full = self.first_component == 0
         logit_mean = z @ self._mean_weights + self._bias.mean() if full else None  # (n,)
+        projection = z.sum(0)
         if labels.ndim == 1:
             ids = labels.long()
             class_sums = torch.zeros(classes, z.shape[1], dtype=z.dtype, device=z.device)
             class_sums.index_add_(0, ids, z)  # (l, m): sum of z over each class
             label_part = (class_sums * self._v).sum(0)
-            label_mean = z.sum(0) / classes
+            label_mean = projection / classes
             if full:
                 labelled_logits = (class_sums * self._scaled_v).sum() + self._bias[ids].sum()
                 cross = labelled_logits - logit_mean.sum()  # sum_n f_{n,y_n} - mean(f_n)
@@ -166,7 +192,7 @@ class LapStatistics:
                 spread = ((y - y_mean[:, None]) ** 2).sum()
         additions = {
             "label": label_part,
-            "projection": z.sum(0),
+            "projection": projection,
             "square": (z * z).sum(0),
             "label_mean": label_mean,
         }
@@ -299,7 +325,7 @@ def lip_repair(
     labels: Tensor,
     k: int,
     *,
-    compute_dtype: torch.dtype = torch.float64,
+    compute_dtype: torch.dtype = torch.float32,
     chunk_rows: int = 16384,
     targets: str = "paper",
 ) -> tuple[RepairedHead, LapStatistics]:
@@ -314,19 +340,26 @@ def lip_repair(
     return repair(stats, k, targets), stats
 
 
-def correct_mask(logits: Tensor, labels: Tensor) -> Tensor:
-    """Which rows a prediction hits: the class id, or any class holding the row's largest target.
+def accepted_classes(labels: Tensor, classes: int) -> Tensor:
+    """(n, classes) bool: the predictions that count as right for each row.
 
-    With one-hot rows that is the labelled class, with soft rows the most likely class, and with a
-    0/1 candidate-set matrix (partial labels) any candidate. A boolean tensor (n,).
+    The class id; or, for a label matrix, any class holding the row's largest target: the labelled
+    class of one-hot rows, the most likely class of soft rows, any candidate of a 0/1 candidate set
+    (no class for an all-zero row).
     """
-    predicted = logits.argmax(dim=1)
     if labels.ndim == 1:
-        return predicted == labels.to(predicted.device).long()
-    targets = labels.to(logits.device, torch.float64)
-    best = targets.max(dim=1).values
-    hit = targets.gather(1, predicted[:, None]).squeeze(1)
-    return (hit == best) & (best > 0)
+        ids = labels.long()
+        accepted = torch.zeros(ids.shape[0], classes, dtype=torch.bool, device=ids.device)
+        return accepted.scatter_(1, ids[:, None], True)
+    targets = labels.to(torch.float64)
+    best = targets.max(dim=1, keepdim=True).values  # (n, 1)
+    return (targets == best) & (best > 0)
+
+
+def correct_mask(logits: Tensor, labels: Tensor) -> Tensor:
+    """(n,) bool: which rows a prediction hits (`accepted_classes`); ties go to the first class."""
+    accepted = accepted_classes(labels.to(logits.device), logits.shape[1])
+    return accepted.gather(1, logits.argmax(dim=1, keepdim=True)).squeeze(1)
 
 
 def count_correct(logits: Tensor, labels: Tensor) -> int:
@@ -342,36 +375,88 @@ def k_grid(rank: int, most: int = 65) -> list[int]:
 
 
 class KCurve:
-    """Accuracy after PSP + LAP for several k at once, from one more pass over labelled features.
+    """Accuracy after PSP + LAP for several k at once, from the projections X U of labelled rows.
 
-    Logits for k are X U diag(sigma^(k)) V^T + b, so each batch pays for X U once and a small
-    (n, r) x (r, l) product per k.
+    The spectra of two k differ only between them: sigma^(k) keeps s_i for i < k and takes LAP's
+    fitted value from k on. So the logits at every k follow from one product at the largest k and,
+    walking down the sorted k, one blocked update per step,
+
+        logits(k_a) = logits(k_b) + Z[:, k_a:k_b] diag(fitted - s)[k_a:k_b] V[:, k_a:k_b]^T,
+
+    which costs one more (n, r) x (r, l) product for the whole curve instead of one per k. Rows
+    go through in blocks small enough for their logits to stay in cache; on the CPU the blocks are
+    shared by one worker thread per torch thread, each running torch on one thread (many small
+    operations on several torch threads each wait on the slowest, badly so on a busy machine).
+    Ties go to the first class.
     """
 
+    BLOCK_ELEMENTS = 2**18  # logits per block of rows: 1 MB in float32
+
     def __init__(self, stats: LapStatistics, ks: list[int], targets: str = "paper") -> None:
-        if stats.first_component:
-            raise ValueError("an accuracy curve needs statistics of every direction (first_component=0)")
+        if not ks:
+            raise ValueError("an accuracy curve needs at least one k")
+        if min(ks) < stats.first_component:
+            raise ValueError(
+                f"these statistics fit directions {stats.first_component}.. only; every k must be >= that"
+            )
         self.ks = list(ks)
         self._stats = stats
-        spectra_k = [singular_values_for_k(stats, k, targets)[0] for k in self.ks]
-        self._sigmas = torch.stack(spectra_k).to(stats.device, stats.compute_dtype)  # (len(ks), r)
+        self._steps = sorted(set(self.ks), reverse=True)  # largest k first
+        spectra_k = [singular_values_for_k(stats, k, targets)[0] for k in self._steps]  # float64
+        dtype, device = stats.compute_dtype, stats.device
+        self._start = spectra_k[0].to(device, dtype)  # (r,)
+        self._blocks = [  # (low, high, the spectrum's change on low:high) per step down
+            (low, high, (below - above)[low:high].to(device, dtype))
+            for (high, low), (above, below) in zip(pairwise(self._steps), pairwise(spectra_k), strict=True)
+        ]
+        self._v_t = stats._v_all.T.contiguous()  # (r, l)
         bias = stats.bias
-        self._bias = None if bias is None else bias.to(stats.device, stats.compute_dtype)
+        self._bias = None if bias is None else bias.to(device, dtype)
+        self._order = torch.tensor([self._steps.index(k) for k in self.ks], dtype=torch.long)
+        self.block_rows = max(1, self.BLOCK_ELEMENTS // stats.num_classes)
         self.correct = [0] * len(self.ks)
         self.samples = 0
 
     def update(self, features: Tensor, labels: Tensor) -> None:
-        self.update_projections(self._stats.project(features), labels)
+        self.update_projections(self._stats.full_projection(features), labels)
 
     def update_projections(self, projections: Tensor, labels: Tensor) -> None:
-        """Add a batch given as its projections X U (from `LapStatistics.project`)."""
-        stats = self._stats
-        for index in range(len(self.ks)):
-            out = (projections * self._sigmas[index]) @ stats._v.T  # (n, l)
-            if self._bias is not None:
-                out = out + self._bias
-            self.correct[index] += count_correct(out, labels)
+        """Add a batch given as its projections X U on every direction (`full_projection`)."""
+        counts = self.row_hits(projections, labels).sum(dim=1).tolist()
+        self.correct = [total + int(count) for total, count in zip(self.correct, counts, strict=True)]
         self.samples += int(projections.shape[0])
+
+    def row_hits(self, projections: Tensor, labels: Tensor) -> Tensor:
+        """(len(ks), n) bool: whether each row is predicted right at each k (in the order of `ks`)."""
+        z = projections  # (n, r)
+        labels = labels.to(z.device)
+        hits = torch.empty(len(self._steps), z.shape[0], dtype=torch.bool, device=z.device)
+
+        def fill(rows: slice) -> None:
+            block = z[rows]  # (b, r)
+            accepted = accepted_classes(labels[rows], self._v_t.shape[1])  # (b, l)
+            logits = (block * self._start) @ self._v_t  # (b, l)
+            if self._bias is not None:
+                logits += self._bias
+            hits[0, rows] = self._hit(accepted, logits)
+            for step, (low, high, change) in enumerate(self._blocks, start=1):
+                logits.addmm_(block[:, low:high] * change, self._v_t[low:high])
+                hits[step, rows] = self._hit(accepted, logits)
+
+        blocks = [slice(first, first + self.block_rows) for first in range(0, z.shape[0], self.block_rows)]
+        if z.device.type == "cpu" and blocks:
+            workers = min(torch.get_num_threads(), len(blocks))
+            with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+                list(pool.map(fill, blocks))
+        else:
+            for rows in blocks:
+                fill(rows)
+        return hits[self._order.to(z.device)]
+
+    @staticmethod
+    def _hit(accepted: Tensor, logits: Tensor) -> Tensor:
+        predicted = torch.max(logits, dim=1).indices  # the first of tied maxima, as argmax
+        return accepted.gather(1, predicted[:, None]).squeeze(1)
 
     def accuracies(self) -> list[float]:
         return [count / max(self.samples, 1) for count in self.correct]

@@ -81,12 +81,8 @@ def split_rows(eligible: Tensor, seed: int, share: float = CONFIRMATION_SHARE) -
 def correct_rows(
     stats: lip.LapStatistics, k: int, targets: str, projections: Tensor, labels: Tensor
 ) -> Tensor:
-    """Per-row correctness (`lip.correct_mask`) of the head after PSP + LAP at k; k = rank is the original."""
-    sigma = lip.singular_values_for_k(stats, k, targets)[0].to(projections.device, projections.dtype)
-    logits = (projections * sigma) @ stats.svd.v.T.to(projections.device, projections.dtype)  # (n, l)
-    if stats.bias is not None:
-        logits = logits + stats.bias.to(projections.device, projections.dtype)
-    return lip.correct_mask(logits, labels)
+    """Per-row correctness of the head after PSP + LAP at k (k = rank is the original), (n,) bool."""
+    return lip.KCurve(stats, [k], targets).row_hits(projections, labels)[0]
 
 
 @dataclass(frozen=True)
@@ -321,9 +317,9 @@ def compare_heads(
     """The paired table of the head at k against the unrepaired layer on some rows."""
     rank = stats.svd.rank
     table = torch.zeros(4, dtype=torch.float64)
+    heads = lip.KCurve(stats, [rank, k], targets)
     for z, y in rows:
-        before = correct_rows(stats, rank, targets, z, y)
-        after = before if k == rank else correct_rows(stats, k, targets, z, y)
+        before, after = heads.row_hits(z, y)
         table += paired_counts(before, after).cpu()
     return as_counts(total(table))
 

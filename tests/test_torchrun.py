@@ -65,7 +65,8 @@ def test_two_ranks_equal_one_process(sharded: Path, k: str) -> None:
     assert distributed.returncode == 0, distributed.stderr
     one, two = json.loads(single.stdout), json.loads(distributed.stdout)  # rank 1 printed nothing
     assert two["k_chosen"] == one["k_chosen"] and two["accuracy"] == one["accuracy"]
-    np.testing.assert_allclose(two["singular_values_after"], one["singular_values_after"], rtol=1e-9)
+    # float32 products: the two ranks' chunks round differently, the sums agree to float32 rounding
+    np.testing.assert_allclose(two["singular_values_after"], one["singular_values_after"], rtol=1e-6)
     torch.testing.assert_close(
         torch.load(sharded / "two.pt", weights_only=True)["fc.weight"],
         torch.load(sharded / "one.pt", weights_only=True)["fc.weight"],
@@ -114,7 +115,7 @@ def _rank(rank: int, world: int, init: str, out: str) -> None:
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     head = make_head(n=500, q=10, l=4, seed=73)
-    stats = LapStatistics(head.weight, head.bias)
+    stats = LapStatistics(head.weight, head.bias, compute_dtype=torch.float64)
     part = slice(rank * 250, (rank + 1) * 250)
     stats.update(head.features[part], head.labels[part])
     stats.all_reduce()
@@ -127,7 +128,7 @@ def test_accumulator_all_reduce_in_a_training_loop(tmp_path: Path) -> None:
     out = tmp_path / "sums.pt"
     mp.spawn(_rank, args=(2, f"file://{tmp_path / 'rendezvous'}", str(out)), nprocs=2, join=True)
     head = make_head(n=500, q=10, l=4, seed=73)
-    whole = LapStatistics(head.weight, head.bias)
+    whole = LapStatistics(head.weight, head.bias, compute_dtype=torch.float64)
     whole.update(head.features, head.labels)
     reduced = torch.load(out, weights_only=True)
     assert reduced["samples"] == 500

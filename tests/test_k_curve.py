@@ -1,0 +1,138 @@
+"""KCurve's blocked rank-1 updates against the direct computation: one full product per k."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_head
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lip_cli.lip import KCurve, LapStatistics, count_correct, k_grid, singular_values_for_k
+
+
+def direct_counts(
+    stats: LapStatistics, ks: list[int], z: torch.Tensor, labels: torch.Tensor, targets: str
+) -> list[int]:
+    """The accuracy curve as lip computed it before: logits (Z diag(sigma^(k)) V^T + b) per k."""
+    counts = []
+    for k in ks:
+        sigma = singular_values_for_k(stats, k, targets)[0].to(stats.compute_dtype)
+        logits = (z * sigma) @ stats._v.T
+        if stats.bias is not None:
+            logits = logits + stats.bias.to(stats.compute_dtype)
+        counts.append(count_correct(logits, labels))
+    return counts
+
+
+def label_kind(labels: torch.Tensor, classes: int, kind: str, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    if kind == "ids":
+        return labels
+    if kind == "one-hot":
+        return torch.nn.functional.one_hot(labels, classes).to(torch.float32)
+    if kind == "soft":
+        return torch.softmax(
+            torch.randn(labels.shape[0], classes, generator=generator, dtype=torch.float64), 1
+        )
+    candidates = torch.rand(labels.shape[0], classes, generator=generator) < 0.3  # candidate sets
+    candidates[torch.arange(labels.shape[0]), labels] = True
+    candidates[::7] = False  # some rows with no candidate at all
+    return candidates.to(torch.float32)
+
+
+def fitted_statistics(head, labels: torch.Tensor, dtype: torch.dtype) -> LapStatistics:
+    stats = LapStatistics(head.weight, head.bias, compute_dtype=dtype)
+    stats.update(head.features, labels)
+    return stats
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(1, 90),
+    q=st.integers(1, 12),
+    l=st.integers(1, 12),
+    seed=st.integers(0, 10_000),
+    kind=st.sampled_from(["ids", "one-hot", "soft", "candidates"]),
+    targets=st.sampled_from(["paper", "logit-scale"]),
+    data=st.data(),
+)
+def test_updates_count_what_one_product_per_k_counts(n, q, l, seed, kind, targets, data) -> None:
+    head = make_head(n=n, q=q, l=l, seed=seed, bias=data.draw(st.booleans()))
+    labels = label_kind(head.labels, l, kind, seed)
+    stats = fitted_statistics(head, labels, torch.float64)
+    rank = stats.svd.rank
+    ks = data.draw(st.lists(st.integers(0, rank), min_size=1, max_size=8))  # any order, repeats
+    block_rows = data.draw(st.integers(1, 40))
+    z = stats.project(head.features)
+    curve = KCurve(stats, ks, targets)
+    curve.block_rows = block_rows
+    half = n // 2
+    curve.update_projections(z[:half], labels[:half])
+    curve.update_projections(z[half:], labels[half:])
+    assert curve.correct == direct_counts(stats, ks, z, labels, targets)
+    assert curve.samples == n
+    hits = curve.row_hits(z, labels)
+    assert hits.shape == (len(ks), n) and hits.sum(1).tolist() == curve.correct
+
+
+def test_the_grid_of_a_large_head_in_float64_and_float32() -> None:
+    head = make_head(n=3000, q=40, l=30, seed=11)
+    for dtype in (torch.float64, torch.float32):
+        stats = fitted_statistics(head, head.labels, dtype)
+        ks = k_grid(stats.svd.rank, most=9)
+        curve = KCurve(stats, ks)
+        z = stats.project(head.features)
+        curve.update_projections(z, head.labels)
+        assert curve.correct == direct_counts(stats, ks, z, head.labels, "paper"), dtype
+        assert curve.accuracies() == [count / 3000 for count in curve.correct]
+
+
+def test_ties_go_to_the_first_class_as_with_argmax() -> None:
+    head = make_head(n=60, q=6, l=5, seed=12, bias=False)
+    features = head.features.clone()
+    features[::3] = 0.0  # every logit 0 at every k: class 0 predicted
+    labels = head.labels.clone()
+    labels[::6] = 0
+    labels[3::6] = 4
+    stats = fitted_statistics(make_head(n=60, q=6, l=5, seed=12, bias=False), labels, torch.float64)
+    z = stats.project(features)
+    ks = list(range(stats.svd.rank + 1))
+    curve = KCurve(stats, ks)
+    curve.update_projections(z, labels)
+    assert curve.correct == direct_counts(stats, ks, z, labels, "paper")
+    tied = curve.row_hits(z, labels)[:, ::3]  # the zero rows
+    assert torch.equal(tied, (labels[::3] == 0).expand(len(ks), -1))
+
+
+def test_a_curve_needs_its_k_fitted_and_some_k(head) -> None:
+    with pytest.raises(ValueError, match="every k must be >= that"):
+        KCurve(LapStatistics(head.weight, head.bias, first_component=1), [3, 0])
+    with pytest.raises(ValueError, match="at least one k"):
+        KCurve(LapStatistics(head.weight, head.bias), [])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_curve_counts_what_the_cpu_counts() -> None:
+    head = make_head(n=700, q=20, l=15, seed=13)
+    counts = {}
+    for device in ("cpu", "cuda"):
+        stats = LapStatistics(head.weight, head.bias, compute_dtype=torch.float64, device=device)
+        stats.update(head.features, head.labels)
+        curve = KCurve(stats, k_grid(stats.svd.rank))
+        curve.update(head.features, head.labels)
+        counts[device] = curve.correct
+    assert counts["cuda"] == counts["cpu"]
+
+
+def test_tail_statistics_give_the_curve_of_full_ones() -> None:
+    head = make_head(n=400, q=14, l=9, seed=14)
+    full = fitted_statistics(head, head.labels, torch.float64)
+    tail = LapStatistics(head.weight, head.bias, compute_dtype=torch.float64, first_component=4, svd=full.svd)
+    tail.update(head.features, head.labels)
+    ks = [9, 4, 6]
+    curves = [KCurve(stats, ks) for stats in (full, tail)]
+    for curve in curves:
+        curve.update(head.features, head.labels)
+    assert curves[0].correct == curves[1].correct
+    torch.testing.assert_close(tail.full_projection(head.features), full.project(head.features))
