@@ -354,7 +354,7 @@ def render_demo(result: Any) -> None:
         )
     console.print(
         f"  lip repair {model} --features {folder / 'train' / 'features.npy'} --val-features "
-        f"{folder / 'val' / 'features.npy'} --val-labels {folder / 'val' / 'labels.npy'} --k 8"
+        f"{folder / 'val' / 'features.npy'} --val-labels {folder / 'val' / 'labels.npy'} --k auto"
     )
 
 
@@ -729,6 +729,6 @@ def render_features(report: Any) -> None:
         console.print(f"class names in {report.classes_file}")
     # lip features cannot tell which split it cached, so the hint names both roles
     console.print(
-        f"next, for training data: lip repair {report.checkpoint} --features {report.features} --k auto"
+        f"next: lip repair {report.checkpoint} --features TRAIN --val-features VAL --k auto", soft_wrap=True
     )
-    console.print(f"      for validation data: add --val-features {report.features} to that command")
+    console.print(f"      with {report.features} as TRAIN (training data) or as VAL (clean validation data)")

@@ -435,5 +435,5 @@ def test_features_hint_names_both_roles(capsys) -> None:
     )  # fmt: skip
     report.render_features(cached)
     lines = capsys.readouterr().err.splitlines()
-    assert lines[-2].endswith("lip repair m.pt --features val.npy --k auto")
-    assert "validation data: add --val-features val.npy" in lines[-1]
+    assert lines[-2] == "next: lip repair m.pt --features TRAIN --val-features VAL --k auto"
+    assert lines[-1].strip() == "with val.npy as TRAIN (training data) or as VAL (clean validation data)"
