@@ -10,7 +10,6 @@ layer is rewritten. Every tensor that is not patched is written back bit for bit
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from torch import Tensor
 
 from lip_cli.arrays import load_torch_file
 from lip_cli.errors import LipError, first_line
-from lip_cli.files import atomic_folder, atomic_output
+from lip_cli.files import LIP_RECORD, atomic_folder, atomic_output, copy_folder, member
 
 WRAPPER_PREFIXES = ("model.", "module.", "_orig_mod.", "net.", "network.")  # Lightning, DDP, compile
 EMA_COMPONENTS = {"ema", "model_ema", "ema_model", "ema_state_dict", "shadow"}
@@ -107,7 +106,7 @@ def _load_hf_folder(path: Path) -> Checkpoint:
     from safetensors import safe_open
 
     if (path / HF_INDEX).exists():
-        weight_map = json.loads((path / HF_INDEX).read_text())["weight_map"]
+        weight_map = json.loads(member(path, HF_INDEX).read_text())["weight_map"]
         shards = sorted(set(weight_map.values()))
     elif (path / HF_SINGLE).exists():
         weight_map, shards = None, [HF_SINGLE]
@@ -120,7 +119,7 @@ def _load_hf_folder(path: Path) -> Checkpoint:
     shard_of: dict[str, str] = {}
     shard_metadata: dict[str, dict[str, str]] = {}
     for shard in shards:
-        if not (path / shard).exists():
+        if not member(path, shard, f"{HF_INDEX} entry").exists():
             raise LipError(f"{path}: {HF_INDEX} names shard {shard}, which is missing")
         with safe_open(str(path / shard), framework="pt") as handle:
             shard_metadata[shard] = dict(handle.metadata() or {})
@@ -344,7 +343,7 @@ def _write_hf_folder(
     from safetensors.torch import save_file
 
     with atomic_folder(output) as folder:
-        shutil.copytree(checkpoint.path, folder, dirs_exist_ok=True)
+        copy_folder(checkpoint.path, folder)
         for shard in sorted({checkpoint.shard_of[key] for key in changed}):
             tensors = {key: state[key] for key, owner in checkpoint.shard_of.items() if owner == shard}
             metadata = {"format": "pt", **checkpoint.shard_metadata[shard], **record}
@@ -354,9 +353,6 @@ def _write_hf_folder(
             (folder / LIP_RECORD).write_text(
                 json.dumps(json.loads(record["lip"]), indent=2, sort_keys=True) + "\n"
             )
-
-
-LIP_RECORD = "lip.json"
 
 
 def sidecar_path(output: Path) -> Path:

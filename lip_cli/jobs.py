@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -227,6 +226,7 @@ class RepairRequest:
     targets: str = "paper"  # or "logit-scale": labels scaled to the head's logit margin (lip.LapStatistics)
     seed: int = 0
     force_write: bool = False  # with k = "auto": write an unchanged copy when no k helps
+    plot: Path | None = None  # the caller draws the figure; checked here with the other outputs
 
 
 @dataclass
@@ -303,6 +303,55 @@ def repair_checkpoint(request: RepairRequest, progress: Progress = _no_progress)
         group.close()
 
 
+def input_files(
+    checkpoints: list[Path],
+    features: Path | None = None,
+    labels: Path | None = None,
+    copied: bool = False,
+) -> list[Path]:
+    """Every file a command reads, for the path policy (`files.check_paths`).
+
+    Checkpoints with their provenance records (and, when the folder is `copied`, every file of a
+    model folder, each checked), feature and label shards, and labels.npy beside the features
+    when it is where the labels come from.
+    """
+    found: list[Path] = []
+    for model in map(Path, checkpoints):
+        found += [model, checkpoint.sidecar_path(model)]
+        if model.is_dir():
+            found += files.folder_files(model) if copied else [model / checkpoint.LIP_RECORD]
+    for spec in (features, labels):
+        if spec is not None:
+            found += arrays.shard_paths(spec) or [Path(spec)]
+    if features is not None and labels is None:
+        found.append(Path(features).parent / "labels.npy")
+    return found
+
+
+def repair_inputs(request: RepairRequest) -> list[Path]:
+    """Every file `lip repair` reads."""
+    return [
+        *input_files([request.checkpoint], request.features, request.labels, copied=True),
+        *input_files([], request.val_features, request.val_labels),
+    ]
+
+
+def repair_outputs(request: RepairRequest, output: Path | None) -> list[files.Output]:
+    """Every file `lip repair` writes: the checkpoint (in the input's format), its provenance
+    sidecar (.pt) and the figure."""
+    outputs = [] if request.plot is None else [files.Output(Path(request.plot))]
+    if output is None:
+        return outputs
+    source = Path(request.checkpoint)
+    suffix = source.suffix.lower()
+    if source.is_dir():
+        return [files.Output(output, folder=True), *outputs]
+    if suffix in (".pt", ".pth"):
+        pt = (".pt", ".pth")
+        return [files.Output(output, suffixes=pt), files.Output(checkpoint.sidecar_path(output)), *outputs]
+    return [files.Output(output, suffixes=(suffix,) if suffix == ".safetensors" else ()), *outputs]
+
+
 def _repair(
     request: RepairRequest,
     compute_dtype: torch.dtype,
@@ -314,12 +363,8 @@ def _repair(
     failure = None
     try:  # a failure on one rank fails them all, with its message
         output = None if request.dry_run else Path(request.output or files.sibling_output(request.checkpoint))
-        inputs = [Path(request.checkpoint), Path(request.features)]
-        if output is not None:
-            files.check_output(output, inputs, request.force, folder=Path(request.checkpoint).is_dir())
-            if Path(request.checkpoint).suffix.lower() in (".pt", ".pth"):
-                files.check_output(checkpoint.sidecar_path(output), inputs, request.force)
-        hashing = ThreadPoolExecutor(max_workers=1)
+        files.check_paths(repair_inputs(request), repair_outputs(request, output), request.force)
+        hashing = files.BackgroundDigests()
         digests = {}
         if output is not None and group.leader:
             digests[str(request.checkpoint)] = hashing.submit(files.sha256_of, request.checkpoint)
@@ -719,8 +764,19 @@ def extract_features(request: FeaturesRequest, progress: Progress = _no_progress
     if out.suffix.lower() != ".npy":
         raise LipError(f"--out {out}: the feature cache is a .npy file")
     classes_file = out.parent / "classes.json"
+    images = Path(request.data).suffix.lower() != ".npy"  # else model inputs in a .npy
+    model_folder = [Path(request.model[3:])] if request.model.startswith("hf:") else []
+    files.check_paths(
+        [*input_files([request.checkpoint, *model_folder]), Path(request.data), request.labels],
+        [
+            files.Output(out),
+            files.Output(out.parent / "labels.npy"),
+            files.Output(classes_file) if images else None,
+        ],
+        request.force,
+    )
     built = models.build_model(request.model, request.checkpoint)
-    if Path(request.data).suffix.lower() == ".npy":
+    if not images:
         if request.labels is None:
             raise LipError(f"{request.data}: model inputs in a .npy need --labels")
         dataset: Any = models.ArrayInputs(request.data, request.labels)
@@ -729,8 +785,6 @@ def extract_features(request: FeaturesRequest, progress: Progress = _no_progress
         dataset = models.ImageFolderData(request.data)
         dataset.transform = models.eval_transform(built, request.image_size, request.mean, request.std)
         class_names = dataset.classes
-    for path in (out, out.parent / "labels.npy", *([classes_file] if class_names else [])):
-        files.check_output(path, [Path(request.checkpoint), Path(request.data)], request.force)
     if request.limit is not None:
         dataset = Subset(dataset, range(min(request.limit, len(dataset))))
     total = len(dataset)
