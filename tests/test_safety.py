@@ -92,8 +92,9 @@ def test_failure_while_writing_leaves_nothing(tmp_path: Path, head, monkeypatch)
     assert sorted(os.listdir(tmp_path)) == before
 
 
-def test_sigint_during_a_run_leaves_nothing_behind(tmp_path: Path) -> None:
-    """Interrupt real runs at several moments: each ends cleanly, none leaves a partial file."""
+def interrupted_runs(tmp_path: Path, number: int, delays: tuple[float, ...]) -> int:
+    """Send signal `number` to real runs after each delay: each ends cleanly (or finishes first),
+    none leaves a partial file, the inputs stay as they were. Returns how many were interrupted."""
     rng = np.random.default_rng(0)
     features = rng.standard_normal((200_000, 64), dtype=np.float32)
     np.save(tmp_path / "features.npy", features)
@@ -114,24 +115,42 @@ def test_sigint_during_a_run_leaves_nothing_behind(tmp_path: Path) -> None:
         "64",
         "--force",
     ]
+    code, line = {signal.SIGINT: (130, "interrupted"), signal.SIGTERM: (143, "terminated")}[number]
     interrupted = 0
-    for delay in (0.3, 0.8, 1.4, 3.5):  # start-up, the streaming pass, and (likely) after the end
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for delay in delays:
+        process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            # a shell's background job starts with SIGINT ignored, and Python keeps it so
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
         time.sleep(delay)
-        process.send_signal(signal.SIGINT)
-        stdout, stderr = process.communicate(timeout=60)
-        assert process.returncode in (0, 130), stderr
+        process.send_signal(number)
+        stdout, stderr = process.communicate(timeout=120)
+        assert process.returncode in (0, code), (process.returncode, stderr)
         assert "Traceback" not in stderr and stdout == ""
         leftovers = [name for name in os.listdir(tmp_path) if name.startswith(".")]
         assert leftovers == []
-        if process.returncode == 130:
+        if process.returncode == code:
             interrupted += 1
-            assert stderr.strip() == "error: interrupted; nothing was written"
+            assert stderr.strip() == f"error: {line}; nothing was written"
             (tmp_path / "model.lip.pt").unlink(missing_ok=True)
         else:
             assert torch.load(tmp_path / "model.lip.pt", weights_only=True)["fc.weight"].shape == (50, 64)
-    assert interrupted >= 1
     assert {name: sha256(tmp_path / name) for name in inputs} == inputs
+    return interrupted
+
+
+def test_sigint_during_a_run_leaves_nothing_behind(tmp_path: Path) -> None:
+    """Start-up, the streaming pass, and (likely) after the end."""
+    assert interrupted_runs(tmp_path, signal.SIGINT, (0.3, 0.8, 1.4, 3.5)) >= 1
+
+
+def test_sigterm_ends_a_run_like_sigint(tmp_path: Path) -> None:
+    """SIGTERM: exit 143, one line, no temporary file left, at start-up and during the pass."""
+    assert interrupted_runs(tmp_path, signal.SIGTERM, (0.5, 1.4)) >= 1
 
 
 def valid_files(folder: Path) -> dict[str, bytes]:
