@@ -130,7 +130,12 @@ PlotOption = Annotated[
         "--plot", help="Also save a PNG figure here (needs matplotlib: pip install 'lip-cli[plot]')."
     ),
 ]
-ForceOption = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
+ForceOption = Annotated[
+    bool,
+    typer.Option(
+        "--force", help="Replace existing outputs: files, or folders that are empty or that lip wrote."
+    ),
+]
 
 
 def parse_k(value: str) -> str:
