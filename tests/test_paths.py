@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -416,4 +415,3 @@ def test_sigterm_handler_is_only_in_the_process(sandbox: Path) -> None:
     before = signal.getsignal(signal.SIGTERM)
     run("inspect", sandbox / "work" / "model.pt")
     assert signal.getsignal(signal.SIGTERM) is before
-    time.sleep(0)
