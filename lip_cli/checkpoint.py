@@ -119,7 +119,7 @@ def _load_hf_folder(path: Path) -> Checkpoint:
     shard_of: dict[str, str] = {}
     shard_metadata: dict[str, dict[str, str]] = {}
     for shard in shards:
-        if not member(path, shard, f"{HF_INDEX} entry").exists():
+        if not member(path, shard, "file").exists():
             raise LipError(f"{path}: {HF_INDEX} names shard {shard}, which is missing")
         with safe_open(str(path / shard), framework="pt") as handle:
             shard_metadata[shard] = dict(handle.metadata() or {})

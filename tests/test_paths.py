@@ -366,6 +366,15 @@ def test_special_inputs_are_refused_before_anything_reads_them(sandbox: Path, wh
     sandboxed(sandbox, ["inspect", work / "model.pt", "-f", work / "features.npy"], [], 1, expected)
 
 
+def test_compare_and_features_refuse_special_inputs(sandbox: Path) -> None:
+    work = sandbox / "work"
+    os.mkfifo(work / "fifo.pt")
+    sandboxed(sandbox, ["compare", work / "model.pt", work / "fifo.pt"], [], 1, "is a FIFO")
+    args = ["features", work / "fifo.pt", "--model", "python:lip_cli.demo:demo_model"]
+    args += ["--data", work / "features.npy", "--labels", work / "labels.npy", "--out", work / "f.npy"]
+    sandboxed(sandbox, args, [], 1, "is a FIFO")
+
+
 def test_a_special_input_never_hangs_the_process(sandbox: Path) -> None:
     """The real process: it refuses the FIFO and exits at once (no background read blocks the exit)."""
     work = sandbox / "work"
