@@ -49,12 +49,12 @@ class ComputeDtype(StrEnum):
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Map user-facing failures to one line on stderr and the exit code of `lip_cli.errors`."""
-    from lip_cli import report
-
     try:
         _import_heavy_modules()
         yield
     except LipError as failure:
+        from lip_cli import report
+
         report.error(str(failure))
         raise typer.Exit(failure.exit_code) from None
     except KeyboardInterrupt as interrupt:
@@ -72,10 +72,12 @@ def _report_interrupt(code: int) -> None:
 
 
 def _import_heavy_modules() -> None:
-    """Import torch, numpy and safetensors with Ctrl-C and SIGTERM held back until they are whole.
+    """Import torch, numpy, safetensors, rich and lip's own modules with Ctrl-C and SIGTERM held
+    back until they are whole.
 
     An interrupt in the middle of an import can leave a half-initialised module behind, which
-    later fails in ways that look like bad input; the interrupt is raised once the imports end.
+    later fails in ways that look like bad input (or, for `decimal` under rich, prints a C warning
+    when the error line is reported); the interrupt is raised once the imports end.
     """
     held = (signal.SIGINT, signal.SIGTERM)
     received: list[int] = []
@@ -89,6 +91,9 @@ def _import_heavy_modules() -> None:
         import numpy  # noqa: F401
         import safetensors.torch  # noqa: F401
         import torch  # noqa: F401
+
+        import lip_cli.jobs  # noqa: F401
+        import lip_cli.report  # noqa: F401
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
