@@ -319,7 +319,7 @@ def input_files(
     for model in map(Path, checkpoints):
         found += [model, checkpoint.sidecar_path(model)]
         if model.is_dir():
-            found += files.folder_files(model) if copied else [model / checkpoint.LIP_RECORD]
+            found += files.folder_files(model) if copied else [model / files.LIP_RECORD]
     for spec in (features, labels):
         if spec is not None:
             found += arrays.shard_paths(spec) or [Path(spec)]
