@@ -200,3 +200,36 @@ def test_corrupt_files_give_one_line_errors(tmp_path_factory, data) -> None:
     if result.exit_code == 1:
         assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
         assert set(os.listdir(folder)) == before
+
+
+FLAKY_EXIT = """
+import sys
+from lip_cli import cli, jobs
+
+
+def interrupted_run(*args, **kwargs):
+    # An interrupt that lands inside a string exec (dataclasses and namedtuples are built that way
+    # during imports) sets CPython's "unhandled KeyboardInterrupt" flag; under `python -m`, a
+    # process that then exits normally is ended by SIGINT (-2) instead of its exit code.
+    try:
+        exec("raise KeyboardInterrupt")
+    except KeyboardInterrupt:
+        pass
+    raise KeyboardInterrupt
+
+
+jobs.repair_checkpoint = interrupted_run
+sys.argv = ["lip", *sys.argv[1:]]
+cli.main()
+"""
+
+
+def test_an_interrupt_exits_130_even_after_one_inside_an_exec(tmp_path: Path, head) -> None:
+    """The flaky -2 of the SIGINT test, made deterministic: the exit code is still 130."""
+    paths = save_problem(tmp_path, head)
+    (tmp_path / "flaky").mkdir()
+    (tmp_path / "flaky" / "__main__.py").write_text(FLAKY_EXIT)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    command = [sys.executable, "-m", "flaky", "repair", paths["model"], "-f", paths["features"], "--k", "1"]
+    done = subprocess.run(list(map(str, command)), capture_output=True, text=True, env=env, timeout=120)
+    assert (done.returncode, done.stderr) == (130, "error: interrupted; nothing was written\n")
