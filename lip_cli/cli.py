@@ -481,16 +481,23 @@ def demo(
 
 
 def main() -> None:
-    """The `lip` process: SIGTERM ends a run like Ctrl-C (exit 143), and an interrupted run exits
-    with its code whatever lands during the interpreter's shut-down."""
+    """The `lip` process: SIGTERM ends a run like Ctrl-C (exit 143), and the exit code is the
+    run's whatever lands during the interpreter's shut-down."""
     signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         app()
     except (KeyboardInterrupt, SystemExit) as ending:
         code = interrupt_exit_code(ending) if isinstance(ending, KeyboardInterrupt) else ending.code
-        if code not in (EXIT_INTERRUPTED, EXIT_TERMINATED):
-            raise
-        _exit_interrupted(EXIT_TERMINATED if signal.SIGTERM in _signals_received else code)
+        if code in (EXIT_INTERRUPTED, EXIT_TERMINATED):
+            _exit_interrupted(EXIT_TERMINATED if signal.SIGTERM in _signals_received else code)
+        _ignore_interrupts()  # the run is over: a late Ctrl-C would only turn its code into -SIGINT
+        raise
+    _ignore_interrupts()
+
+
+def _ignore_interrupts() -> None:
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, signal.SIG_IGN)
 
 
 def _exit_interrupted(code: int) -> None:
@@ -502,8 +509,7 @@ def _exit_interrupted(code: int) -> None:
     (dataclasses and namedtuples are built that way during imports), ends the process with
     SIGINT instead of the code: the flaky -2 of tests/test_safety.py.
     """
-    for number in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(number, signal.SIG_IGN)
+    _ignore_interrupts()
     _report_interrupt(code)
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
