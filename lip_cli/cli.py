@@ -49,6 +49,10 @@ class ComputeDtype(StrEnum):
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Map user-facing failures to one line on stderr and the exit code of `lip_cli.errors`."""
+    from lip_cli import files
+
+    files.placed.clear()
+    _interrupt_reported.clear()
     try:
         _import_heavy_modules()
         yield
@@ -63,12 +67,14 @@ def user_errors() -> Iterator[None]:
 
 
 def _report_interrupt(code: int) -> None:
-    """The one line of an interrupted run, printed once."""
-    from lip_cli import report
+    """The one line of an interrupted run, printed once: what it had already put in place, if any."""
+    from lip_cli import files, report
 
     if not _interrupt_reported:
         _interrupt_reported.append(code)
-        report.error(f"{'terminated' if code == EXIT_TERMINATED else 'interrupted'}; nothing was written")
+        what = "terminated" if code == EXIT_TERMINATED else "interrupted"
+        done = ", ".join(map(str, files.placed))
+        report.error(f"{what} after writing {done}" if done else f"{what}; nothing was written")
 
 
 def _import_heavy_modules() -> None:

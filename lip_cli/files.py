@@ -25,6 +25,7 @@ from pathlib import Path, PurePosixPath
 from lip_cli.errors import LipError
 
 LIP_RECORD = "lip.json"  # what lip writes into every folder it makes
+placed: list[Path] = []  # outputs put in place since the command began, for an interrupt's message
 
 
 @dataclass(frozen=True)
@@ -221,6 +222,7 @@ def atomic_output(output: Path) -> Iterator[Path]:
         with open(temporary_path, "rb+") as written:
             os.fsync(written.fileno())
         os.replace(temporary_path, output)
+        placed.append(output)
     finally:
         temporary_path.unlink(missing_ok=True)
 
@@ -244,6 +246,7 @@ def atomic_folder(output: Path) -> Iterator[Path]:
             shutil.rmtree(old)
         else:
             os.replace(temporary, output)
+        placed.append(output)
     finally:
         if temporary.exists():
             shutil.rmtree(temporary)

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from lip_cli import checkpoint as checkpoint_module
+from lip_cli import report as report_module
 from lip_cli.cli import app
 
 runner = CliRunner(env={"COLUMNS": "200"})
@@ -92,6 +93,22 @@ def test_failure_while_writing_leaves_nothing(tmp_path: Path, head, monkeypatch)
     assert sorted(os.listdir(tmp_path)) == before
 
 
+def test_an_interrupt_after_the_write_names_what_was_written(tmp_path: Path, head, monkeypatch) -> None:
+    paths = save_problem(tmp_path, head)
+
+    def interrupted_render(result) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report_module, "render_repair", interrupted_render)
+    result = run("repair", paths["model"], "-f", paths["features"], "--k", 1)
+    assert result.exit_code == 130
+    written = [tmp_path / "model.lip.pt", tmp_path / "model.lip.pt.lip.json"]
+    assert result.stderr == f"error: interrupted after writing {written[0]}, {written[1]}\n"
+    assert all(path.exists() for path in written)
+    again = run("inspect", paths["model"], "--json")  # the next command starts with a clean slate
+    assert again.exit_code == 0
+
+
 def interrupted_runs(tmp_path: Path, number: int, delays: tuple[float, ...]) -> int:
     """Send signal `number` to real runs after each delay: each ends cleanly (or finishes first),
     none leaves a partial file, the inputs stay as they were. Returns how many were interrupted."""
@@ -135,7 +152,10 @@ def interrupted_runs(tmp_path: Path, number: int, delays: tuple[float, ...]) -> 
         assert leftovers == []
         if process.returncode == code:
             interrupted += 1
-            assert stderr.strip() == f"error: {line}; nothing was written"
+            if (tmp_path / "model.lip.pt").exists():  # the interrupt came after the rename
+                assert stderr.startswith(f"error: {line} after writing ") and "model.lip.pt" in stderr
+            else:
+                assert stderr.strip() == f"error: {line}; nothing was written"
             (tmp_path / "model.lip.pt").unlink(missing_ok=True)
         else:
             assert torch.load(tmp_path / "model.lip.pt", weights_only=True)["fc.weight"].shape == (50, 64)
