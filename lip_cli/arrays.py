@@ -463,9 +463,9 @@ def find_labels(
 
 def shard_paths(spec: Path) -> list[Path] | None:
     """The files of a sharded cache, sorted: a glob (`feats/part-*.npy`) or a folder of array files.
-    None when `spec` names one file."""
+    None when `spec` names one file (also one whose name holds glob characters, as `feats[1].npy`)."""
     text = str(spec)
-    if any(char in text for char in "*?["):
+    if any(char in text for char in "*?[") and not os.path.lexists(spec):
         paths = sorted(Path(match) for match in glob.glob(text) if Path(match).is_file())
         if not paths:
             raise LipError(f"{spec}: no file matches")

@@ -12,7 +12,6 @@ that is not patched is written back bit for bit.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from torch import Tensor
 from lip_cli import formats
 from lip_cli.arrays import load_torch_file
 from lip_cli.errors import LipError, first_line
-from lip_cli.files import atomic_folder, atomic_output
+from lip_cli.files import LIP_RECORD, atomic_folder, atomic_output, copy_folder, member
 
 WRAPPER_PREFIXES = ("model.", "module.", "_orig_mod.", "net.", "network.")  # Lightning, DDP, compile
 EMA_COMPONENTS = {"ema", "model_ema", "ema_model", "ema_state_dict", "shadow"}
@@ -124,20 +123,15 @@ HF_LAYOUTS = (
 )
 
 
-def _member(folder: Path, name: str) -> Path:
-    """The file `name` (from an index or a layout) inside a model folder."""
-    return folder / name
-
-
 def _hf_layouts(path: Path) -> list[tuple[list[str], dict[str, str] | None, str]]:
     """Each weight layout present in a model folder, in transformers' order of preference: its shard
     files, its index's weight map (None for a single file) and the index's (or file's) name."""
     found = []
     for single, index in HF_LAYOUTS:
-        if _member(path, index).exists():
-            weight_map = json.loads(_member(path, index).read_text())["weight_map"]
+        if member(path, index).exists():
+            weight_map = json.loads(member(path, index).read_text())["weight_map"]
             found.append((sorted(set(weight_map.values())), weight_map, index))
-        elif _member(path, single).exists():
+        elif member(path, single).exists():
             found.append(([single], None, single))
     return found
 
@@ -173,9 +167,9 @@ def _load_hf_folder(path: Path) -> Checkpoint:
     shard_metadata: dict[str, dict[str, str]] = {}
     shard_format: dict[str, str] = {}
     for shard in shards:
-        if not _member(path, shard).exists():
+        if not member(path, shard).exists():
             raise LipError(f"{path}: {index} names shard {shard}, which is missing")
-        tensors, shard_metadata[shard], shard_format[shard] = _load_shard(_member(path, shard))
+        tensors, shard_metadata[shard], shard_format[shard] = _load_shard(member(path, shard))
         for key, tensor in tensors.items():
             state[key], shard_of[key] = tensor, shard
     if weight_map is not None:
@@ -407,34 +401,31 @@ def _write_hf_folder(
     layout lip read and in any other layout of the same model there (pytorch_model.bin beside
     model.safetensors), so that no stale copy of the layer is left behind."""
     with atomic_folder(output) as folder:
-        shutil.copytree(checkpoint.path, folder, dirs_exist_ok=True)
+        copy_folder(checkpoint.path, folder)
         for shard in sorted({checkpoint.shard_of[key] for key in changed}):
             tensors = {key: state[key] for key, owner in checkpoint.shard_of.items() if owner == shard}
             metadata = {**checkpoint.shard_metadata[shard], **record}
-            _save_shard(tensors, _member(folder, shard), checkpoint.shard_format[shard], metadata)
+            _save_shard(tensors, member(folder, shard), checkpoint.shard_format[shard], metadata)
         for shards, _, name in _hf_layouts(checkpoint.path)[1:]:
             remaining = {key: state[key] for key in changed}
             for shard in shards:
-                tensors, metadata, kind = _load_shard(_member(checkpoint.path, shard))
+                tensors, metadata, kind = _load_shard(member(checkpoint.path, shard))
                 held = [key for key in remaining if key in tensors]
                 for key in held:
                     if tensors[key].shape != remaining[key].shape:
                         raise LipError(f"{checkpoint.path}: `{key}` has another shape in {name}")
                     tensors[key] = remaining.pop(key).to(tensors[key].dtype)
                 if held:
-                    _save_shard(tensors, _member(folder, shard), kind, {**metadata, **record})
+                    _save_shard(tensors, member(folder, shard), kind, {**metadata, **record})
             if remaining:
                 raise LipError(
                     f"{checkpoint.path}: {name} holds the model too, but not `{next(iter(remaining))}`; "
                     f"move {name} and its shards out of the folder, then repair again"
                 )
         if record:
-            _member(folder, LIP_RECORD).write_text(
+            member(folder, LIP_RECORD).write_text(
                 json.dumps(json.loads(record["lip"]), indent=2, sort_keys=True) + "\n"
             )
-
-
-LIP_RECORD = "lip.json"
 
 
 def _save_shard(tensors: dict[str, Tensor], target: Path, kind: str, metadata: dict[str, str]) -> None:
@@ -467,7 +458,7 @@ def read_provenance(path: Path) -> dict | None:
     path = Path(path)
     try:
         if path.is_dir():
-            record = _member(path, LIP_RECORD)
+            record = member(path, LIP_RECORD)
             text = record.read_text() if record.exists() else None
         elif path.is_file() and formats.detect_format(path) == formats.SAFETENSORS:
             from safetensors import safe_open

@@ -7,6 +7,9 @@ completion stay instant.
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import sys
 from collections.abc import Iterator
 from enum import StrEnum
 from pathlib import Path
@@ -14,7 +17,7 @@ from typing import Annotated
 
 import typer
 
-from lip_cli.errors import EXIT_INTERRUPTED, LipError
+from lip_cli.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, LipError, Terminated, interrupt_exit_code
 
 app = typer.Typer(
     name="lip",
@@ -47,41 +50,73 @@ class ComputeDtype(StrEnum):
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Map user-facing failures to one line on stderr and the exit code of `lip_cli.errors`."""
-    from lip_cli import report
+    from lip_cli import files
 
+    files.placed.clear()
+    _interrupt_reported.clear()
     try:
         _import_heavy_modules()
         yield
     except LipError as failure:
+        from lip_cli import report
+
         report.error(str(failure))
         raise typer.Exit(failure.exit_code) from None
-    except KeyboardInterrupt:
-        report.error("interrupted; nothing was written")
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except KeyboardInterrupt as interrupt:
+        _report_interrupt(interrupt_exit_code(interrupt))
+        raise typer.Exit(interrupt_exit_code(interrupt)) from None
+
+
+def _report_interrupt(code: int) -> None:
+    """The one line of an interrupted run, printed once: what it had already put in place, if any."""
+    from lip_cli import files, report
+
+    if not _interrupt_reported:
+        _interrupt_reported.append(code)
+        what = "terminated" if code == EXIT_TERMINATED else "interrupted"
+        done = ", ".join(map(str, files.placed))
+        report.error(f"{what} after writing {done}" if done else f"{what}; nothing was written")
 
 
 def _import_heavy_modules() -> None:
-    """Import torch, numpy and safetensors with Ctrl-C held back until they are whole.
+    """Import torch, numpy, safetensors, rich and lip's own modules with Ctrl-C and SIGTERM held
+    back until they are whole.
 
     An interrupt in the middle of an import can leave a half-initialised module behind, which
-    later fails in ways that look like bad input; the interrupt is raised once the imports end.
+    later fails in ways that look like bad input (or, for `decimal` under rich, prints a C warning
+    when the error line is reported); the interrupt is raised once the imports end.
     """
-    import signal
-
-    interrupted: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    received: list[int] = []
+    previous = {}
     try:
-        previous = signal.signal(signal.SIGINT, lambda number, frame: interrupted.append(number))
+        for number in held:
+            previous[number] = signal.signal(number, lambda number, frame: received.append(number))
     except ValueError:  # not the main thread: signals cannot be held back here
-        previous = None
+        pass
     try:
         import numpy  # noqa: F401
         import safetensors.torch  # noqa: F401
         import torch  # noqa: F401
+
+        import lip_cli.jobs  # noqa: F401
+        import lip_cli.report  # noqa: F401
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
-    if interrupted:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    if signal.SIGTERM in received:
+        raise Terminated
+    if received:
         raise KeyboardInterrupt
+
+
+def _raise_terminated(number: int, frame: object) -> None:
+    _signals_received.append(number)
+    raise Terminated
+
+
+_signals_received: list[int] = []
+_interrupt_reported: list[int] = []
 
 
 JsonOption = Annotated[
@@ -107,7 +142,12 @@ PlotOption = Annotated[
         "--plot", help="Also save a PNG figure here (needs matplotlib: pip install 'lip-cli\\[plot]')."
     ),
 ]
-ForceOption = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
+ForceOption = Annotated[
+    bool,
+    typer.Option(
+        "--force", help="Replace existing outputs: files, or folders that are empty or that lip wrote."
+    ),
+]
 
 
 def parse_k(value: str) -> str:
@@ -250,7 +290,7 @@ def repair(
     Under `torchrun --nproc-per-node N -m lip_cli repair ...` the ranks share the pass; rank 0 reports.
     """
     with user_errors():
-        from lip_cli import distributed, files, jobs, plots, report
+        from lip_cli import distributed, jobs, plots, report
 
         request = jobs.RepairRequest(
             checkpoint=checkpoint,
@@ -272,9 +312,8 @@ def repair(
             targets=targets.value,
             force_write=force_write,
             alpha=alpha,
+            plot=plot,
         )
-        if plot is not None:
-            files.check_output(plot, [checkpoint, features], force)
         with report.progress_bar(enabled=not json_output and distributed.is_leader()) as progress:
             result = jobs.repair_checkpoint(request, progress)
         if not distributed.is_leader():
@@ -357,8 +396,8 @@ def inspect(
     with user_errors():
         from lip_cli import files, jobs, plots, report
 
-        if plot is not None:
-            files.check_output(plot, checkpoints, force)
+        inputs = jobs.input_files(checkpoints, features, labels)
+        files.check_paths(inputs, [files.Output(plot) if plot else None], force)
         if series:
             with report.progress_bar(enabled=not json_output) as progress:
                 spectra = jobs.inspect_series(checkpoints, layer, names or (), progress)
@@ -428,8 +467,8 @@ def compare(
     with user_errors():
         from lip_cli import files, jobs, plots, report
 
-        if plot is not None:
-            files.check_output(plot, [reference, *checkpoints], force)
+        inputs = jobs.input_files([reference, *checkpoints])
+        files.check_paths(inputs, [files.Output(plot) if plot else None], force)
         if len(checkpoints) == 1 and not names:
             result = jobs.compare_checkpoints(reference, checkpoints[0], layer)
             if plot is not None:
@@ -602,10 +641,37 @@ def demo(
 
 
 def main() -> None:
+    """The `lip` process: SIGTERM ends a run like Ctrl-C (exit 143), and the exit code is the
+    run's whatever lands during the interpreter's shut-down."""
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         app()
-    except KeyboardInterrupt:  # before a command's own handler is in place, or after it
-        from lip_cli import report
+    except (KeyboardInterrupt, SystemExit) as ending:
+        code = interrupt_exit_code(ending) if isinstance(ending, KeyboardInterrupt) else ending.code
+        if code in (EXIT_INTERRUPTED, EXIT_TERMINATED):
+            _exit_interrupted(EXIT_TERMINATED if signal.SIGTERM in _signals_received else code)
+        _ignore_interrupts()  # the run is over: a late Ctrl-C would only turn its code into -SIGINT
+        raise
+    _ignore_interrupts()
 
-        report.error("interrupted; nothing was written")
-        raise SystemExit(EXIT_INTERRUPTED) from None
+
+def _ignore_interrupts() -> None:
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, signal.SIG_IGN)
+
+
+def _exit_interrupted(code: int) -> None:
+    """End an interrupted process with its one line (unless a command's handler printed it: typer
+    exits silently on an interrupt outside it) and `code`, and nothing else.
+
+    Its clean-ups have run (the interrupt unwound through them). A normal exit would still run
+    Python's shut-down, where a second signal, or the first one having landed inside an `exec`
+    (dataclasses and namedtuples are built that way during imports), ends the process with
+    SIGINT instead of the code: the flaky -2 of tests/test_safety.py.
+    """
+    _ignore_interrupts()
+    _report_interrupt(code)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)

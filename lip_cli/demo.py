@@ -5,6 +5,7 @@ Everything `lip repair` needs, made on the CPU in seconds with nothing downloade
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lip_cli import files
 from lip_cli.errors import LipError
 
 DEMO_FILES = ("model.pt", "train/inputs.npy", "train/targets.npy", "val/inputs.npy", "val/targets.npy")
@@ -106,9 +108,11 @@ def make_demo(folder: Path, force: bool = False, settings: DemoSettings | None =
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise LipError(f"{folder}: exists and is not a folder")
-    existing = [name for name in DEMO_FILES if (folder / name).exists()]
+    existing = [name for name in DEMO_FILES if os.path.lexists(folder / name)]  # dangling links too
     if existing and not force:
         raise LipError(f"{folder}: already holds {', '.join(existing)}; pass --force to replace them")
+    for name in DEMO_FILES:  # nothing written through a link out of the folder
+        files.member(folder, name, "demo file")
     for part in ("train", "val"):
         if (folder / part).exists() and not (folder / part).is_dir():
             raise LipError(f"{folder / part}: exists and is not a folder; move it or choose another folder")
@@ -131,11 +135,16 @@ def make_demo(folder: Path, force: bool = False, settings: DemoSettings | None =
         "epoch": settings.epochs,
         "noise_rate": settings.noise_rate,
     }
-    torch.save(checkpoint, folder / "model.pt")
-    np.save(folder / "train" / "inputs.npy", train_inputs.numpy())
-    np.save(folder / "train" / "targets.npy", noisy_labels.numpy())
-    np.save(folder / "val" / "inputs.npy", val_inputs.numpy())
-    np.save(folder / "val" / "targets.npy", val_labels.numpy())
+    with files.atomic_output(folder / "model.pt") as temporary:
+        torch.save(checkpoint, temporary)
+    for name, values in (
+        ("train/inputs.npy", train_inputs),
+        ("train/targets.npy", noisy_labels),
+        ("val/inputs.npy", val_inputs),
+        ("val/targets.npy", val_labels),
+    ):
+        with files.atomic_output(folder / name) as temporary, open(temporary, "wb") as handle:
+            np.save(handle, values.numpy())
     return DemoResult(folder, settings, train_accuracy, val_accuracy)
 
 

@@ -1,4 +1,11 @@
-"""Safe file handling shared by every writer: nothing overwritten by accident, nothing half-written."""
+"""Safe file handling shared by every command: one path policy, atomic writes, safe reads and copies.
+
+The policy (`check_paths`): every input and output is resolved, links followed, before any work.
+Only regular files (and folders) are read; an output may not be an input, lie inside an input
+folder, hold an input, or be another output of the same run; an existing output is replaced only
+with --force, and a folder only when it is empty or was written by lip (it holds `lip.json`).
+Files named inside a folder (index entries, shards) must stay inside it.
+"""
 
 from __future__ import annotations
 
@@ -6,41 +13,206 @@ import contextlib
 import hashlib
 import os
 import shutil
+import stat
 import tempfile
-from collections.abc import Iterator
-from pathlib import Path
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 
 from lip_cli.errors import LipError
 
+LIP_RECORD = "lip.json"  # what lip writes into every folder it makes
+placed: list[Path] = []  # outputs put in place since the command began, for an interrupt's message
 
-def check_output(output: Path, inputs: list[Path], force: bool, folder: bool = False) -> None:
-    """Fail before any work if the output would clobber an input, a file, or cannot be written.
 
-    `folder`: the output is a folder (a Hugging Face model folder) rather than a file.
+@dataclass(frozen=True)
+class Output:
+    """A path a command will write: a file, or a folder (a Hugging Face model folder).
+
+    `suffixes`: the endings that match the format written (empty: any).
     """
-    output = Path(output)
-    for source in inputs:
-        if source.exists() and output.exists() and output.resolve() == source.resolve():
-            raise LipError(f"{output}: output is the same file as an input; choose another --output")
-        if folder and source.is_dir() and source.resolve() in output.resolve().parents:
-            raise LipError(f"{output}: output lies inside the input folder {source}; choose another --output")
-    if output.exists() and not force:
-        raise LipError(f"{output}: already exists; pass --force to overwrite it")
-    if output.is_dir() and not folder:
-        raise LipError(f"{output}: is a folder; --output must name a file")
-    if output.is_file() and folder:
-        raise LipError(f"{output}: is a file; the output of a model folder is a folder")
-    folder = output.parent if str(output.parent) else Path(".")
-    if not folder.is_dir():
-        raise LipError(f"{output}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise LipError(f"{output}: folder {folder} is not writable")
+
+    path: Path
+    folder: bool = False
+    suffixes: tuple[str, ...] = ()
+
+
+def _kind(mode: int) -> str | None:
+    """What a special file is, or None for a regular file or a folder."""
+    for test, name in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return None
+
+
+def check_readable(path: Path) -> None:
+    """Refuse a special file (FIFO, device, socket; also behind a link) before anything reads it.
+
+    A missing path is left to the reader, which names it.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    kind = _kind(mode)
+    if kind is not None:
+        shown = f" (a link to {os.path.realpath(path)})" if os.path.islink(path) else ""
+        raise LipError(f"{path}: is {kind}{shown}; lip reads regular files only")
+
+
+def _location(path: Path) -> Path:
+    """Where a write to `path` lands: its folder resolved, the last name kept (a link there is
+    replaced, never written through)."""
+    absolute = Path(os.path.abspath(path))
+    if absolute.name in ("", ".", ".."):
+        return absolute.resolve()
+    return absolute.parent.resolve() / absolute.name
+
+
+def _within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_paths(inputs: Iterable[Path | None], outputs: Iterable[Output | None], force: bool) -> None:
+    """The path policy of every command, applied before any work (see the module docstring)."""
+    sources = [Path(path) for path in inputs if path is not None]
+    targets = [output for output in outputs if output is not None]
+    for source in sources:
+        check_readable(source)
+    real_sources = [(source, source.resolve()) for source in sources if source.exists()]
+    seen: list[tuple[Output, Path, Path]] = []
+    for output in targets:
+        path = Path(output.path)
+        location, target = _location(path), path.resolve()
+        if output.suffixes and path.suffix.lower() not in output.suffixes:
+            raise LipError(
+                f"{path}: the output is written as {' or '.join(output.suffixes)}; give it that ending"
+            )
+        for source, real in real_sources:
+            if target == real or location == real or _same_file(path, source):
+                raise LipError(f"{path}: output is the same file as an input ({source}); choose another")
+            for place in (location, target):
+                if real.is_dir() and place != real and _within(place, real):
+                    raise LipError(f"{path}: output lies inside the input folder {source}; choose another")
+                if _within(real, place):
+                    raise LipError(f"{path}: output would hold the input {source}; choose another")
+        for other, other_location, other_target in seen:
+            if {location, target} & {other_location, other_target} or any(
+                _within(a, b) or _within(b, a)
+                for a in (location, target)
+                for b in (other_location, other_target)
+            ):
+                raise LipError(f"{path}: is also the output {other.path} of this run; choose another")
+        seen.append((output, location, target))
+        _check_replaceable(path, output.folder, force)
+
+
+def _check_replaceable(path: Path, folder: bool, force: bool) -> None:
+    """An existing output (also a dangling link) needs --force; a folder must be empty or lip's."""
+    if os.path.lexists(path) and not path.exists():
+        if not force:
+            raise LipError(
+                f"{path}: is a dangling link (to {os.readlink(path)}); pass --force to replace the link"
+            )
+    elif path.exists():
+        if not force:
+            raise LipError(f"{path}: already exists; pass --force to overwrite it")
+        if path.is_dir() and not folder:
+            raise LipError(f"{path}: is a folder; the output is a file, name one")
+        if not path.is_dir() and folder:
+            raise LipError(f"{path}: is a file; the output of a model folder is a folder")
+        if path.is_dir() and any(path.iterdir()) and not (path / LIP_RECORD).is_file():
+            raise LipError(
+                f"{path}: is a folder that lip did not write (no {LIP_RECORD}); --force replaces only "
+                "an empty folder or one lip wrote; choose another --output"
+            )
+    parent = _location(path).parent
+    if not parent.is_dir():
+        raise LipError(f"{path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise LipError(f"{path}: folder {parent} is not writable")
+
+
+def _roots(folder: Path) -> list[Path]:
+    """Where the files of a folder may really lie: the folder, and for a snapshot of the Hugging
+    Face hub cache (`.../snapshots/<revision>`, whose files link to `../../blobs/`) its blob store."""
+    real = Path(folder).resolve()
+    if real.parent.name == "snapshots":
+        return [real, real.parent.parent / "blobs"]
+    return [real]
+
+
+def member(folder: Path, name: str, what: str = "entry") -> Path:
+    """`folder/name` for a file named inside a folder (an index entry, a shard), checked: no
+    absolute path, no `..`, no link out of the folder, no special file."""
+    pure = PurePosixPath(name)
+    if not name or pure.is_absolute() or ".." in pure.parts or "\\" in name:
+        raise LipError(f"{folder}: {what} `{name}` points outside the folder; lip reads only files inside it")
+    path = Path(folder) / name
+    real = path.resolve()
+    if not any(_within(real, root) for root in _roots(folder)):
+        raise LipError(
+            f"{folder}: {what} `{name}` is a link out of the folder (to {real}); "
+            "lip reads only files inside it"
+        )
+    check_readable(path)
+    return path
+
+
+def folder_files(folder: Path) -> list[Path]:
+    """Every file under a folder, sorted, each checked like `member`; links to folders are refused
+    too, so that nothing outside the folder is ever read or copied."""
+    folder = Path(folder)
+    found = []
+    for top, dirs, names in os.walk(folder):
+        for name in sorted(dirs):
+            if os.path.islink(os.path.join(top, name)):
+                entry = os.path.relpath(os.path.join(top, name), folder)
+                raise LipError(f"{folder}: `{entry}` is a link to a folder; lip copies only files inside it")
+        for name in names:
+            path = Path(top) / name
+            entry = path.relative_to(folder).as_posix()
+            member(folder, entry)
+            if not path.exists():
+                raise LipError(f"{folder}: `{entry}` is a dangling link; remove it or fix it")
+            found.append(path)
+    return sorted(found)
+
+
+def copy_folder(source: Path, destination: Path) -> None:
+    """Copy a folder's files into `destination` (links to files inside it copied as files), after
+    `folder_files` checked every entry."""
+    source, destination = Path(source), Path(destination)
+    paths = folder_files(source)
+    for top, dirs, _ in os.walk(source):
+        for name in dirs:
+            (destination / Path(top).relative_to(source) / name).mkdir(parents=True, exist_ok=True)
+    for path in paths:
+        shutil.copy2(path, destination / path.relative_to(source))
 
 
 @contextlib.contextmanager
 def atomic_output(output: Path) -> Iterator[Path]:
-    """A temporary path beside `output`; renamed onto it, after fsync, only if the block succeeds."""
-    output = Path(output)
+    """A temporary path beside `output`; renamed onto it, after fsync, only if the block succeeds.
+
+    A link at `output` is replaced by the file, never written through.
+    """
+    output = _location(Path(output))
     handle, temporary = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
     os.close(handle)
     temporary_path = Path(temporary)
@@ -50,6 +222,7 @@ def atomic_output(output: Path) -> Iterator[Path]:
         with open(temporary_path, "rb+") as written:
             os.fsync(written.fileno())
         os.replace(temporary_path, output)
+        placed.append(output)
     finally:
         temporary_path.unlink(missing_ok=True)
 
@@ -57,7 +230,7 @@ def atomic_output(output: Path) -> Iterator[Path]:
 @contextlib.contextmanager
 def atomic_folder(output: Path) -> Iterator[Path]:
     """A temporary folder beside `output`; swapped in, after fsync of its files, only on success."""
-    output = Path(output)
+    output = _location(Path(output))
     temporary = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
     os.chmod(temporary, 0o777 & ~_umask())
     try:
@@ -66,13 +239,14 @@ def atomic_folder(output: Path) -> Iterator[Path]:
             if file.is_file():
                 with open(file, "rb") as written:
                     os.fsync(written.fileno())
-        if output.exists():
+        if os.path.lexists(output):
             old = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".old", dir=output.parent))
             os.replace(output, old / output.name)
             os.replace(temporary, output)
             shutil.rmtree(old)
         else:
             os.replace(temporary, output)
+        placed.append(output)
     finally:
         if temporary.exists():
             shutil.rmtree(temporary)
@@ -102,16 +276,55 @@ def sibling_output(path: Path, tag: str = "lip") -> Path:
     return path.with_name(f"{stem}.{tag}{suffix}")
 
 
-def sha256_of(path: Path, shards: list[Path] | None = None) -> str:
-    """Hex digest of a file, or of several files or a folder's files (names and contents, sorted)."""
+class Cancelled(Exception):
+    """A background digest stopped because the run no longer needs it."""
+
+
+def sha256_of(path: Path, shards: list[Path] | None = None, stop: threading.Event | None = None) -> str:
+    """Hex digest of a file, or of several files or a folder's files (names and contents, sorted).
+
+    `stop`: checked between blocks, so that a digest nobody waits for ends early.
+    """
     path = Path(path)
     if shards is None and path.is_dir():
-        shards = sorted(p for p in path.rglob("*") if p.is_file())
+        shards = folder_files(path)
     digest = hashlib.sha256()
     for file in shards or [path]:
+        check_readable(file)
         if shards:
             digest.update(str(file).encode() + b"\0")
         with open(file, "rb") as handle:
             while block := handle.read(1 << 22):
+                if stop is not None and stop.is_set():
+                    raise Cancelled(str(file))
                 digest.update(block)
     return digest.hexdigest()
+
+
+class BackgroundDigests:
+    """sha256 digests computed on daemon threads while the run goes on.
+
+    Nothing waits for them at exit: once the owner is dropped (an error ended the run) or shut
+    down, they stop at their next block, so a failed run exits at once.
+    """
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        weakref.finalize(self, self._stop.set)
+
+    def submit(self, digest: Callable[..., str], *args: object) -> Future[str]:
+        """Start `digest(*args, stop=...)`, such as `sha256_of`, on its own thread."""
+        future: Future[str] = Future()
+        stop = self._stop  # the thread must not keep `self` alive
+
+        def work() -> None:
+            try:
+                future.set_result(digest(*args, stop=stop))
+            except BaseException as error:  # handed to whoever reads the result
+                future.set_exception(error)
+
+        threading.Thread(target=work, name="lip-sha256", daemon=True).start()
+        return future
+
+    def shutdown(self, cancel_futures: bool = True) -> None:
+        self._stop.set()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lip_cli import __version__, arrays, checkpoint, distributed, files, lip, selection, spectra
+from lip_cli import __version__, arrays, checkpoint, distributed, files, formats, lip, selection, spectra
 from lip_cli.errors import LipError
 
 AUTO = "auto"
@@ -334,6 +333,7 @@ class RepairRequest:
     seed: int = 0
     force_write: bool = False  # with k = "auto": write an unchanged copy when no k is confirmed
     alpha: float = 0.05  # level of the one-sided McNemar test that confirms a k
+    plot: Path | None = None  # the caller draws the figure; checked here with the other outputs
 
 
 @dataclass
@@ -416,6 +416,60 @@ def repair_checkpoint(request: RepairRequest, progress: Progress = _no_progress)
         group.close()
 
 
+def input_files(
+    checkpoints: list[Path],
+    features: Path | None = None,
+    labels: Path | None = None,
+    copied: bool = False,
+) -> list[Path]:
+    """Every file a command reads, for the path policy (`files.check_paths`).
+
+    Checkpoints with their provenance records (and, when the folder is `copied`, every file of a
+    model folder, each checked), feature and label shards, and labels.npy beside the features
+    when it is where the labels come from.
+    """
+    found: list[Path] = []
+    for model in map(Path, checkpoints):
+        found += [model, checkpoint.sidecar_path(model)]
+        if model.is_dir():
+            found += files.folder_files(model) if copied else [model / files.LIP_RECORD]
+    for spec in (features, labels):
+        if spec is not None:
+            found += arrays.shard_paths(spec) or [Path(spec)]
+    if features is not None and labels is None:
+        found.append(Path(features).parent / "labels.npy")
+    return found
+
+
+def repair_inputs(request: RepairRequest) -> list[Path]:
+    """Every file `lip repair` reads."""
+    return [
+        *input_files([request.checkpoint], request.features, request.labels, copied=True),
+        *input_files([], request.val_features, request.val_labels),
+    ]
+
+
+def repair_outputs(request: RepairRequest, output: Path | None) -> list[files.Output]:
+    """Every file `lip repair` writes: the checkpoint (in the input's format), its provenance
+    sidecar (.pt) and the figure."""
+    outputs = [] if request.plot is None else [files.Output(Path(request.plot))]
+    if output is None:
+        return outputs
+    source = Path(request.checkpoint)
+    if source.is_dir():
+        return [files.Output(output, folder=True), *outputs]
+    if checkpoint.writes_sidecar(source):  # a torch file, whatever its name
+        if output.suffix.lower() == ".safetensors":
+            raise LipError(
+                f"{output}: the output is a torch file, like {source}; give it another ending than "
+                ".safetensors (or convert the checkpoint to safetensors first)"
+            )
+        return [files.Output(output), files.Output(checkpoint.sidecar_path(output)), *outputs]
+    if source.is_file() and formats.detect_format(source) == formats.SAFETENSORS:
+        return [files.Output(output, suffixes=(".safetensors",)), *outputs]
+    return [files.Output(output), *outputs]
+
+
 def _repair(
     request: RepairRequest,
     compute_dtype: torch.dtype,
@@ -427,12 +481,8 @@ def _repair(
     failure = None
     try:  # a failure on one rank fails them all, with its message
         output = None if request.dry_run else Path(request.output or files.sibling_output(request.checkpoint))
-        inputs = [Path(request.checkpoint), Path(request.features)]
-        if output is not None:
-            files.check_output(output, inputs, request.force, folder=Path(request.checkpoint).is_dir())
-            if checkpoint.writes_sidecar(request.checkpoint):
-                files.check_output(checkpoint.sidecar_path(output), inputs, request.force)
-        hashing = ThreadPoolExecutor(max_workers=1)
+        files.check_paths(repair_inputs(request), repair_outputs(request, output), request.force)
+        hashing = files.BackgroundDigests()
         digests = {}
         if output is not None and group.leader:
             digests[str(request.checkpoint)] = hashing.submit(files.sha256_of, request.checkpoint)
@@ -973,8 +1023,19 @@ def extract_features(request: FeaturesRequest, progress: Progress = _no_progress
     if out.suffix.lower() != ".npy":
         raise LipError(f"--out {out}: the feature cache is a .npy file")
     classes_file = out.parent / "classes.json"
+    images = Path(request.data).suffix.lower() != ".npy"  # else model inputs in a .npy
+    model_folder = [Path(request.model[3:])] if request.model.startswith("hf:") else []
+    files.check_paths(
+        [*input_files([request.checkpoint, *model_folder]), Path(request.data), request.labels],
+        [
+            files.Output(out),
+            files.Output(out.parent / "labels.npy"),
+            files.Output(classes_file) if images else None,
+        ],
+        request.force,
+    )
     built = models.build_model(request.model, request.checkpoint)
-    if Path(request.data).suffix.lower() == ".npy":
+    if not images:
         if request.labels is None:
             raise LipError(f"{request.data}: model inputs in a .npy need --labels")
         dataset: Any = models.ArrayInputs(request.data, request.labels)
@@ -983,8 +1044,6 @@ def extract_features(request: FeaturesRequest, progress: Progress = _no_progress
         dataset = models.ImageFolderData(request.data)
         dataset.transform = models.eval_transform(built, request.image_size, request.mean, request.std)
         class_names = dataset.classes
-    for path in (out, out.parent / "labels.npy", *([classes_file] if class_names else [])):
-        files.check_output(path, [Path(request.checkpoint), Path(request.data)], request.force)
     if request.limit is not None:
         dataset = Subset(dataset, range(min(request.limit, len(dataset))))
     total = len(dataset)
