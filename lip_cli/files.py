@@ -101,7 +101,8 @@ def check_paths(inputs: Iterable[Path | None], outputs: Iterable[Output | None],
         location, target = _location(path), path.resolve()
         if output.suffixes and path.suffix.lower() not in output.suffixes:
             raise LipError(
-                f"{path}: the output is written as {' or '.join(output.suffixes)}; give it that ending"
+                f"{path}: the output is written as {' or '.join(filter(None, output.suffixes))}; "
+                "give it that ending"
             )
         for source, real in real_sources:
             if target == real or location == real or _same_file(path, source):

@@ -21,6 +21,7 @@ from typing import BinaryIO
 
 TORCH_ZIP, TORCH_PICKLE, SAFETENSORS, NPY, NPZ = "torch zip", "torch pickle", "safetensors", "npy", "npz"
 TORCH_FORMATS = (TORCH_ZIP, TORCH_PICKLE)
+TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".tar", ".pkl")  # what frameworks name torch files
 
 _ZIP_LOCAL_HEADER = b"PK\x03\x04"
 _ZIP_NAME_OFFSET = 30  # a zip local header is 30 bytes, then the member's name

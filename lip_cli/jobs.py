@@ -458,16 +458,15 @@ def repair_outputs(request: RepairRequest, output: Path | None) -> list[files.Ou
     source = Path(request.checkpoint)
     if source.is_dir():
         return [files.Output(output, folder=True), *outputs]
-    if checkpoint.writes_sidecar(source):  # a torch file, whatever its name
-        if output.suffix.lower() == ".safetensors":
-            raise LipError(
-                f"{output}: the output is a torch file, like {source}; give it another ending than "
-                ".safetensors (or convert the checkpoint to safetensors first)"
-            )
-        return [files.Output(output), files.Output(checkpoint.sidecar_path(output)), *outputs]
-    if source.is_file() and formats.detect_format(source) == formats.SAFETENSORS:
-        return [files.Output(output, suffixes=(".safetensors",)), *outputs]
-    return [files.Output(output), *outputs]
+    content = formats.detect_format(source) if source.is_file() and request.output else None
+    own = (source.suffix.lower(),)  # the default output keeps the input's naming; so may --output
+    if content in formats.TORCH_FORMATS:
+        torch_file = files.Output(output, suffixes=formats.TORCH_SUFFIXES + own)
+        return [torch_file, files.Output(checkpoint.sidecar_path(output)), *outputs]
+    if content == formats.SAFETENSORS:
+        return [files.Output(output, suffixes=(".safetensors", *own)), *outputs]
+    sidecar = [files.Output(checkpoint.sidecar_path(output))] if checkpoint.writes_sidecar(source) else []
+    return [files.Output(output), *sidecar, *outputs]
 
 
 def _repair(
