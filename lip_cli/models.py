@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from lip_cli import checkpoint as checkpoints
+from lip_cli import files
 from lip_cli.errors import LipError, first_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -206,6 +207,8 @@ class ImageFolderData(Dataset):
         ]
         if not self.samples:
             raise LipError(f"{root}: no images in class sub-folders ({', '.join(IMAGE_SUFFIXES)})")
+        for path, _ in self.samples:  # a FIFO or device named like an image would hang a worker
+            files.check_readable(path)
         self.transform = transform
 
     def __len__(self) -> int:

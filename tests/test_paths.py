@@ -438,3 +438,13 @@ def test_sigterm_handler_is_only_in_the_process(sandbox: Path) -> None:
     before = signal.getsignal(signal.SIGTERM)
     run("inspect", sandbox / "work" / "model.pt")
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_special_file_named_like_an_image_is_refused_before_any_read(tmp_path: Path) -> None:
+    from lip_cli.models import ImageFolderData
+
+    (tmp_path / "cats").mkdir()
+    (tmp_path / "cats" / "a.png").write_bytes(b"not really a png")
+    os.mkfifo(tmp_path / "cats" / "b.png")
+    with pytest.raises(LipError, match="b.png: is a FIFO"):
+        ImageFolderData(tmp_path)
