@@ -133,6 +133,10 @@ def _hf_layouts(path: Path) -> list[tuple[list[str], dict[str, str] | None, str]
             found.append((sorted(set(weight_map.values())), weight_map, index))
         elif member(path, single).exists():
             found.append(([single], None, single))
+    for shards, _, index in found:  # every layout is read or rewritten: each checked before any work
+        for shard in shards:
+            if not member(path, shard).is_file():
+                raise LipError(f"{path}: {index} names shard {shard}, which is missing or not a file")
     return found
 
 
@@ -167,8 +171,6 @@ def _load_hf_folder(path: Path) -> Checkpoint:
     shard_metadata: dict[str, dict[str, str]] = {}
     shard_format: dict[str, str] = {}
     for shard in shards:
-        if not member(path, shard).exists():
-            raise LipError(f"{path}: {index} names shard {shard}, which is missing")
         tensors, shard_metadata[shard], shard_format[shard] = _load_shard(member(path, shard))
         for key, tensor in tensors.items():
             state[key], shard_of[key] = tensor, shard
