@@ -438,3 +438,14 @@ def test_sigterm_handler_is_only_in_the_process(sandbox: Path) -> None:
     before = signal.getsignal(signal.SIGTERM)
     run("inspect", sandbox / "work" / "model.pt")
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.parametrize("command", ["repair", "inspect"])
+def test_an_output_where_an_input_sidecar_would_be_is_refused(sandbox: Path, command: str) -> None:
+    """`model.pt.lip.json` is read as model.pt's provenance even while it does not exist: a figure
+    written there would make model.pt unreadable to lip afterwards."""
+    work = sandbox / "work"
+    args: list[object] = [command, work / "model.pt", "--plot", work / "model.pt.lip.json"]
+    if command == "repair":
+        args += ["-f", work / "features.npy", "--k", 1]
+    sandboxed(sandbox, args, [], 1, "model.pt.lip.json")
