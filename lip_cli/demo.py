@@ -105,8 +105,9 @@ def train(model: DemoNet, inputs: torch.Tensor, labels: torch.Tensor, settings: 
 def check_demo_folder(folder: Path, force: bool) -> None:
     """Refuse, before any training, a folder where the demo would replace files without --force,
     write through a link out of it, or find a file where it needs a folder."""
-    if folder.exists() and not folder.is_dir():
-        raise LipError(f"{folder}: exists and is not a folder")
+    nearest = next((path for path in (folder, *folder.parents) if os.path.lexists(path)), None)
+    if nearest is not None and not nearest.is_dir():  # the folder, or one above it, is a file
+        raise LipError(f"{nearest}: exists and is not a folder")
     existing = [name for name in DEMO_FILES if os.path.lexists(folder / name)]  # dangling links too
     if existing and not force:
         raise LipError(f"{folder}: already holds {', '.join(existing)}; pass --force to replace them")

@@ -329,3 +329,15 @@ def test_demo_series_rates_that_share_a_folder_are_refused(tmp_path: Path) -> No
     assert result.exit_code == 1, result.output
     assert "noise-0.123456" in result.stderr
     assert not (tmp_path / "series").exists()
+
+
+@pytest.mark.parametrize("noise", [[], ["--noise", "0,0.2"]])
+def test_demo_under_a_file_fails_in_one_line(tmp_path: Path, noise: list[str]) -> None:
+    """FOLDER (or a folder above it) is a file: one line, exit 1, before any training."""
+    (tmp_path / "taken").write_text("a file")
+    for folder in (tmp_path / "taken", tmp_path / "taken" / "sub"):
+        result = run("demo", folder, *noise)
+        assert result.exit_code == 1, result.output
+        assert isinstance(result.exception, SystemExit), result.exception  # not a traceback
+        assert "taken: exists and is not a folder" in result.stderr
+    assert (tmp_path / "taken").read_text() == "a file"
