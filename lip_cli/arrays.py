@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lip_cli import formats
+from lip_cli import files, formats
 from lip_cli.errors import LipError, first_line
 
 # torch.load rebuilding a quantized tensor prints deprecation notices; lip refuses it in one line instead
@@ -467,7 +467,8 @@ def shard_paths(spec: Path) -> list[Path] | None:
     None when `spec` names one file (also one whose name holds glob characters, as `feats[1].npy`)."""
     text = str(spec)
     if any(char in text for char in "*?[") and not os.path.lexists(spec):
-        paths = sorted(Path(match) for match in glob.glob(text) if Path(match).is_file())
+        # every match but folders: a special file is refused by the path policy, never skipped
+        paths = sorted(Path(match) for match in glob.glob(text) if not Path(match).is_dir())
         if not paths:
             raise LipError(f"{spec}: no file matches")
         return paths
@@ -475,7 +476,7 @@ def shard_paths(spec: Path) -> list[Path] | None:
         paths = sorted(path for path in Path(spec).iterdir() if path.suffix.lower() in ARRAY_SUFFIXES)
         if not paths:
             raise LipError(f"{spec}: a folder with no {', '.join(ARRAY_SUFFIXES)} files")
-        return paths
+        return [files.member(Path(spec), path.name, "shard") for path in paths]
     return None
 
 
