@@ -232,6 +232,12 @@ def statistics_pass(
     confirm = torch.zeros(rows, dtype=torch.bool)
     if holdout > 0:
         held_rows = int(held_kept.sum())
+        if held_rows < min_held and held_rows < int(held.sum()):  # the sample kept too few of them
+            raise LipError(
+                f"--sample-rows {sample_rows}: keeps {held_rows} held-out rows, too few to choose k on one "
+                f"part and confirm it on the other; --k auto needs at least {min_held}: pass a larger "
+                "--sample-rows"
+            )
         if held_rows < min_held:
             raise LipError(
                 f"--holdout {holdout}: {held_rows} held-out rows are too few to choose k on one part "
