@@ -111,8 +111,9 @@ def check_demo_folder(folder: Path, force: bool) -> None:
     existing = [name for name in DEMO_FILES if os.path.lexists(folder / name)]  # dangling links too
     if existing and not force:
         raise LipError(f"{folder}: already holds {', '.join(existing)}; pass --force to replace them")
-    for name in DEMO_FILES:  # nothing written through a link out of the folder
-        files.member(folder, name, "demo file")
+    for name in DEMO_FILES:  # nothing written through a link out of the folder, nor over a folder
+        if files.member(folder, name, "demo file").is_dir():
+            raise LipError(f"{folder / name}: is a folder; --force replaces demo files only, move it")
     for part in ("train", "val"):
         if (folder / part).exists() and not (folder / part).is_dir():
             raise LipError(f"{folder / part}: exists and is not a folder; move it or choose another folder")

@@ -341,3 +341,14 @@ def test_demo_under_a_file_fails_in_one_line(tmp_path: Path, noise: list[str]) -
         assert isinstance(result.exception, SystemExit), result.exception  # not a traceback
         assert "taken: exists and is not a folder" in result.stderr
     assert (tmp_path / "taken").read_text() == "a file"
+
+
+@pytest.mark.parametrize("name", ["model.pt", "val/targets.npy"])
+def test_demo_force_over_a_folder_named_like_a_demo_file_fails_in_one_line(tmp_path: Path, name: str) -> None:
+    """--force replaces demo files, never a folder in their place: one line, exit 1, before training."""
+    (tmp_path / "demo" / name).mkdir(parents=True)
+    result = run("demo", tmp_path / "demo", "--force")
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), result.exception  # not a traceback
+    assert f"{name}: is a folder" in result.stderr
+    assert (tmp_path / "demo" / name).is_dir() and not (tmp_path / "demo" / "train").exists()
