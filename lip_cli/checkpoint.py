@@ -158,6 +158,8 @@ def _load_shard(file: Path) -> tuple[dict[str, Tensor], dict[str, str], str]:
 
 
 def _load_hf_folder(path: Path) -> Checkpoint:
+    if member(path, LIP_RECORD).is_dir():  # where the output's record goes: refused before any work
+        raise LipError(f"{path / LIP_RECORD}: is a folder; lip keeps its record there, move it")
     layouts = _hf_layouts(path)
     if not layouts:
         names = [name for layout in HF_LAYOUTS for name in layout]

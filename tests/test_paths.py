@@ -449,3 +449,11 @@ def test_an_output_where_an_input_sidecar_would_be_is_refused(sandbox: Path, com
     if command == "repair":
         args += ["-f", work / "features.npy", "--k", 1]
     sandboxed(sandbox, args, [], 1, "model.pt.lip.json")
+
+
+def test_a_folder_named_like_lip_record_inside_a_model_folder_is_refused(hf_sandbox: Path) -> None:
+    """`lip.json` is where lip writes its record in the output folder: a folder of that name in the
+    input gave a traceback once the work was done; now one line before it."""
+    (hf_sandbox / "work" / "hf" / "lip.json").mkdir()
+    (hf_sandbox / "work" / "hf" / "lip.json" / "notes.txt").write_text("mine\n")
+    sandboxed(hf_sandbox, repair_hf(hf_sandbox), [], 1, "lip.json: is a folder")
