@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lip_cli import formats
+from lip_cli import files, formats
 from lip_cli.errors import LipError, first_line
 
 # torch.load rebuilding a quantized tensor prints deprecation notices; lip refuses it in one line instead
@@ -445,11 +445,12 @@ def open_labels(path: Path) -> ArraySource:
 
 
 def find_labels(
-    features_path: Path, labels_path: Path | None, embedded: ArraySource | None
+    features_path: Path, labels_path: Path | None, embedded: ArraySource | None, option: str = "--labels"
 ) -> tuple[ArraySource, str]:
-    """The labels for a features file, and where they came from, in the documented order."""
+    """The labels for a features file, and where they came from (`option`: the one that named
+    `labels_path`), in the documented order."""
     if labels_path is not None:
-        return open_labels(labels_path), f"--labels {labels_path}"
+        return open_labels(labels_path), f"{option} {labels_path}"
     if embedded is not None:
         return embedded, f"the features file ({embedded.name})"
     beside = Path(features_path).parent / "labels.npy"
@@ -466,7 +467,8 @@ def shard_paths(spec: Path) -> list[Path] | None:
     None when `spec` names one file (also one whose name holds glob characters, as `feats[1].npy`)."""
     text = str(spec)
     if any(char in text for char in "*?[") and not os.path.lexists(spec):
-        paths = sorted(Path(match) for match in glob.glob(text) if Path(match).is_file())
+        # every match but folders: a special file is refused by the path policy, never skipped
+        paths = sorted(Path(match) for match in glob.glob(text) if not Path(match).is_dir())
         if not paths:
             raise LipError(f"{spec}: no file matches")
         return paths
@@ -474,7 +476,7 @@ def shard_paths(spec: Path) -> list[Path] | None:
         paths = sorted(path for path in Path(spec).iterdir() if path.suffix.lower() in ARRAY_SUFFIXES)
         if not paths:
             raise LipError(f"{spec}: a folder with no {', '.join(ARRAY_SUFFIXES)} files")
-        return paths
+        return [files.member(Path(spec), path.name, "shard") for path in paths]
     return None
 
 
@@ -497,7 +499,7 @@ def concatenate(sources: list[ArraySource], name: str) -> ArraySource:
 
 
 def open_sharded(
-    feature_paths: list[Path], label_spec: Path | None, features_spec: Path
+    feature_paths: list[Path], label_spec: Path | None, features_spec: Path, option: str = "--labels"
 ) -> tuple[ArraySource, ArraySource, str]:
     """Feature shards with their labels: label shards paired in sorted order, one labels file for
     all of them, or each shard's own labels array. Every pair is checked, naming the shard."""
@@ -535,8 +537,8 @@ def open_sharded(
     name = f"{features_spec} ({len(features)} shards)"
     feature_source = concatenate(features, name)
     if label_spec is not None and label_paths is None:
-        return feature_source, open_labels(label_spec), f"--labels {label_spec}"
-    origin = f"--labels {label_spec} ({len(labels)} shards)" if label_paths else "each shard's labels array"
+        return feature_source, open_labels(label_spec), f"{option} {label_spec}"
+    origin = f"{option} {label_spec} ({len(labels)} shards)" if label_paths else "each shard's labels array"
     label_source = concatenate(labels, f"{label_spec or features_spec} (labels of {len(labels)} shards)")
     return feature_source, label_source, origin
 

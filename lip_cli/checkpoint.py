@@ -133,6 +133,10 @@ def _hf_layouts(path: Path) -> list[tuple[list[str], dict[str, str] | None, str]
             found.append((sorted(set(weight_map.values())), weight_map, index))
         elif member(path, single).exists():
             found.append(([single], None, single))
+    for shards, _, index in found:  # every layout is read or rewritten: each checked before any work
+        for shard in shards:
+            if not member(path, shard).is_file():
+                raise LipError(f"{path}: {index} names shard {shard}, which is missing or not a file")
     return found
 
 
@@ -154,6 +158,8 @@ def _load_shard(file: Path) -> tuple[dict[str, Tensor], dict[str, str], str]:
 
 
 def _load_hf_folder(path: Path) -> Checkpoint:
+    if member(path, LIP_RECORD).is_dir():  # where the output's record goes: refused before any work
+        raise LipError(f"{path / LIP_RECORD}: is a folder; lip keeps its record there, move it")
     layouts = _hf_layouts(path)
     if not layouts:
         names = [name for layout in HF_LAYOUTS for name in layout]
@@ -167,8 +173,6 @@ def _load_hf_folder(path: Path) -> Checkpoint:
     shard_metadata: dict[str, dict[str, str]] = {}
     shard_format: dict[str, str] = {}
     for shard in shards:
-        if not member(path, shard).exists():
-            raise LipError(f"{path}: {index} names shard {shard}, which is missing")
         tensors, shard_metadata[shard], shard_format[shard] = _load_shard(member(path, shard))
         for key, tensor in tensors.items():
             state[key], shard_of[key] = tensor, shard

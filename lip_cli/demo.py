@@ -102,20 +102,28 @@ def train(model: DemoNet, inputs: torch.Tensor, labels: torch.Tensor, settings: 
     model.eval()
 
 
+def check_demo_folder(folder: Path, force: bool) -> None:
+    """Refuse, before any training, a folder where the demo would replace files without --force,
+    write through a link out of it, or find a file where it needs a folder."""
+    nearest = next((path for path in (folder, *folder.parents) if os.path.lexists(path)), None)
+    if nearest is not None and not nearest.is_dir():  # the folder, or one above it, is a file
+        raise LipError(f"{nearest}: exists and is not a folder")
+    existing = [name for name in DEMO_FILES if os.path.lexists(folder / name)]  # dangling links too
+    if existing and not force:
+        raise LipError(f"{folder}: already holds {', '.join(existing)}; pass --force to replace them")
+    for name in DEMO_FILES:  # nothing written through a link out of the folder, nor over a folder
+        if files.member(folder, name, "demo file").is_dir():
+            raise LipError(f"{folder / name}: is a folder; --force replaces demo files only, move it")
+    for part in ("train", "val"):
+        if (folder / part).exists() and not (folder / part).is_dir():
+            raise LipError(f"{folder / part}: exists and is not a folder; move it or choose another folder")
+
+
 def make_demo(folder: Path, force: bool = False, settings: DemoSettings | None = None) -> DemoResult:
     """Write model.pt and the inputs with their labels: train/ (noisy labels), val/ (clean labels)."""
     settings = settings or DemoSettings()
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise LipError(f"{folder}: exists and is not a folder")
-    existing = [name for name in DEMO_FILES if os.path.lexists(folder / name)]  # dangling links too
-    if existing and not force:
-        raise LipError(f"{folder}: already holds {', '.join(existing)}; pass --force to replace them")
-    for name in DEMO_FILES:  # nothing written through a link out of the folder
-        files.member(folder, name, "demo file")
-    for part in ("train", "val"):
-        if (folder / part).exists() and not (folder / part).is_dir():
-            raise LipError(f"{folder / part}: exists and is not a folder; move it or choose another folder")
+    check_demo_folder(folder, force)
     for part in ("train", "val"):
         (folder / part).mkdir(parents=True, exist_ok=True)
 
@@ -163,18 +171,13 @@ def make_demo_series(
     Existing files are looked for in every folder before any training starts.
     """
     settings = settings or DemoSettings()
-    if not force:
-        existing = [
-            noise_folder(folder, rate) / name
-            for rate in noise_rates
-            for name in DEMO_FILES
-            if (noise_folder(folder, rate) / name).exists()
-        ]
-        if existing:
-            raise LipError(
-                f"{existing[0]}: already exists ({len(existing)} demo files in all); "
-                "pass --force to replace them"
-            )
+    folders = [noise_folder(folder, rate) for rate in noise_rates]
+    shared = next((one for index, one in enumerate(folders) if one in folders[:index]), None)
+    if shared is not None:
+        raise LipError(f"--noise: two rates would both be written to {shared}; give rates that differ more")
+    for one in folders:  # every folder checked before any training
+        files.member(Path(folder), one.name, "noise folder")
+        check_demo_folder(one, force)
     return [
         make_demo(noise_folder(folder, rate), force=force, settings=replace(settings, noise_rate=rate))
         for rate in noise_rates

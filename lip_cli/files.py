@@ -95,6 +95,7 @@ def check_paths(inputs: Iterable[Path | None], outputs: Iterable[Output | None],
     for source in sources:
         check_readable(source)
     real_sources = [(source, source.resolve()) for source in sources if source.exists()]
+    absent = [(source, _location(source)) for source in sources if not os.path.lexists(source)]
     seen: list[tuple[Output, Path, Path]] = []
     for output in targets:
         path = Path(output.path)
@@ -112,6 +113,9 @@ def check_paths(inputs: Iterable[Path | None], outputs: Iterable[Output | None],
                     raise LipError(f"{path}: output lies inside the input folder {source}; choose another")
                 if _within(real, place):
                     raise LipError(f"{path}: output would hold the input {source}; choose another")
+        for source, place in absent:  # read when present (a provenance sidecar): never written by a run
+            if location == place:
+                raise LipError(f"{path}: is where this run reads {source} from; choose another")
         for other, other_location, other_target in seen:
             if {location, target} & {other_location, other_target} or any(
                 _within(a, b) or _within(b, a)

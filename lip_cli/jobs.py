@@ -39,15 +39,17 @@ class LabelledFeatures:
 def open_labelled_features(features: Path, labels: Path | None, look_beside: bool = True) -> LabelledFeatures:
     """Features and their labels, found in the documented order (--labels, container, beside).
 
-    `features` may also be a glob or a folder of shards (see `arrays.open_sharded`).
+    `features` may also be a glob or a folder of shards (see `arrays.open_sharded`). Validation
+    features (`look_beside` False) take their labels from --val-labels.
     """
+    option = "--labels" if look_beside else "--val-labels"
     shards = arrays.shard_paths(features)
     if shards is not None:
-        return LabelledFeatures(*arrays.open_sharded(shards, labels, features))
+        return LabelledFeatures(*arrays.open_sharded(shards, labels, features, option))
     feature_source, embedded = arrays.open_features(features)
     if labels is None and embedded is None and not look_beside:
         raise LipError(f"{features}: holds no labels array; pass its labels file too")
-    label_source, origin = arrays.find_labels(features, labels, embedded)
+    label_source, origin = arrays.find_labels(features, labels, embedded, option)
     return LabelledFeatures(feature_source, label_source, origin)
 
 
@@ -230,6 +232,12 @@ def statistics_pass(
     confirm = torch.zeros(rows, dtype=torch.bool)
     if holdout > 0:
         held_rows = int(held_kept.sum())
+        if held_rows < min_held and held_rows < int(held.sum()):  # the sample kept too few of them
+            raise LipError(
+                f"--sample-rows {sample_rows}: keeps {held_rows} held-out rows, too few to choose k on one "
+                f"part and confirm it on the other; --k auto needs at least {min_held}: pass a larger "
+                "--sample-rows"
+            )
         if held_rows < min_held:
             raise LipError(
                 f"--holdout {holdout}: {held_rows} held-out rows are too few to choose k on one part "

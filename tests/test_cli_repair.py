@@ -430,3 +430,17 @@ def test_cuda_requested_without_cuda_fails_cleanly(tmp_path: Path, head) -> None
     paths = save_problem(tmp_path, head)
     result = run("repair", paths["model"], "-f", paths["features"], "--k", 2, "--device", "cuda")
     assert result.exit_code == 1 and "CUDA is not available" in result.stderr
+
+
+def test_validation_labels_source_names_the_option_given(tmp_path: Path, head) -> None:
+    """The validation labels came from --val-labels, and the summary and JSON say so."""
+    paths = save_problem(tmp_path, head)
+    np.save(tmp_path / "val_features.npy", head.features.numpy()[:60])
+    np.save(tmp_path / "val_targets.npy", head.labels.numpy()[:60])
+    args = ["repair", paths["model"], "-f", paths["features"], "--k", 2, "--dry-run"]
+    args += ["--val-features", tmp_path / "val_features.npy", "--val-labels", tmp_path / "val_targets.npy"]
+    result = run(*args, "--json")
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert document["val_labels_source"] == f"--val-labels {tmp_path / 'val_targets.npy'}"
+    assert document["labels_source"] == f"{tmp_path / 'labels.npy'} beside the features"

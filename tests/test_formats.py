@@ -437,3 +437,22 @@ def test_features_hint_names_both_roles(capsys) -> None:
     lines = capsys.readouterr().err.splitlines()
     assert lines[-2] == "next: lip repair m.pt --features TRAIN --val-features VAL --k auto"
     assert lines[-1].strip() == "with val.npy as TRAIN (training data) or as VAL (clean validation data)"
+
+
+@pytest.mark.parametrize("shard", ["missing.bin", "sub", "."])
+def test_a_second_layout_naming_a_shard_that_is_no_file_fails_before_work(tmp_path: Path, shard: str) -> None:
+    """A folder read through model.safetensors whose pytorch_model.bin index (rewritten too, so that
+    no stale head is left) names a missing shard or a folder: one line, exit 1, nothing written."""
+    state, _ = problem(tmp_path)
+    folder = tmp_path / "hf"
+    (folder / "sub").mkdir(parents=True)
+    save_file(state, str(folder / "model.safetensors"))
+    index = {"weight_map": {"fc.weight": shard}}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+
+    result = run("repair", folder, "-f", tmp_path / "features.npy", "--k", 2)
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), result.exception  # not a traceback
+    assert "pytorch_model.bin.index.json" in result.stderr and f"{shard}" in result.stderr
+    assert not (tmp_path / "hf.lip").exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["features.npy", "hf", "labels.npy"]

@@ -339,3 +339,14 @@ def test_targets_auto_is_chosen_with_k(tmp_path: Path) -> None:
     assert alone["test"]["best_k"] == document["test"]["best_k"] and alone["k_curve"] == document["k_curve"]
     given = run(*args, "--k", 3, "--targets", "auto")
     assert given.exit_code == 1 and "--targets auto" in given.stderr and "--k auto" in given.stderr
+
+
+def test_a_sample_too_small_for_the_holdout_names_sample_rows(tmp_path: Path) -> None:
+    """The held-out rows are sampled too: when --sample-rows, not --holdout, keeps too few of them,
+    the error names --sample-rows (a larger --holdout would not help)."""
+    head = make_head(n=600, q=8, l=4, seed=31)
+    paths = save_problem(tmp_path, head)
+    result = run("repair", paths["model"], "-f", paths["features"], "--k", "auto", "--sample-rows", 4)
+    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1, result.output
+    assert "--sample-rows 4" in result.stderr and "at least 10" in result.stderr
+    assert "larger --holdout" not in result.stderr

@@ -448,3 +448,22 @@ def test_a_special_file_named_like_an_image_is_refused_before_any_read(tmp_path:
     os.mkfifo(tmp_path / "cats" / "b.png")
     with pytest.raises(LipError, match="b.png: is a FIFO"):
         ImageFolderData(tmp_path)
+
+
+@pytest.mark.parametrize("command", ["repair", "inspect"])
+def test_an_output_where_an_input_sidecar_would_be_is_refused(sandbox: Path, command: str) -> None:
+    """`model.pt.lip.json` is read as model.pt's provenance even while it does not exist: a figure
+    written there would make model.pt unreadable to lip afterwards."""
+    work = sandbox / "work"
+    args: list[object] = [command, work / "model.pt", "--plot", work / "model.pt.lip.json"]
+    if command == "repair":
+        args += ["-f", work / "features.npy", "--k", 1]
+    sandboxed(sandbox, args, [], 1, "model.pt.lip.json")
+
+
+def test_a_folder_named_like_lip_record_inside_a_model_folder_is_refused(hf_sandbox: Path) -> None:
+    """`lip.json` is where lip writes its record in the output folder: a folder of that name in the
+    input gave a traceback once the work was done; now one line before it."""
+    (hf_sandbox / "work" / "hf" / "lip.json").mkdir()
+    (hf_sandbox / "work" / "hf" / "lip.json" / "notes.txt").write_text("mine\n")
+    sandboxed(hf_sandbox, repair_hf(hf_sandbox), [], 1, "lip.json: is a folder")

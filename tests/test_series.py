@@ -285,3 +285,70 @@ def test_default_layer_is_the_first_ones_classifier_by_name(tmp_path: Path) -> N
     assert json.loads(run("inspect", second, "--layer", "fc", "--json").stdout) == without_label(
         document["checkpoints"][1]
     )
+
+
+def test_demo_series_never_writes_through_a_noise_folder_linked_out(tmp_path: Path) -> None:
+    """FOLDER/noise-P is a name lip chooses inside FOLDER: a link there to another folder is refused,
+    with --force too, before any training, and the file out there is kept."""
+    settings = DemoSettings(train_samples=200, val_samples=50, epochs=1)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "model.pt").write_bytes(b"someone's model")
+    folder = tmp_path / "series"
+    folder.mkdir()
+    (folder / "noise-0.5").symlink_to(outside)
+    for force in (False, True):
+        with pytest.raises(LipError, match="noise-0.5"):
+            make_demo_series(folder, [0.0, 0.5], force=force, settings=settings)
+    assert (outside / "model.pt").read_bytes() == b"someone's model"
+    assert sorted(path.name for path in outside.iterdir()) == ["model.pt"]
+    assert not noise_folder(folder, 0.0).exists()  # refused before training any
+
+
+def test_demo_series_checks_every_folder_before_training(tmp_path: Path) -> None:
+    """A later folder that cannot take the demo (a dangling link where a file goes, `train` a file)
+    fails the run before the first model is trained."""
+    settings = DemoSettings(train_samples=200, val_samples=50, epochs=1)
+    later = noise_folder(tmp_path, 0.5)
+    later.mkdir()
+    (later / "model.pt").symlink_to(tmp_path / "nowhere.pt")
+    with pytest.raises(LipError, match="pass --force"):
+        make_demo_series(tmp_path, [0.0, 0.5], settings=settings)
+    (later / "model.pt").unlink()
+    (later / "train").write_text("not a folder")
+    with pytest.raises(LipError, match="not a folder"):
+        make_demo_series(tmp_path, [0.0, 0.5], force=True, settings=settings)
+    assert not noise_folder(tmp_path, 0.0).exists()
+    assert not (tmp_path / "nowhere.pt").exists()
+
+
+def test_demo_series_rates_that_share_a_folder_are_refused(tmp_path: Path) -> None:
+    """Two distinct rates written as the same FOLDER/noise-P: one model would silently replace the
+    other (with --force), so the run is refused."""
+    result = run("demo", tmp_path / "series", "--noise", "0.1234561,0.1234562", "--force")
+    assert result.exit_code == 1, result.output
+    assert "noise-0.123456" in result.stderr
+    assert not (tmp_path / "series").exists()
+
+
+@pytest.mark.parametrize("noise", [[], ["--noise", "0,0.2"]])
+def test_demo_under_a_file_fails_in_one_line(tmp_path: Path, noise: list[str]) -> None:
+    """FOLDER (or a folder above it) is a file: one line, exit 1, before any training."""
+    (tmp_path / "taken").write_text("a file")
+    for folder in (tmp_path / "taken", tmp_path / "taken" / "sub"):
+        result = run("demo", folder, *noise)
+        assert result.exit_code == 1, result.output
+        assert isinstance(result.exception, SystemExit), result.exception  # not a traceback
+        assert "taken: exists and is not a folder" in result.stderr
+    assert (tmp_path / "taken").read_text() == "a file"
+
+
+@pytest.mark.parametrize("name", ["model.pt", "val/targets.npy"])
+def test_demo_force_over_a_folder_named_like_a_demo_file_fails_in_one_line(tmp_path: Path, name: str) -> None:
+    """--force replaces demo files, never a folder in their place: one line, exit 1, before training."""
+    (tmp_path / "demo" / name).mkdir(parents=True)
+    result = run("demo", tmp_path / "demo", "--force")
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), result.exception  # not a traceback
+    assert f"{name}: is a folder" in result.stderr
+    assert (tmp_path / "demo" / name).is_dir() and not (tmp_path / "demo" / "train").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -90,3 +91,24 @@ def test_a_nan_in_one_shard_fails_cleanly(tmp_path: Path) -> None:
     result = run("repair", paths["model"], "-f", tmp_path / "feats", "--labels", tmp_path / "labs", "--k", 1)
     assert result.exit_code == 1 and "hold NaN or Inf" in result.stderr
     assert not (tmp_path / "model.lip.pt").exists()
+
+
+def test_a_shard_folder_never_reads_a_link_out_of_it(tmp_path: Path, head) -> None:
+    """A shard of a folder cache that links out of the folder is refused, naming it."""
+    paths = split(tmp_path, head)
+    outside = tmp_path / "elsewhere.npz"
+    (tmp_path / "packed" / "part-002.npz").rename(outside)
+    (tmp_path / "packed" / "part-002.npz").symlink_to(outside)
+    result = run("repair", paths["model"], "-f", tmp_path / "packed", "--k", 2, "--dry-run")
+    assert result.exit_code == 1, result.output
+    assert "part-002.npz" in result.stderr and "link out of the folder" in result.stderr
+
+
+def test_a_special_file_matching_a_shard_glob_is_refused_not_skipped(tmp_path: Path, head) -> None:
+    """A FIFO matching the glob was dropped silently: the repair ran on the other shards only."""
+    paths = split(tmp_path, head)
+    (tmp_path / "packed" / "part-002.npz").unlink()
+    os.mkfifo(tmp_path / "packed" / "part-002.npz")
+    result = run("repair", paths["model"], "-f", tmp_path / "packed" / "part-*.npz", "--k", 2, "--dry-run")
+    assert result.exit_code == 1, result.output
+    assert "part-002.npz: is a FIFO" in result.stderr
