@@ -78,13 +78,6 @@ def split_rows(eligible: Tensor, seed: int, share: float = CONFIRMATION_SHARE) -
     return confirm
 
 
-def correct_rows(
-    stats: lip.LapStatistics, k: int, targets: str, projections: Tensor, labels: Tensor
-) -> Tensor:
-    """Per-row correctness of the head after PSP + LAP at k (k = rank is the original), (n,) bool."""
-    return lip.KCurve(stats, [k], targets).row_hits(projections, labels)[0]
-
-
 @dataclass(frozen=True)
 class PairedCounts:
     """The paired 2x2 table of two heads on the same rows."""

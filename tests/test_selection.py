@@ -138,18 +138,18 @@ def test_correct_mask_matches_count_correct() -> None:
         assert count_correct(logits, labels) == 2
 
 
-def test_correct_rows_at_the_rank_is_the_original_head() -> None:
+def test_row_hits_of_the_two_compared_heads() -> None:
+    """The paired test compares the original head (k = rank) with the repaired one, row by row."""
     head = make_head(n=300, q=12, l=5, seed=3)
     stats = LapStatistics(head.weight, head.bias)
     stats.update(head.features, head.labels)
-    mask = selection.correct_rows(stats, stats.svd.rank, "paper", stats.project(head.features), head.labels)
+    heads = lip.KCurve(stats, [stats.svd.rank, 2], "paper")
+    before, after = heads.row_hits(stats.project(head.features), head.labels)
     original = (head.features @ head.weight.T + head.bias).argmax(1) == head.labels
-    assert torch.equal(mask, original)
+    assert torch.equal(before, original)
     repaired = lip.repair(stats, 2).weight
     expected = (head.features @ repaired.T + head.bias).argmax(1) == head.labels
-    assert torch.equal(
-        selection.correct_rows(stats, 2, "paper", stats.project(head.features), head.labels), expected
-    )
+    assert torch.equal(after, expected)
 
 
 def test_paired_counts_of_two_masks() -> None:
