@@ -13,6 +13,7 @@ import mmap
 import os
 import pickle
 import warnings
+import weakref
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -123,7 +124,8 @@ def _from_tensor(tensor: Tensor, path: Path, key: str | None) -> ArraySource:
 
 
 def _open_npy(path: Path) -> dict[str | None, ArraySource]:
-    """A memory map of the file; pages already read are handed back so RSS stays at one chunk."""
+    """Chunks mapped from the file as they are read, with no copy; a chunk's pages leave memory
+    when the chunk is dropped, so RSS stays at the chunks in use."""
     with open(path, "rb") as handle:
         version = np.lib.format.read_magic(handle)
         readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
@@ -139,21 +141,20 @@ def _open_npy(path: Path) -> dict[str | None, ArraySource]:
         row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
         if offset + shape[0] * row_bytes > os.fstat(handle.fileno()).st_size:
             raise ValueError("file is shorter than its header says (truncated?)")
-        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if shape[0] * row_bytes else None
+        descriptor = os.dup(handle.fileno())
 
     def read(start: int, stop: int) -> Tensor:
         stop = min(stop, shape[0])
-        if mapped is None or stop <= start:
-            return torch.from_numpy(np.zeros((0, *shape[1:]), dtype=dtype))
+        if row_bytes == 0 or stop <= start:
+            return torch.from_numpy(np.zeros((max(stop - start, 0), *shape[1:]), dtype=dtype))
         begin, count = offset + start * row_bytes, (stop - start) * row_bytes
-        rows = np.frombuffer(mapped, dtype=dtype, count=count // dtype.itemsize, offset=begin)
-        chunk = torch.from_numpy(rows.reshape(stop - start, *shape[1:]).copy())
-        page = mmap.PAGESIZE
-        first, last = begin // page * page, (begin + count) // page * page
-        if last > first and hasattr(mapped, "madvise"):
-            mapped.madvise(mmap.MADV_DONTNEED, first, last - first)
-        return chunk
+        first = begin // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
+        # copy-on-write: the chunk may be changed in memory like any tensor; the file never is
+        mapped = mmap.mmap(descriptor, begin + count - first, access=mmap.ACCESS_COPY, offset=first)
+        rows = np.frombuffer(mapped, dtype=dtype, count=count // dtype.itemsize, offset=begin - first)
+        return torch.from_numpy(rows.reshape(stop - start, *shape[1:]))
 
+    weakref.finalize(read, os.close, descriptor)
     return {None: ArraySource(path, None, tuple(shape), _torch_dtype(dtype, path), read)}
 
 

@@ -179,6 +179,49 @@ def _seeded_subset(candidates: Tensor, size: int, generator: torch.Generator) ->
     return subset
 
 
+class RowBlock:
+    """Chosen rows of (projections, labels) chunks, gathered into one block allocated once.
+
+    One block rather than a list of chunks lets an accuracy curve share its rows evenly between
+    threads, and costs no copy at the end.
+    """
+
+    def __init__(self, chosen: Tensor) -> None:
+        self._chosen = chosen  # (n,) bool over the rows that will be offered, in order
+        self._offered = self._filled = 0
+        self._z: Tensor | None = None
+        self._y: Tensor | None = None
+
+    def next_index(self, rows: int) -> Tensor:
+        """Indices of the chosen rows among the next `rows` offered."""
+        first, self._offered = self._offered, self._offered + rows
+        return self._chosen[first : self._offered].nonzero().squeeze(1)
+
+    def add(self, z: Tensor, y: Tensor) -> None:
+        """Offer the next chunk of rows; the chosen ones are kept."""
+        index = self.next_index(z.shape[0]).to(z.device)
+        self._place(index.numel(), z, y, lambda out, rows: torch.index_select(rows, 0, index, out=out))
+
+    def store(self, z: Tensor, y: Tensor) -> None:
+        """Keep rows already chosen (`next_index`)."""
+        self._place(z.shape[0], z, y, lambda out, rows: out.copy_(rows))
+
+    def _place(self, count: int, z: Tensor, y: Tensor, fill: Callable[[Tensor, Tensor], object]) -> None:
+        y = y.to(z.device)
+        if self._z is None or self._y is None:
+            size = int(self._chosen.sum())
+            self._z, self._y = z.new_empty((size, *z.shape[1:])), y.new_empty((size, *y.shape[1:]))
+        end = self._filled + count
+        fill(self._z[self._filled : end], z)
+        fill(self._y[self._filled : end], y)
+        self._filled = end
+
+    def rows(self) -> selection.Rows:
+        if self._z is None or self._y is None:
+            return []
+        return [(self._z[: self._filled], self._y[: self._filled])]
+
+
 @dataclass
 class FittedPass:
     """One streaming pass over the training data: LAP statistics, and projections kept for accuracy.
@@ -210,8 +253,9 @@ def statistics_pass(
 ) -> FittedPass:
     """Stream the training data once: accumulate LAP sums, keep the projections of a sample.
 
-    With `holdout`, a seeded share of the rows is accumulated apart (to choose k on rows the fit
-    has not seen) and merged back afterwards; at least `min_held` of them must be in the sample.
+    With `holdout`, a seeded share of the rows is also accumulated apart, and taken away from the
+    sums of all rows for the fit that chooses k (on rows it has not seen); at least `min_held` of
+    them must be in the sample.
     Under torchrun each rank streams its share of the rows (the seeded masks are the same on every
     rank) and the sums are added over the ranks; a failure on any rank fails every rank with its
     message.
@@ -246,30 +290,26 @@ def statistics_pass(
             )
         confirm = selection.split_rows(held_kept, seed)  # (n,) the held-out rows that confirm k
     held_stats = stats.copy() if holdout > 0 else None
-    sample: selection.Rows = []
-    held_selection: selection.Rows = []
-    held_confirmation: selection.Rows = []
+    share = slice(*group.rows(rows))
+    sample = RowBlock(sampled[share])
+    held_selection, held_confirmation = RowBlock(held_kept[share] & ~confirm[share]), RowBlock(confirm[share])
     failure = None
     try:
         for start, x, y in _batches(data, chunk_rows, "statistics", progress, group.rows(rows)):
             z = stats.project(x)  # (n, r)
             stop = start + x.shape[0]
-            is_held, keep = held[start:stop].to(z.device), sampled[start:stop].to(z.device)
-            keep_held = held_kept[start:stop].to(z.device)
             y = y.to(z.device)
-            if held_stats is None:
-                stats.accumulate(z, y)
-            else:
-                stats.accumulate(z[~is_held], y[~is_held])
+            stats.accumulate(z, y)
+            if held_stats is not None:
+                is_held = held[start:stop].to(z.device)
                 held_stats.accumulate(z[is_held], y[is_held])
-                confirms = confirm[start:stop].to(z.device)
-                chooses = keep_held & ~confirms
-                held_selection.append((z[chooses], y[chooses]))
-                held_confirmation.append((z[confirms], y[confirms]))
+                held_selection.add(z, y)
+                held_confirmation.add(z, y)
             if stats.first_component:  # the tail's sums, but every direction for the accuracies
-                sample.append((stats.full_projection(x[keep.to(x.device)]), y[keep]))
+                index = sample.next_index(x.shape[0])
+                sample.store(stats.full_projection(x[index.to(x.device)]), y[index.to(y.device)])
             else:
-                sample.append((z[keep], y[keep]))  # boolean indexing copies already
+                sample.add(z, y)
     except LipError as error:
         failure = error
     group.check(failure)
@@ -277,11 +317,9 @@ def statistics_pass(
         for accumulator in (stats, held_stats):
             if accumulator is not None:
                 accumulator.all_reduce()
-    fit_stats = stats
-    if held_stats is not None:
-        stats = fit_stats.copy()
-        stats.merge(held_stats)
-    return FittedPass(stats, fit_stats, sample, held_selection, held_confirmation, int(sampled.sum()))
+    fit_stats = stats if held_stats is None else stats.without(held_stats)
+    parts = sample.rows(), held_selection.rows(), held_confirmation.rows()
+    return FittedPass(stats, fit_stats, *parts, int(sampled.sum()))
 
 
 def project_rows(
@@ -295,20 +333,18 @@ def project_rows(
     """Stream a labelled set once: its projections X U, apart from the `confirm` rows (n,) if given."""
     rows = data.features.rows
     confirm = torch.zeros(rows, dtype=torch.bool) if confirm is None else confirm
-    chooses: selection.Rows = []
-    confirms: selection.Rows = []
+    share = slice(*group.rows(rows))
+    chooses, confirms = RowBlock(~confirm[share]), RowBlock(confirm[share])
     failure = None
     try:
-        for start, x, y in _batches(data, chunk_rows, "validation", progress, group.rows(rows)):
+        for _, x, y in _batches(data, chunk_rows, "validation", progress, group.rows(rows)):
             z = stats.full_projection(x)  # (n, r)
-            y = y.to(z.device)
-            part = confirm[start : start + x.shape[0]].to(z.device)
-            chooses.append((z[~part], y[~part]))
-            confirms.append((z[part], y[part]))
+            chooses.add(z, y)
+            confirms.add(z, y)
     except LipError as error:
         failure = error
     group.check(failure)
-    return chooses, confirms
+    return chooses.rows(), confirms.rows()
 
 
 def _counts_total(group: distributed.Group, device: torch.device) -> selection.Total:

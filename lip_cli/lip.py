@@ -64,6 +64,16 @@ def head_svd(weight: Tensor) -> HeadSVD:
 TARGETS = ("paper", "logit-scale")
 
 
+def _column_squares(z: Tensor, block_rows: int = 256) -> Tensor:
+    """sum_n z_ni^2 per column, in blocks of rows on the CPU: a chunk-sized temporary costs page faults."""
+    if z.device.type != "cpu":
+        return (z * z).sum(0)
+    total = torch.zeros(z.shape[1], dtype=z.dtype, device=z.device)
+    for block in z.split(block_rows):
+        total += (block * block).sum(0)
+    return total
+
+
 class LapStatistics:
     """Per-component sums over samples that LAP needs, for every singular direction of a head.
 
@@ -170,11 +180,11 @@ class LapStatistics:
         classes = self.num_classes
         full = self.first_component == 0
         logit_mean = z @ self._mean_weights + self._bias.mean() if full else None  # (n,)
-        projection = z.sum(0)
         if labels.ndim == 1:
             ids = labels.long()
             class_sums = torch.zeros(classes, z.shape[1], dtype=z.dtype, device=z.device)
             class_sums.index_add_(0, ids, z)  # (l, m): sum of z over each class
+            projection = class_sums.sum(0)
             label_part = (class_sums * self._v).sum(0)
             label_mean = projection / classes
             if full:
@@ -182,6 +192,7 @@ class LapStatistics:
                 cross = labelled_logits - logit_mean.sum()  # sum_n f_{n,y_n} - mean(f_n)
                 spread = torch.tensor(z.shape[0] * (1 - 1 / classes), dtype=torch.float64)
         else:
+            projection = z.sum(0)
             y = labels.to(self.compute_dtype)  # (n, l)
             label_part = (z * (y @ self._v)).sum(0)
             y_mean = y.mean(1)  # (n,)
@@ -193,7 +204,7 @@ class LapStatistics:
         additions = {
             "label": label_part,
             "projection": projection,
-            "square": (z * z).sum(0),
+            "square": _column_squares(z),
             "label_mean": label_mean,
         }
         if full:
@@ -214,12 +225,27 @@ class LapStatistics:
 
     def merge(self, other: LapStatistics) -> None:
         """Add the sums of another accumulator built on the same head."""
-        same = other.first_component == self.first_component and other.svd.rank == self.svd.rank
-        if not same or not torch.equal(other.weight, self.weight):
-            raise ValueError("cannot merge statistics of different heads")
+        self._check_same_head(other)
         for name, value in other.sums.items():
             self.sums[name] += value.to(self.device)
         self.samples += other.samples
+
+    def without(self, other: LapStatistics) -> LapStatistics:
+        """The sums of the rows added here but not to `other`, when every row added to `other` was
+        also added here: one pass over all rows and a small share apart costs less than two parts."""
+        self._check_same_head(other)
+        if other.samples > self.samples:
+            raise ValueError("cannot take away more rows than were added")
+        rest = self.copy()
+        for name, value in other.sums.items():
+            rest.sums[name] -= value.to(self.device)
+        rest.samples -= other.samples
+        return rest
+
+    def _check_same_head(self, other: LapStatistics) -> None:
+        same = other.first_component == self.first_component and other.svd.rank == self.svd.rank
+        if not same or not torch.equal(other.weight, self.weight):
+            raise ValueError("cannot combine statistics of different heads")
 
     def all_reduce(self, group: object | None = None) -> None:
         """Sum the statistics over all processes of a torch.distributed group, in place."""
@@ -383,14 +409,15 @@ class KCurve:
 
         logits(k_a) = logits(k_b) + Z[:, k_a:k_b] diag(fitted - s)[k_a:k_b] V[:, k_a:k_b]^T,
 
-    which costs one more (n, r) x (r, l) product for the whole curve instead of one per k. Rows
-    go through in blocks small enough for their logits to stay in cache; on the CPU the blocks are
-    shared by one worker thread per torch thread, each running torch on one thread (many small
-    operations on several torch threads each wait on the slowest, badly so on a busy machine).
-    Ties go to the first class.
+    which costs one more (n, r) x (r, l) product for the whole curve instead of one per k. On the
+    CPU, rows go through in blocks small enough for their logits to stay in cache, shared by one
+    worker thread per torch thread, each running torch on one thread (many small operations on
+    several torch threads each wait on the slowest, badly so on a busy machine). On a GPU the
+    blocks are large, so that kernel launches do not dominate. Ties go to the first class.
     """
 
-    BLOCK_ELEMENTS = 2**18  # logits per block of rows: 1 MB in float32
+    BLOCK_ELEMENTS = 2**19  # logits per block of rows on the CPU: 2 MB in float32, a core's L2
+    GPU_BLOCK_ELEMENTS = 2**25  # 128 MB in float32
 
     def __init__(self, stats: LapStatistics, ks: list[int], targets: str = "paper") -> None:
         if not ks:
@@ -405,15 +432,17 @@ class KCurve:
         spectra_k = [singular_values_for_k(stats, k, targets)[0] for k in self._steps]  # float64
         dtype, device = stats.compute_dtype, stats.device
         self._start = spectra_k[0].to(device, dtype)  # (r,)
-        self._blocks = [  # (low, high, the spectrum's change on low:high) per step down
-            (low, high, (below - above)[low:high].to(device, dtype))
-            for (high, low), (above, below) in zip(pairwise(self._steps), pairwise(spectra_k), strict=True)
-        ]
+        change = torch.zeros_like(spectra_k[0])  # (r,) each step down changes its own columns
+        for (high, low), (above, below) in zip(pairwise(self._steps), pairwise(spectra_k), strict=True):
+            change[low:high] = (below - above)[low:high]
+        self._change = change.to(device, dtype)
         self._v_t = stats._v_all.T.contiguous()  # (r, l)
+        self._ranges = [(low, high, self._v_t[low:high]) for high, low in pairwise(self._steps)]
         bias = stats.bias
         self._bias = None if bias is None else bias.to(device, dtype)
         self._order = torch.tensor([self._steps.index(k) for k in self.ks], dtype=torch.long)
-        self.block_rows = max(1, self.BLOCK_ELEMENTS // stats.num_classes)
+        elements = self.BLOCK_ELEMENTS if stats.device.type == "cpu" else self.GPU_BLOCK_ELEMENTS
+        self.block_rows = max(1, elements // stats.num_classes)
         self.correct = [0] * len(self.ks)
         self.samples = 0
 
@@ -433,15 +462,7 @@ class KCurve:
         hits = torch.empty(len(self._steps), z.shape[0], dtype=torch.bool, device=z.device)
 
         def fill(rows: slice) -> None:
-            block = z[rows]  # (b, r)
-            accepted = accepted_classes(labels[rows], self._v_t.shape[1])  # (b, l)
-            logits = (block * self._start) @ self._v_t  # (b, l)
-            if self._bias is not None:
-                logits += self._bias
-            hits[0, rows] = self._hit(accepted, logits)
-            for step, (low, high, change) in enumerate(self._blocks, start=1):
-                logits.addmm_(block[:, low:high] * change, self._v_t[low:high])
-                hits[step, rows] = self._hit(accepted, logits)
+            hits[:, rows] = self._block_hits(z[rows], labels[rows])
 
         blocks = [slice(first, first + self.block_rows) for first in range(0, z.shape[0], self.block_rows)]
         if z.device.type == "cpu" and blocks:
@@ -453,10 +474,52 @@ class KCurve:
                 fill(rows)
         return hits[self._order.to(z.device)]
 
-    @staticmethod
-    def _hit(accepted: Tensor, logits: Tensor) -> Tensor:
-        predicted = torch.max(logits, dim=1).indices  # the first of tied maxima, as argmax
-        return accepted.gather(1, predicted[:, None]).squeeze(1)
+    def _walk(self, block: Tensor, visit: Callable[[int, Tensor], None]) -> None:
+        """The logits (b, l) of a block of rows at each step, largest k first, each given to `visit`."""
+        logits = (block * self._start) @ self._v_t
+        if self._bias is not None:
+            logits += self._bias
+        visit(0, logits)
+        scaled = block * self._change  # (b, r)
+        for step, (low, high, v_t) in enumerate(self._ranges, start=1):
+            logits.addmm_(scaled[:, low:high], v_t)
+            visit(step, logits)
+
+    def _block_hits(self, block: Tensor, labels: Tensor, argmax: bool = False) -> Tensor:
+        """(steps, b) bool: `correct_mask` at each step for one block of rows, made fast.
+
+        On the CPU, where every row accepts exactly one class, that class's logit is compared with
+        the largest of the others: a max without indices, several times faster than argmax. The rows
+        where the two tie (or a NaN leaves it open) are walked again with `argmax`: the first class
+        of largest logit, gathered from the accepted classes.
+        """
+        hits = torch.empty(len(self._steps), block.shape[0], dtype=torch.bool, device=block.device)
+        label = labels.long()[:, None] if labels.ndim == 1 else None  # (b, 1): the one class accepted
+        if argmax or label is None or block.device.type != "cpu":
+            accepted = accepted_classes(labels, self._v_t.shape[1])  # (b, l)
+            if argmax or block.device.type != "cpu" or not bool((accepted.sum(dim=1) == 1).all()):
+
+                def first_max(step: int, logits: Tensor) -> None:
+                    hits[step] = accepted.gather(1, torch.max(logits, dim=1).indices[:, None]).squeeze(1)
+
+                self._walk(block, first_max)
+                return hits
+            label = accepted.nonzero()[:, 1:]
+        margins = torch.empty(len(self._steps), block.shape[0], 1, dtype=block.dtype, device=block.device)
+
+        def margin(step: int, logits: Tensor) -> None:
+            own = logits.gather(1, label)  # (b, 1)
+            logits.scatter_(1, label, -torch.inf)
+            torch.sub(own, logits.amax(dim=1, keepdim=True), out=margins[step])
+            logits.scatter_(1, label, own)
+
+        self._walk(block, margin)
+        margins = margins.squeeze(2)
+        torch.gt(margins, 0, out=hits)
+        open_rows = (~(hits | (margins < 0))).any(dim=0).nonzero().squeeze(1)  # ties, NaN
+        if open_rows.numel():
+            hits[:, open_rows] = self._block_hits(block[open_rows], labels[open_rows], argmax=True)
+        return hits
 
     def accuracies(self) -> list[float]:
         return [count / max(self.samples, 1) for count in self.correct]

@@ -13,8 +13,9 @@ from conftest import Head, make_head, save_problem
 from reference import logit_scale_lip
 from typer.testing import CliRunner
 
-from lip_cli import selection
+from lip_cli import jobs, selection
 from lip_cli.cli import app
+from lip_cli.lip import LapStatistics
 
 runner = CliRunner(env={"COLUMNS": "200"})
 
@@ -350,3 +351,44 @@ def test_a_sample_too_small_for_the_holdout_names_sample_rows(tmp_path: Path) ->
     assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1, result.output
     assert "--sample-rows 4" in result.stderr and "at least 10" in result.stderr
     assert "larger --holdout" not in result.stderr
+
+
+def row_positions(rows: torch.Tensor, every: torch.Tensor) -> list[int]:
+    """Where each of `rows` lies among the rows of `every` (all distinct)."""
+    return [int(torch.cdist(row[None], every).argmin()) for row in rows]
+
+
+@pytest.mark.parametrize("first_component", [0, 2])
+def test_one_pass_keeps_the_chosen_rows_in_order_and_fits_without_the_held_ones(
+    tmp_path: Path, first_component: int
+) -> None:
+    head = make_head(n=300, q=10, l=6, seed=31)
+    paths = save_problem(tmp_path, head)
+    data = jobs.open_labelled_features(paths["features"], None)
+    exact = {"compute_dtype": torch.float64, "first_component": first_component}
+    stats = LapStatistics(head.weight, head.bias, **exact)
+    holdout = 0.3 if first_component == 0 else 0.0
+    fitted = jobs.statistics_pass(data, stats, chunk_rows=37, holdout=holdout, seed=4, sample_rows=50)
+    features = head.features.to(torch.float32).double()  # as saved
+    every = stats.full_projection(features)
+    ((z, y),) = fitted.sample
+    sampled = row_positions(z, every)
+    assert len(sampled) == 50 and sampled == sorted(set(sampled))
+    assert torch.equal(y, head.labels[sampled]) and torch.allclose(z, every[sampled])
+    whole = LapStatistics(head.weight, head.bias, **exact)
+    whole.update(features, head.labels)
+    held = torch.rand(300, generator=torch.Generator().manual_seed(4)) < holdout
+    rest = LapStatistics(head.weight, head.bias, **exact)
+    rest.update(features[~held], head.labels[~held])
+    for name in whole.sums:
+        torch.testing.assert_close(fitted.stats.sums[name], whole.sums[name], msg=name)
+        torch.testing.assert_close(fitted.fit_stats.sums[name], rest.sums[name], msg=name)
+    assert fitted.fit_stats.samples == int((~held).sum())
+    if holdout:
+        parts = [
+            row_positions(part[0][0], every) for part in (fitted.held_selection, fitted.held_confirmation)
+        ]
+        assert all(part == sorted(part) for part in parts) and not set(parts[0]) & set(parts[1])
+        kept = set(parts[0]) | set(parts[1])  # the held-out rows' own sample
+        assert kept <= set(held.nonzero().squeeze(1).tolist()) and len(kept) == min(50, int(held.sum()))
+        assert len(parts[1]) == len(kept) // 2

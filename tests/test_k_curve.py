@@ -105,6 +105,47 @@ def test_ties_go_to_the_first_class_as_with_argmax() -> None:
     assert torch.equal(tied, (labels[::3] == 0).expand(len(ks), -1))
 
 
+def test_a_label_tied_with_another_class_goes_to_the_first_of_them() -> None:
+    """Rows of zero features have the bias as logits at every k; classes 1 and 4 share the largest
+    bias, so they tie exactly: a row labelled 1 is right, one labelled 4 is not, whatever the
+    label kind (the fast comparison with the other classes must hand such rows on)."""
+    head = make_head(n=200, q=8, l=6, seed=15)
+    bias = head.bias.clone()
+    bias[1] = bias[4] = bias.max() + 1.0
+    features = head.features.clone()
+    features[::4] = 0.0
+    labels = head.labels.clone()
+    labels[::8], labels[4::8] = 1, 4
+    for kind in ("ids", "one-hot", "soft", "candidates"):
+        kind_labels = label_kind(labels, 6, kind, seed=3)
+        stats = LapStatistics(head.weight, bias, compute_dtype=torch.float64)
+        stats.update(head.features, kind_labels)
+        z = stats.project(features)
+        ks = list(range(stats.svd.rank + 1))
+        curve = KCurve(stats, ks)
+        curve.block_rows = 17
+        curve.update_projections(z, kind_labels)
+        assert curve.correct == direct_counts(stats, ks, z, kind_labels, "paper"), kind
+        if kind == "ids":
+            hits = curve.row_hits(z, kind_labels)
+            assert hits[:, ::8].all() and not hits[:, 4::8].any()
+
+
+def test_a_nan_logit_is_judged_as_argmax_judges_it() -> None:
+    head = make_head(n=40, q=5, l=4, seed=16)
+    stats = LapStatistics(head.weight, head.bias, compute_dtype=torch.float64)
+    stats.update(head.features, head.labels)
+    z = stats.project(head.features)
+    z[3, 0] = torch.nan  # every logit of row 3 NaN: argmax says class 0
+    labels = head.labels.clone()
+    labels[3] = 0
+    ks = [0, 2, stats.svd.rank]
+    curve = KCurve(stats, ks)
+    curve.update_projections(z, labels)
+    assert curve.correct == direct_counts(stats, ks, z, labels, "paper")
+    assert curve.row_hits(z, labels)[:, 3].all()
+
+
 def test_a_curve_needs_its_k_fitted_and_some_k(head) -> None:
     with pytest.raises(ValueError, match="every k must be >= that"):
         KCurve(LapStatistics(head.weight, head.bias, first_component=1), [3, 0])

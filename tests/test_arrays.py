@@ -1,0 +1,50 @@
+""".npy features are read in chunks mapped from the file: the values, and the file left alone."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lip_cli import arrays
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    rows=st.integers(0, 300),
+    width=st.integers(0, 40),
+    dtype=st.sampled_from([np.float16, np.float32, np.float64, np.int64, np.uint8]),
+    version=st.sampled_from([(1, 0), (2, 0)]),
+    bounds=st.lists(st.integers(0, 320), min_size=2, max_size=8),
+)
+def test_chunks_hold_the_files_rows_and_writing_to_one_leaves_the_file_alone(
+    tmp_path: Path, rows: int, width: int, dtype, version, bounds: list[int]
+) -> None:
+    values = (np.arange(rows * width) % 251).astype(dtype).reshape(rows, width)
+    path = tmp_path / "features.npy"
+    with open(path, "wb") as handle:
+        np.lib.format.write_array(handle, values, version=version)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    source = arrays.open_arrays(path)[None]
+    assert source.shape == (rows, width)
+    for start, stop in zip(bounds, bounds[1:], strict=False):
+        chunk = source.read(start, stop)
+        expected = values[start:stop] if start < stop else values[0:0]
+        assert tuple(chunk.shape) == expected.shape
+        assert np.array_equal(chunk.numpy(), expected)
+        chunk += 1  # a tensor like any other: it may be changed in place
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+    assert np.array_equal(source.read(0, rows).numpy(), values)  # and the next read is the file's
+
+
+def test_a_chunk_outlives_the_source_it_came_from(tmp_path: Path) -> None:
+    values = np.random.default_rng(0).standard_normal((1000, 33)).astype(np.float32)
+    np.save(tmp_path / "features.npy", values)
+    chunks = [
+        arrays.open_arrays(tmp_path / "features.npy")[None].read(start, start + 100) for start in (0, 450)
+    ]
+    assert torch.equal(torch.cat(chunks), torch.from_numpy(np.concatenate([values[:100], values[450:550]])))
