@@ -230,7 +230,7 @@ def main() -> None:
     parser.add_argument(
         "--section",
         default="speed",
-        help="the RESULTS.md section to write (speed-full for a --shapes imagenet-full run)",
+        help="the RESULTS.md section to write (another name keeps a separate run apart)",
     )
     parser.add_argument("--repeat", type=int, default=2, help="runs of each end-to-end method (best counts)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
