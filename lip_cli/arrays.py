@@ -148,6 +148,8 @@ def _open_npy(path: Path) -> dict[str | None, ArraySource]:
         if row_bytes == 0 or stop <= start:
             return torch.from_numpy(np.zeros((max(stop - start, 0), *shape[1:]), dtype=dtype))
         begin, count = offset + start * row_bytes, (stop - start) * row_bytes
+        if os.fstat(descriptor).st_size < begin + count:  # a mapped page past the end would kill lip
+            raise ValueError("the file is now shorter than its header says (changed while being read?)")
         first = begin // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
         # copy-on-write: the chunk may be changed in memory like any tensor; the file never is
         mapped = mmap.mmap(descriptor, begin + count - first, access=mmap.ACCESS_COPY, offset=first)

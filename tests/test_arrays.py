@@ -6,11 +6,13 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lip_cli import arrays
+from lip_cli.errors import LipError
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -48,3 +50,15 @@ def test_a_chunk_outlives_the_source_it_came_from(tmp_path: Path) -> None:
         arrays.open_arrays(tmp_path / "features.npy")[None].read(start, start + 100) for start in (0, 450)
     ]
     assert torch.equal(torch.cat(chunks), torch.from_numpy(np.concatenate([values[:100], values[450:550]])))
+
+
+def test_a_file_cut_short_after_it_was_opened_fails_with_a_line_not_a_crash(tmp_path: Path) -> None:
+    path = tmp_path / "features.npy"
+    np.save(path, np.ones((1000, 64), dtype=np.float32))
+    source = arrays.open_arrays(path)[None]
+    assert source.read(0, 10).shape == (10, 64)
+    with open(path, "r+b") as handle:
+        handle.truncate(path.stat().st_size // 2)
+    assert source.read(0, 10).shape == (10, 64)  # still within the file
+    with pytest.raises(LipError, match=r"rows 900-1000 .*shorter than its header says"):
+        source.read(900, 1000)
