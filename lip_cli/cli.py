@@ -333,6 +333,20 @@ def usage_error(message: str, option: str) -> typer.BadParameter:
     return typer.BadParameter(message, param_hint=option)
 
 
+def _check_series_labels(names: list[str] | None, checkpoints: int) -> None:
+    """--label: one per checkpoint, each a name, no two the same (they head columns and legends)."""
+    if not names:
+        return
+    if len(names) != checkpoints:
+        message = f"{len(names)} given for {checkpoints} checkpoints; give one per checkpoint"
+        raise usage_error(message, "--label")
+    if any(not name.strip() for name in names):
+        raise usage_error("an empty label names nothing; give each checkpoint a name", "--label")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise usage_error(f"{repeated[0]!r} given twice; give each checkpoint its own name", "--label")
+
+
 @app.command()
 def inspect(
     checkpoints: Annotated[
@@ -389,10 +403,7 @@ def inspect(
         raise usage_error(
             "takes one checkpoint and no --label; run lip inspect once per checkpoint", "--features"
         )
-    if names and len(names) != len(checkpoints):
-        raise usage_error(
-            f"{len(names)} given for {len(checkpoints)} checkpoints; give one per checkpoint", "--label"
-        )
+    _check_series_labels(names, len(checkpoints))
     with user_errors():
         from lip_cli import files, jobs, plots, report
 
@@ -460,10 +471,7 @@ def compare(
     json_output: JsonOption = False,
 ) -> None:
     """Compare one layer against a reference: spectra, subspace similarity phi(i, j), principal angles."""
-    if names and len(names) != len(checkpoints) + 1:
-        raise usage_error(
-            f"{len(names)} given for {len(checkpoints) + 1} checkpoints; give one per checkpoint", "--label"
-        )
+    _check_series_labels(names, len(checkpoints) + 1)
     with user_errors():
         from lip_cli import files, jobs, plots, report
 

@@ -86,6 +86,24 @@ def test_labels_name_the_series(tmp_path: Path) -> None:
     assert wrong.exit_code == 2 and "1 given for 3 checkpoints" in wrong.output
 
 
+@pytest.mark.parametrize("command", ["inspect", "compare"])
+@pytest.mark.parametrize(
+    ("names", "message"),
+    [
+        (["a", " ", "c"], "an empty label names nothing"),
+        (["a", "", "c"], "an empty label names nothing"),
+        (["a", "b", "a"], "'a' given twice"),
+    ],
+)
+def test_labels_that_name_nothing_or_twice_are_usage_errors(
+    tmp_path: Path, command: str, names: list[str], message: str
+) -> None:
+    paths = write_series(tmp_path)
+    result = run(command, *paths, *[part for name in names for part in ("--label", name)], "--json")
+    assert result.exit_code == 2 and message in " ".join(result.output.split())
+    assert "{" not in result.stdout
+
+
 @pytest.mark.parametrize(
     ("paths", "names"),
     [
