@@ -583,7 +583,8 @@ def _repair(
     _check_repaired(repaired, f"{request.checkpoint}: `{layer.weight_key}`")
     ks = decision.ks if auto and decision is not None else sorted({k, rank})
     train_curve = selection.curve(fitted.stats, fitted.sample, ks, targets, total)
-    warnings = _repair_warnings(request, decision, repaired, output is not None)
+    scale = fitted.stats.target_scale() if targets == "logit-scale" else None
+    warnings = _repair_warnings(request, decision, repaired, output is not None, scale)
     if decision is not None and auto and not decision.confirmed and not request.force_write:
         output = None
     if output is not None and group.leader:
@@ -633,7 +634,7 @@ def _repair(
         accuracy_rows=fitted.sampled_rows,
         other_copies=[copy.name for copy in checkpoint.copies_of(model, layer)],
         targets=targets,
-        target_scale=fitted.stats.target_scale() if targets == "logit-scale" else None,
+        target_scale=scale,
         decision=decision,
     )
 
@@ -674,9 +675,18 @@ def _judge_k(
 
 
 def _repair_warnings(
-    request: RepairRequest, decision: selection.Decision | None, repaired: lip.RepairedHead, writing: bool
+    request: RepairRequest,
+    decision: selection.Decision | None,
+    repaired: lip.RepairedHead,
+    writing: bool,
+    target_scale: float | None = None,
 ) -> list[str]:
     warnings = []
+    if target_scale is not None and target_scale <= 0:
+        warnings.append(
+            f"the head's logits do not rise with the labels (c = {target_scale:.3g}): logit-scale targets "
+            "point away from the labels; --targets paper fits the labels themselves"
+        )
     if decision is not None and decision.given and decision.test.change < 0:
         before, after = decision.accuracy(decision.rank), decision.accuracy(decision.k)
         warnings.append(

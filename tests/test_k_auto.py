@@ -254,6 +254,23 @@ def test_logit_scale_targets_from_the_command(tmp_path: Path) -> None:
     )
 
 
+def test_logit_scale_warns_when_the_head_points_away_from_the_labels(tmp_path: Path) -> None:
+    head = make_head(n=300, q=12, l=6, seed=27)
+    fitted = least_squares_head(head)
+    warned = []
+    for sign in (1, -1):  # the least-squares head, and the same head pointing away from the labels
+        solution = sign * fitted
+        turned = Head(solution[:, :-1].contiguous(), solution[:, -1].contiguous(), head.features, head.labels)
+        folder = tmp_path / str(sign)
+        folder.mkdir()
+        paths = save_problem(folder, turned)
+        args = ["repair", paths["model"], "-f", paths["features"], "--k", 2, "--targets", "logit-scale"]
+        document = json.loads(run(*args, "--dry-run", "--json").stdout)
+        assert (document["target_scale"] > 0) == (sign > 0)
+        warned.append(any("do not rise with the labels" in warning for warning in document["warnings"]))
+    assert warned == [False, True]
+
+
 @pytest.mark.parametrize("value", ["0", "1", "-0.5", "1.5", "abc"])
 def test_alpha_outside_zero_one_is_a_usage_error(tmp_path: Path, head, value: str) -> None:
     paths = save_problem(tmp_path, head)
