@@ -253,9 +253,8 @@ def statistics_pass(
 ) -> FittedPass:
     """Stream the training data once: accumulate LAP sums, keep the projections of a sample.
 
-    With `holdout`, a seeded share of the rows is also accumulated apart, and taken away from the
-    sums of all rows for the fit that chooses k (on rows it has not seen); at least `min_held` of
-    them must be in the sample.
+    With `holdout`, a seeded share of the rows is accumulated apart (to choose k on rows the fit
+    has not seen) and merged back afterwards; at least `min_held` of them must be in the sample.
     Under torchrun each rank streams its share of the rows (the seeded masks are the same on every
     rank) and the sums are added over the ranks; a failure on any rank fails every rank with its
     message.
@@ -299,9 +298,12 @@ def statistics_pass(
             z = stats.project(x)  # (n, r)
             stop = start + x.shape[0]
             y = y.to(z.device)
-            stats.accumulate(z, y)
-            if held_stats is not None:
+            if held_stats is None:
+                stats.accumulate(z, y)
+            else:  # two disjoint parts: all rows less the held ones would leave, in a direction
+                # only the held rows excite, their rounding for a fit made of nothing
                 is_held = held[start:stop].to(z.device)
+                stats.accumulate(z[~is_held], y[~is_held])
                 held_stats.accumulate(z[is_held], y[is_held])
                 held_selection.add(z, y)
                 held_confirmation.add(z, y)
@@ -317,7 +319,10 @@ def statistics_pass(
         for accumulator in (stats, held_stats):
             if accumulator is not None:
                 accumulator.all_reduce()
-    fit_stats = stats if held_stats is None else stats.without(held_stats)
+    fit_stats = stats
+    if held_stats is not None:
+        stats = fit_stats.copy()
+        stats.merge(held_stats)
     parts = sample.rows(), held_selection.rows(), held_confirmation.rows()
     return FittedPass(stats, fit_stats, *parts, int(sampled.sum()))
 

@@ -409,3 +409,35 @@ def test_one_pass_keeps_the_chosen_rows_in_order_and_fits_without_the_held_ones(
         kept = set(parts[0]) | set(parts[1])  # the held-out rows' own sample
         assert kept <= set(held.nonzero().squeeze(1).tolist()) and len(kept) == min(50, int(held.sum()))
         assert len(parts[1]) == len(kept) // 2
+
+
+def test_the_held_out_fit_in_float32_leaves_alone_directions_only_held_rows_excite(tmp_path: Path) -> None:
+    """The fit that chooses k must be the fit of the rows not held out, also in float32: a direction
+    those rows never excite keeps its value (LAP has no fit for it), however much the held rows
+    excite it. Sums of all rows minus the held ones leave float32 rounding of the held rows there,
+    which passes for an excited direction with a made-up value."""
+    head = make_head(n=2000, q=16, l=10, seed=5)
+    held = torch.rand(2000, generator=torch.Generator().manual_seed(2)) < 0.1  # as statistics_pass draws
+    u = LapStatistics(head.weight, head.bias).svd.u
+    generator = torch.Generator().manual_seed(7)
+    features = torch.randn(2000, 16, generator=generator, dtype=torch.float64)
+    # rows not held out lie in the span of the top 6 directions; held rows excite every direction
+    features[~held] = (
+        torch.randn(int((~held).sum()), 6, generator=generator, dtype=torch.float64) @ u[:, :6].T
+    )
+    head = Head(head.weight, head.bias, features.float().double(), head.labels)
+    paths = save_problem(tmp_path, head)
+    data = jobs.open_labelled_features(paths["features"], None)
+    stats = LapStatistics(head.weight, head.bias)  # float32, the default
+    fitted = jobs.statistics_pass(data, stats, chunk_rows=256, holdout=0.1, seed=2)
+    rest = LapStatistics(head.weight, head.bias)
+    for start in range(0, 2000, 256):
+        rows = slice(start, start + 256)
+        keep = ~held[rows]
+        rest.update(head.features[rows][keep], head.labels[rows][keep])
+    assert fitted.fit_stats.samples == rest.samples
+    sigma, excited = fitted.fit_stats.fitted_singular_values()
+    expected, expected_excited = rest.fitted_singular_values()
+    assert not expected_excited[6:].any()
+    assert torch.equal(excited, expected_excited)
+    torch.testing.assert_close(sigma, expected, rtol=1e-4, atol=1e-6)
