@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 import torch
 from conftest import make_head
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lip_cli.lip import KCurve, LapStatistics, count_correct, k_grid, singular_values_for_k
+from lip_cli.lip import KCurve, LapStatistics, correct_mask, count_correct, k_grid, singular_values_for_k
 
 
 def direct_counts(
@@ -177,3 +179,59 @@ def test_tail_statistics_give_the_curve_of_full_ones() -> None:
         curve.update(head.features, head.labels)
     assert curves[0].correct == curves[1].correct
     torch.testing.assert_close(tail.full_projection(head.features), full.project(head.features))
+
+
+def integer_curve(
+    rank: int, classes: int, ks: list[int], dtype: torch.dtype, seed: int, bias: bool
+) -> KCurve:
+    """A curve whose spectra, changes, V and bias are small integers: every logit is then exact
+    whatever the order of the sums, and rows tie often."""
+    head = make_head(n=4 * max(rank, classes), q=rank, l=classes, seed=seed, bias=bias)
+    stats = fitted_statistics(head, head.labels, dtype)
+    curve = KCurve(stats, [min(k, stats.svd.rank) for k in ks])
+    generator = torch.Generator().manual_seed(seed)
+    small = lambda *shape: torch.randint(-2, 3, shape, generator=generator).to(dtype)  # noqa: E731
+    rank = stats.svd.rank
+    curve._start, curve._change, curve._v_t = small(rank), small(rank), small(rank, classes)
+    curve._ranges = [(low, high, curve._v_t[low:high]) for high, low in pairwise(curve._steps)]
+    curve._bias = small(classes) if bias else None
+    return curve
+
+
+def integer_logits(curve: KCurve, z: torch.Tensor, step: int) -> torch.Tensor:
+    """The logits at one step of an integer curve, in one product."""
+    spectrum = curve._start.clone()
+    for low, high, _ in curve._ranges[:step]:
+        spectrum[low:high] += curve._change[low:high]
+    logits = (z * spectrum) @ curve._v_t
+    return logits if curve._bias is None else logits + curve._bias
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(1, 70),
+    rank=st.integers(1, 7),
+    classes=st.integers(1, 7),
+    seed=st.integers(0, 10_000),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    kind=st.sampled_from(["ids", "one-hot", "scaled one-hot", "candidates", "tied soft"]),
+    data=st.data(),
+)
+def test_exact_ties_are_judged_as_argmax_judges_them(n, rank, classes, seed, dtype, kind, data) -> None:
+    ks = data.draw(st.lists(st.integers(0, 7), min_size=1, max_size=5))
+    curve = integer_curve(rank, classes, ks, dtype, seed, data.draw(st.booleans()))
+    curve.block_rows = data.draw(st.integers(1, 30))
+    generator = torch.Generator().manual_seed(seed + 1)
+    z = torch.randint(-2, 3, (n, curve._v_t.shape[0]), generator=generator).to(dtype)
+    ids = torch.randint(classes, (n,), generator=generator)
+    labels = {
+        "ids": ids,
+        "one-hot": torch.nn.functional.one_hot(ids, classes).to(dtype),
+        "scaled one-hot": torch.nn.functional.one_hot(ids, classes) * torch.randint(1, 4, (n, 1)),
+        "candidates": (torch.rand(n, classes, generator=generator) < 0.4).float(),  # some rows empty
+        "tied soft": torch.randint(0, 3, (n, classes), generator=generator).to(dtype),
+    }[kind]
+    expected = torch.stack(
+        [correct_mask(integer_logits(curve, z, curve._steps.index(k)), labels) for k in curve.ks]
+    )
+    assert torch.equal(curve.row_hits(z, labels), expected)
