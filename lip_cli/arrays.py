@@ -125,7 +125,12 @@ def _from_tensor(tensor: Tensor, path: Path, key: str | None) -> ArraySource:
 
 def _open_npy(path: Path) -> dict[str | None, ArraySource]:
     """Chunks mapped from the file as they are read, with no copy; a chunk's pages leave memory
-    when the chunk is dropped, so RSS stays at the chunks in use."""
+    when the chunk is dropped, so RSS stays at the chunks in use.
+
+    As with any mapped file (np.load's mmap_mode, safetensors), a file cut short by another
+    program while one of its chunks is in use ends the process with SIGBUS; one cut short between
+    chunks gives one line. Copying each chunk instead cost 0.4 s of a 4 s pass at 200,000 x 2048.
+    """
     with open(path, "rb") as handle:
         version = np.lib.format.read_magic(handle)
         readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
@@ -154,6 +159,8 @@ def _open_npy(path: Path) -> dict[str | None, ArraySource]:
         # copy-on-write: the chunk may be changed in memory like any tensor; the file never is
         mapped = mmap.mmap(descriptor, begin + count - first, access=mmap.ACCESS_COPY, offset=first)
         rows = np.frombuffer(mapped, dtype=dtype, count=count // dtype.itemsize, offset=begin - first)
+        if (begin - first) % dtype.alignment:  # a crafted header put the data off its alignment
+            rows = rows.copy()
         return torch.from_numpy(rows.reshape(stop - start, *shape[1:]))
 
     weakref.finalize(read, os.close, descriptor)

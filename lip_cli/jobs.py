@@ -292,6 +292,7 @@ def statistics_pass(
     share = slice(*group.rows(rows))
     sample = RowBlock(sampled[share])
     held_selection, held_confirmation = RowBlock(held_kept[share] & ~confirm[share]), RowBlock(confirm[share])
+    kept_rows = None  # the rows not held out, copied into one buffer: a fresh one costs page faults
     failure = None
     try:
         for start, x, y in _batches(data, chunk_rows, "statistics", progress, group.rows(rows)):
@@ -303,7 +304,10 @@ def statistics_pass(
             else:  # two disjoint parts: all rows less the held ones would leave, in a direction
                 # only the held rows excite, their rounding for a fit made of nothing
                 is_held = held[start:stop].to(z.device)
-                stats.accumulate(z[~is_held], y[~is_held])
+                kept = (~is_held).nonzero().squeeze(1)
+                if kept_rows is None or kept_rows.shape[0] < kept.numel():
+                    kept_rows = z.new_empty((max(chunk_rows, kept.numel()), z.shape[1]))
+                stats.accumulate(torch.index_select(z, 0, kept, out=kept_rows[: kept.numel()]), y[kept])
                 held_stats.accumulate(z[is_held], y[is_held])
                 held_selection.add(z, y)
                 held_confirmation.add(z, y)

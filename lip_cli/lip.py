@@ -230,18 +230,6 @@ class LapStatistics:
             self.sums[name] += value.to(self.device)
         self.samples += other.samples
 
-    def without(self, other: LapStatistics) -> LapStatistics:
-        """The sums of the rows added here but not to `other`, when every row added to `other` was
-        also added here: one pass over all rows and a small share apart costs less than two parts."""
-        self._check_same_head(other)
-        if other.samples > self.samples:
-            raise ValueError("cannot take away more rows than were added")
-        rest = self.copy()
-        for name, value in other.sums.items():
-            rest.sums[name] -= value.to(self.device)
-        rest.samples -= other.samples
-        return rest
-
     def _check_same_head(self, other: LapStatistics) -> None:
         same = other.first_component == self.first_component and other.svd.rank == self.svd.rank
         if not same or not torch.equal(other.weight, self.weight):

@@ -62,3 +62,16 @@ def test_a_file_cut_short_after_it_was_opened_fails_with_a_line_not_a_crash(tmp_
     assert source.read(0, 10).shape == (10, 64)  # still within the file
     with pytest.raises(LipError, match=r"rows 900-1000 .*shorter than its header says"):
         source.read(900, 1000)
+
+
+def test_rows_at_an_odd_offset_come_back_aligned(tmp_path: Path) -> None:
+    """A crafted header may put the data at any offset; the chunks handed to torch are aligned."""
+    values = np.arange(40, dtype=np.float64).reshape(10, 4)
+    text = "{'descr': '<f8', 'fortran_order': False, 'shape': (10, 4), }"
+    body = text.ljust(63) + "\n"  # data at byte 74: not a multiple of 8
+    path = tmp_path / "features.npy"
+    header = b"\x93NUMPY\x01\x00" + len(body).to_bytes(2, "little") + body.encode()
+    path.write_bytes(header + values.tobytes())
+    chunk = arrays.open_arrays(path)[None].read(1, 5)
+    assert np.array_equal(chunk.numpy(), values[1:5])
+    assert chunk.data_ptr() % chunk.element_size() == 0

@@ -109,27 +109,6 @@ def test_statistics_merge_equals_one_pass() -> None:
         first.merge(LapStatistics(other.weight, other.bias, **exact))
 
 
-def test_statistics_without_a_part_equal_the_rest_alone() -> None:
-    head = make_head(n=400, q=14, l=6, seed=8)
-    held = torch.rand(400, generator=torch.Generator().manual_seed(1)) < 0.2
-    for labels in label_variants(head.labels, 6).values():
-        for first in (0, 3):
-            exact = {"compute_dtype": torch.float64, "first_component": first}
-            every, part, rest = (LapStatistics(head.weight, head.bias, **exact) for _ in range(3))
-            every.update(head.features, labels)
-            part.update(head.features[held], labels[held])
-            rest.update(head.features[~held], labels[~held])
-            remaining = every.without(part)
-            assert remaining.samples == rest.samples == int((~held).sum()) and every.samples == 400
-            for name, value in rest.sums.items():
-                torch.testing.assert_close(remaining.sums[name], value, rtol=1e-10, atol=1e-10, msg=name)
-    with pytest.raises(ValueError, match="more rows"):
-        part.without(every)
-    other = make_head(n=10, q=14, l=6, seed=9)
-    with pytest.raises(ValueError, match="different heads"):
-        every.without(LapStatistics(other.weight, other.bias, compute_dtype=torch.float64, first_component=3))
-
-
 def test_update_rejects_mismatched_batches(head) -> None:
     stats = LapStatistics(head.weight, head.bias)
     with pytest.raises(ValueError, match="features must be"):
