@@ -17,7 +17,15 @@ from typing import Annotated
 
 import typer
 
-from lip_cli.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, LipError, Terminated, interrupt_exit_code
+from lip_cli.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
+    LipError,
+    Terminated,
+    first_line,
+    interrupt_exit_code,
+)
 
 app = typer.Typer(
     name="lip",
@@ -65,6 +73,27 @@ def user_errors() -> Iterator[None]:
     except KeyboardInterrupt as interrupt:
         _report_interrupt(interrupt_exit_code(interrupt))
         raise typer.Exit(interrupt_exit_code(interrupt)) from None
+    except MemoryError as failure:  # also torch's (CUDA) OutOfMemoryError, a RuntimeError
+        _report_out_of_memory(failure)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    except RuntimeError as failure:
+        if type(failure).__name__ != "OutOfMemoryError":
+            raise
+        _report_out_of_memory(failure)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+
+
+def _report_out_of_memory(failure: BaseException) -> None:
+    """One line for a run that ran out of memory, with what it had already put in place, if any."""
+    from lip_cli import files, report
+
+    detail = f" ({first_line(failure)})" if str(failure).strip() else ""
+    done = ", ".join(map(str, files.placed))
+    report.error(
+        f"out of memory{detail}; "
+        + (f"wrote only {done}" if done else "nothing was written")
+        + ": a smaller --chunk-rows or --sample-rows (--batch-size for lip features) needs less"
+    )
 
 
 def _report_interrupt(code: int) -> None:

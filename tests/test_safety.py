@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from conftest import make_head, save_problem
 from hypothesis import HealthCheck, given, settings
@@ -107,6 +108,50 @@ def test_an_interrupt_after_the_write_names_what_was_written(tmp_path: Path, hea
     assert all(path.exists() for path in written)
     again = run("inspect", paths["model"], "--json")  # the next command starts with a clean slate
     assert again.exit_code == 0
+
+
+class OutOfMemoryError(RuntimeError):
+    """Named as torch names its CUDA one (torch.OutOfMemoryError), which is not a MemoryError."""
+
+
+@pytest.mark.parametrize(
+    "error", [MemoryError(), MemoryError("cannot allocate"), OutOfMemoryError("CUDA out")]
+)
+def test_out_of_memory_is_one_line_and_leaves_nothing(tmp_path: Path, head, monkeypatch, error) -> None:
+    paths = save_problem(tmp_path, head)
+    before = sorted(os.listdir(tmp_path))
+
+    def exhausted(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", exhausted)
+    result = run("repair", paths["model"], "-f", paths["features"], "--k", 1)
+    assert result.exit_code == 1 and result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("error: out of memory")
+    assert "nothing was written: a smaller --chunk-rows" in result.stderr
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_out_of_memory_after_the_write_names_what_was_written(tmp_path: Path, head, monkeypatch) -> None:
+    paths = save_problem(tmp_path, head)
+
+    def exhausted(result) -> None:
+        raise MemoryError
+
+    monkeypatch.setattr(report_module, "render_repair", exhausted)
+    result = run("repair", paths["model"], "-f", paths["features"], "--k", 1)
+    assert result.exit_code == 1 and f"wrote only {tmp_path / 'model.lip.pt'}" in result.stderr
+
+
+def test_other_runtime_errors_are_not_taken_for_memory(tmp_path: Path, head, monkeypatch) -> None:
+    paths = save_problem(tmp_path, head)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", broken)
+    result = run("repair", paths["model"], "-f", paths["features"], "--k", 1)
+    assert result.exit_code != 0 and isinstance(result.exception, RuntimeError)
 
 
 def interrupted_runs(tmp_path: Path, number: int, delays: tuple[float, ...]) -> int:
