@@ -238,6 +238,7 @@ class FittedPass:
     held_selection: selection.Rows
     held_confirmation: selection.Rows
     sampled_rows: int
+    rows_without_class: int = 0  # label-matrix rows with no positive target (this process's share)
 
 
 def statistics_pass(
@@ -293,12 +294,15 @@ def statistics_pass(
     sample = RowBlock(sampled[share])
     held_selection, held_confirmation = RowBlock(held_kept[share] & ~confirm[share]), RowBlock(confirm[share])
     kept_rows = None  # the rows not held out, copied into one buffer: a fresh one costs page faults
+    rows_without_class = 0
     failure = None
     try:
         for start, x, y in _batches(data, chunk_rows, "statistics", progress, group.rows(rows)):
             z = stats.project(x)  # (n, r)
             stop = start + x.shape[0]
             y = y.to(z.device)
+            if y.ndim == 2 and y.shape[0]:
+                rows_without_class += int((y.amax(dim=1) <= 0).sum())
             if held_stats is None:
                 stats.accumulate(z, y)
             else:  # two disjoint parts: all rows less the held ones would leave, in a direction
@@ -328,7 +332,7 @@ def statistics_pass(
         stats = fit_stats.copy()
         stats.merge(held_stats)
     parts = sample.rows(), held_selection.rows(), held_confirmation.rows()
-    return FittedPass(stats, fit_stats, *parts, int(sampled.sum()))
+    return FittedPass(stats, fit_stats, *parts, int(sampled.sum()), rows_without_class)
 
 
 def project_rows(
@@ -593,7 +597,8 @@ def _repair(
     ks = decision.ks if auto and decision is not None else sorted({k, rank})
     train_curve = selection.curve(fitted.stats, fitted.sample, ks, targets, total)
     scale = fitted.stats.target_scale() if targets == "logit-scale" else None
-    warnings = _repair_warnings(request, decision, repaired, output is not None, scale)
+    without_class = int(total(torch.tensor([float(fitted.rows_without_class)], dtype=torch.float64))[0])
+    warnings = _repair_warnings(request, decision, repaired, output is not None, scale, without_class)
     if decision is not None and auto and not decision.confirmed and not request.force_write:
         output = None
     if output is not None and group.leader:
@@ -689,8 +694,14 @@ def _repair_warnings(
     repaired: lip.RepairedHead,
     writing: bool,
     target_scale: float | None = None,
+    rows_without_class: int = 0,
 ) -> list[str]:
     warnings = []
+    if rows_without_class:
+        warnings.append(
+            f"{rows_without_class:,} training rows have no class with a positive target (an empty "
+            "candidate set): LAP fits them to zero logits and every accuracy counts them wrong"
+        )
     if target_scale is not None and target_scale <= 0:
         warnings.append(
             f"the head's logits do not rise with the labels (c = {target_scale:.3g}): logit-scale targets "

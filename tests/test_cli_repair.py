@@ -444,3 +444,16 @@ def test_validation_labels_source_names_the_option_given(tmp_path: Path, head) -
     document = json.loads(result.stdout)
     assert document["val_labels_source"] == f"--val-labels {tmp_path / 'val_targets.npy'}"
     assert document["labels_source"] == f"{tmp_path / 'labels.npy'} beside the features"
+
+
+def test_label_rows_with_no_class_are_counted_in_a_warning(tmp_path: Path) -> None:
+    head = make_head(n=120, q=8, l=5, seed=41)
+    paths = save_problem(tmp_path, head)
+    candidates = np.eye(5, dtype=np.float32)[head.labels.numpy()]
+    args = ["repair", paths["model"], "-f", paths["features"], "--k", 2, "--dry-run", "--json"]
+    np.save(paths["labels"], candidates)
+    assert not any("no class" in warning for warning in json.loads(run(*args).stdout)["warnings"])
+    candidates[::10] = 0.0  # 12 empty candidate sets
+    np.save(paths["labels"], candidates)
+    warnings = json.loads(run(*args, "--chunk-rows", 50).stdout)["warnings"]
+    assert any(warning.startswith("12 training rows have no class") for warning in warnings)
