@@ -406,6 +406,11 @@ UNSIGNED_DTYPES = (torch.uint16, torch.uint32, torch.uint64)
 
 def _as_labels(source: ArraySource) -> ArraySource:
     """Labels as torch can count them: wide unsigned ids read as int64; complex values refused."""
+    if not source.shape:
+        raise LipError(
+            f"{source.name}: labels must be a class vector or an (n, classes) matrix, "
+            "got one value (shape ())"
+        )
     if source.dtype.is_complex:
         raise LipError(
             f"{source.name}: labels are complex ({source.dtype}); store class ids as integers or "

@@ -75,3 +75,9 @@ def test_rows_at_an_odd_offset_come_back_aligned(tmp_path: Path) -> None:
     chunk = arrays.open_arrays(path)[None].read(1, 5)
     assert np.array_equal(chunk.numpy(), values[1:5])
     assert chunk.data_ptr() % chunk.element_size() == 0
+
+
+def test_labels_of_one_value_are_refused_when_opened(tmp_path: Path) -> None:
+    np.save(tmp_path / "labels.npy", np.int64(3))
+    with pytest.raises(LipError, match=r"labels\.npy: labels must be a class vector .*shape \(\)"):
+        arrays.open_labels(tmp_path / "labels.npy")
