@@ -73,22 +73,34 @@ def user_errors() -> Iterator[None]:
     except KeyboardInterrupt as interrupt:
         _report_interrupt(interrupt_exit_code(interrupt))
         raise typer.Exit(interrupt_exit_code(interrupt)) from None
-    except MemoryError as failure:  # also torch's (CUDA) OutOfMemoryError, a RuntimeError
-        _report_out_of_memory(failure)
-        raise typer.Exit(EXIT_BAD_INPUT) from None
-    except RuntimeError as failure:
-        if type(failure).__name__ != "OutOfMemoryError":
+    except Exception as failure:
+        if not _is_out_of_memory(failure):
             raise
         _report_out_of_memory(failure)
         raise typer.Exit(EXIT_BAD_INPUT) from None
 
 
+def _is_out_of_memory(failure: Exception) -> bool:
+    """A MemoryError, or torch's OutOfMemoryError (CUDA's, a RuntimeError) once torch is loaded."""
+    torch = sys.modules.get("torch")
+    return isinstance(failure, MemoryError) or (
+        torch is not None and isinstance(failure, torch.OutOfMemoryError)
+    )
+
+
+def _placed_so_far() -> str:
+    """The outputs this run has already renamed into place, for its last line ("" for none)."""
+    from lip_cli import files
+
+    return ", ".join(map(str, files.placed))
+
+
 def _report_out_of_memory(failure: BaseException) -> None:
     """One line for a run that ran out of memory, with what it had already put in place, if any."""
-    from lip_cli import files, report
+    from lip_cli import report
 
     detail = f" ({first_line(failure)})" if str(failure).strip() else ""
-    done = ", ".join(map(str, files.placed))
+    done = _placed_so_far()
     report.error(
         f"out of memory{detail}; "
         + (f"wrote only {done}" if done else "nothing was written")
@@ -98,12 +110,12 @@ def _report_out_of_memory(failure: BaseException) -> None:
 
 def _report_interrupt(code: int) -> None:
     """The one line of an interrupted run, printed once: what it had already put in place, if any."""
-    from lip_cli import files, report
+    from lip_cli import report
 
     if not _interrupt_reported:
         _interrupt_reported.append(code)
         what = "terminated" if code == EXIT_TERMINATED else "interrupted"
-        done = ", ".join(map(str, files.placed))
+        done = _placed_so_far()
         report.error(f"{what} after writing {done}" if done else f"{what}; nothing was written")
 
 

@@ -80,52 +80,46 @@ def test_unwritable_output_folder(tmp_path: Path, head, monkeypatch) -> None:
     assert list(locked.iterdir()) == []
 
 
-def test_failure_while_writing_leaves_nothing(tmp_path: Path, head, monkeypatch) -> None:
+def repair_failing_in(tmp_path: Path, head, monkeypatch, module, name: str, error: BaseException):
+    """`lip repair --k 1` with `module.name` raising `error` (after writing a few bytes, when it is
+    torch.save): the result, and the folder's entries before the run."""
     paths = save_problem(tmp_path, head)
     before = sorted(os.listdir(tmp_path))
 
-    def interrupted_save(obj, handle):
-        handle.write(b"partial bytes")
-        raise KeyboardInterrupt
+    def failing(*args) -> None:
+        if len(args) == 2 and hasattr(args[1], "write"):
+            args[1].write(b"partial bytes")
+        raise error
 
-    monkeypatch.setattr(checkpoint_module.torch, "save", interrupted_save)
-    result = run("repair", paths["model"], "-f", paths["features"], "--k", 1)
+    monkeypatch.setattr(module, name, failing)
+    return run("repair", paths["model"], "-f", paths["features"], "--k", 1), before
+
+
+def test_failure_while_writing_leaves_nothing(tmp_path: Path, head, monkeypatch) -> None:
+    result, before = repair_failing_in(
+        tmp_path, head, monkeypatch, checkpoint_module.torch, "save", KeyboardInterrupt()
+    )
     assert result.exit_code == 130 and "interrupted" in result.stderr
     assert sorted(os.listdir(tmp_path)) == before
 
 
 def test_an_interrupt_after_the_write_names_what_was_written(tmp_path: Path, head, monkeypatch) -> None:
-    paths = save_problem(tmp_path, head)
-
-    def interrupted_render(result) -> None:
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(report_module, "render_repair", interrupted_render)
-    result = run("repair", paths["model"], "-f", paths["features"], "--k", 1)
+    result, _ = repair_failing_in(
+        tmp_path, head, monkeypatch, report_module, "render_repair", KeyboardInterrupt()
+    )
     assert result.exit_code == 130
     written = [tmp_path / "model.lip.pt", tmp_path / "model.lip.pt.lip.json"]
     assert result.stderr == f"error: interrupted after writing {written[0]}, {written[1]}\n"
     assert all(path.exists() for path in written)
-    again = run("inspect", paths["model"], "--json")  # the next command starts with a clean slate
+    again = run("inspect", tmp_path / "model.pt", "--json")  # the next command starts with a clean slate
     assert again.exit_code == 0
 
 
-class OutOfMemoryError(RuntimeError):
-    """Named as torch names its CUDA one (torch.OutOfMemoryError), which is not a MemoryError."""
-
-
 @pytest.mark.parametrize(
-    "error", [MemoryError(), MemoryError("cannot allocate"), OutOfMemoryError("CUDA out")]
+    "error", [MemoryError(), MemoryError("cannot allocate"), torch.OutOfMemoryError("CUDA out of memory")]
 )
 def test_out_of_memory_is_one_line_and_leaves_nothing(tmp_path: Path, head, monkeypatch, error) -> None:
-    paths = save_problem(tmp_path, head)
-    before = sorted(os.listdir(tmp_path))
-
-    def exhausted(*args, **kwargs):
-        raise error
-
-    monkeypatch.setattr(checkpoint_module.torch, "save", exhausted)
-    result = run("repair", paths["model"], "-f", paths["features"], "--k", 1)
+    result, before = repair_failing_in(tmp_path, head, monkeypatch, checkpoint_module.torch, "save", error)
     assert result.exit_code == 1 and result.stdout == ""
     assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("error: out of memory")
     assert "nothing was written: a smaller --chunk-rows" in result.stderr
@@ -133,24 +127,14 @@ def test_out_of_memory_is_one_line_and_leaves_nothing(tmp_path: Path, head, monk
 
 
 def test_out_of_memory_after_the_write_names_what_was_written(tmp_path: Path, head, monkeypatch) -> None:
-    paths = save_problem(tmp_path, head)
-
-    def exhausted(result) -> None:
-        raise MemoryError
-
-    monkeypatch.setattr(report_module, "render_repair", exhausted)
-    result = run("repair", paths["model"], "-f", paths["features"], "--k", 1)
+    result, _ = repair_failing_in(tmp_path, head, monkeypatch, report_module, "render_repair", MemoryError())
     assert result.exit_code == 1 and f"wrote only {tmp_path / 'model.lip.pt'}" in result.stderr
 
 
 def test_other_runtime_errors_are_not_taken_for_memory(tmp_path: Path, head, monkeypatch) -> None:
-    paths = save_problem(tmp_path, head)
-
-    def broken(*args, **kwargs):
-        raise RuntimeError("a bug")
-
-    monkeypatch.setattr(checkpoint_module.torch, "save", broken)
-    result = run("repair", paths["model"], "-f", paths["features"], "--k", 1)
+    result, _ = repair_failing_in(
+        tmp_path, head, monkeypatch, checkpoint_module.torch, "save", RuntimeError("a bug")
+    )
     assert result.exit_code != 0 and isinstance(result.exception, RuntimeError)
 
 
