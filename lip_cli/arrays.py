@@ -12,12 +12,14 @@ import glob
 import mmap
 import os
 import pickle
+import threading
 import warnings
 import weakref
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -172,9 +174,14 @@ def _check_header_shape(shape: tuple[int, ...]) -> None:
         raise ValueError(f"its header claims shape {shape}, with a negative size")
 
 
+NPZ_WHOLE_BYTES = 256 * 2**20  # a Fortran-order .npz member is inflated whole: only up to this size
+LABEL_CHUNK_ROWS = 1 << 20  # labels scanned this many at a time for their largest id
+
+
 def _open_npz(path: Path) -> dict[str | None, ArraySource]:
-    """Every member's header now; a member's data only when one of its rows is read, so members
-    that are never used (however large they decompress) cost nothing."""
+    """Every member's header now, checked against the member's declared size; a member's data
+    only as its rows are read, inflated chunk by chunk, so that memory stays at the chunks in use
+    however large a member inflates, and members that are never used cost nothing."""
     readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
     sources: dict[str | None, ArraySource] = {}
     with zipfile.ZipFile(path) as archive:
@@ -186,20 +193,60 @@ def _open_npz(path: Path) -> dict[str | None, ArraySource]:
                 version = np.lib.format.read_magic(member)
                 if version not in readers:
                     raise ValueError(f"member {key} is an .npy of version {version}, not 1.0 or 2.0")
-                shape, _, dtype = readers[version](member)
+                shape, fortran_order, dtype = readers[version](member)
                 header_bytes = member.tell()
             _check_header_shape(shape)
             if not dtype.hasobject:
                 needed = header_bytes + int(np.prod(shape, dtype=object)) * dtype.itemsize
                 if needed > info.file_size:
                     raise ValueError(f"member {key} is shorter than its header says ({shape} {dtype})")
+                if fortran_order and needed > NPZ_WHOLE_BYTES:
+                    raise LipError(
+                        f"{path}[{key}]: a Fortran-order member of {needed:,} bytes, which lip would inflate "
+                        f"whole (past its bound of {NPZ_WHOLE_BYTES:,}); save it in C order"
+                    )
             dtype_torch = _torch_dtype(dtype, path)
-            sources[key] = ArraySource(path, key, tuple(shape), dtype_torch, _npz_reader(path, key))
+            if fortran_order or dtype.hasobject or not shape:
+                reader = _npz_reader(path, key)
+            else:
+                reader = _npz_rows(path, info, header_bytes, tuple(shape), dtype)
+            sources[key] = ArraySource(path, key, tuple(shape), dtype_torch, reader)
     return sources
 
 
+def _npz_rows(
+    path: Path, info: zipfile.ZipInfo, offset: int, shape: tuple[int, ...], dtype: np.dtype
+) -> Callable[[int, int], Tensor]:
+    """Rows of a C-order .npz member, inflated from one open member as they are read: reading on
+    from the last row read costs only those rows; reading back starts the member again."""
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+    opened: list[tuple[zipfile.ZipFile, BinaryIO]] = []
+    lock = threading.Lock()
+
+    def read(start: int, stop: int) -> Tensor:
+        stop = min(stop, shape[0])
+        if row_bytes == 0 or stop <= start:
+            return torch.from_numpy(np.zeros((max(stop - start, 0), *shape[1:]), dtype=dtype))
+        begin, count = offset + start * row_bytes, (stop - start) * row_bytes
+        with lock:
+            if not opened:
+                archive = zipfile.ZipFile(path)
+                opened.append((archive, archive.open(info)))
+                weakref.finalize(read, archive.close)
+            member = opened[0][1]
+            if member.tell() != begin:
+                member.seek(begin)
+            data = bytearray(count)
+            got = member.readinto(data)
+        if got != count:
+            raise ValueError("the member is shorter than its header says")
+        return torch.from_numpy(np.frombuffer(data, dtype=dtype).reshape(stop - start, *shape[1:]))
+
+    return read
+
+
 def _npz_reader(path: Path, key: str) -> Callable[[int, int], Tensor]:
-    """Rows of one .npz member, which is decompressed (alone) on the first read."""
+    """Rows of a small .npz member that is not in C order, decompressed whole on the first read."""
     loaded: list[np.ndarray] = []
 
     def read(start: int, stop: int) -> Tensor:
@@ -252,49 +299,18 @@ DATA_ONLY_GLOBALS = frozenset(
 )
 
 
-def _pickled_globals(path: Path) -> set[str]:
-    """The classes and functions a torch file's pickle refers to, read statically (nothing imported or
-    run): the `data.pkl` of a zip archive, or the leading pickles of a legacy file (magic number,
-    protocol, system info, then the object). Empty for a corrupt file, which torch.load then reports."""
-    import _compat_pickle
-    import io
-    import pickletools
-    import zipfile
-
-    def python3_name(argument: str) -> str:  # protocol 2 writes `__builtin__.dict` for builtins.dict
-        module, name = argument.split(" ", 1)
-        module, name = _compat_pickle.NAME_MAPPING.get(
-            (module, name), (_compat_pickle.IMPORT_MAPPING.get(module, module), name)
-        )
-        return f"{module}.{name}"
-
-    try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
-                member = next(name for name in archive.namelist() if name.endswith("data.pkl"))
-                source, count = io.BytesIO(archive.read(member)), 1
-        else:
-            source, count = open(path, "rb"), 4  # noqa: SIM115 - closed by the with below
-        with source:
-            return {
-                python3_name(str(argument))
-                for _ in range(count)
-                for opcode, argument, _position in pickletools.genops(source)
-                if opcode.name == "GLOBAL"
-            }
-    except Exception:  # every reader has its own error types for a corrupt file
-        return set()
-
-
 def load_torch_file(path: Path) -> object:
     """torch.load with weights_only=True (memory-mapped where the file format allows it), with the
-    data-only types of DATA_ONLY_GLOBALS allowed for this load when the file refers to them."""
+    data-only types of DATA_ONLY_GLOBALS allowed for this load when the file refers to them; a value
+    the pickle only declares the size of is bounded first (pickle_scan)."""
     import importlib
     import re
 
+    from lip_cli import pickle_scan
+
     path = Path(path)
     allowed, missing = [], []
-    for name in sorted(_pickled_globals(path) & DATA_ONLY_GLOBALS):
+    for name in sorted(pickle_scan.scan(path).globals & DATA_ONLY_GLOBALS):
         module, attribute = name.rsplit(".", 1)
         try:
             allowed.append((getattr(importlib.import_module(module), attribute), name))
@@ -569,17 +585,33 @@ def check_features(features: ArraySource) -> None:
         raise LipError(f"{features.name}: holds no samples")
 
 
-def check_labels(labels: ArraySource, features: ArraySource, num_classes: int) -> None:
-    """Shapes, dtypes and ranges of the labels against the features and the layer."""
+def check_label_rows(labels: ArraySource, features: ArraySource) -> None:
+    """One label per feature row, from the headers alone, before any label is read."""
     if labels.rows != features.rows:
         raise LipError(
             f"{labels.name}: {labels.rows} labels but {features.rows} feature rows in {features.name}"
         )
+
+
+def label_range(labels: ArraySource) -> tuple[int, int]:
+    """The smallest and largest class id of a class vector, read in chunks (memory stays small)."""
+    low, high = None, None
+    for start in range(0, labels.rows, LABEL_CHUNK_ROWS):
+        chunk_low, chunk_high = torch.aminmax(labels.read(start, start + LABEL_CHUNK_ROWS))
+        low = int(chunk_low) if low is None else min(low, int(chunk_low))
+        high = int(chunk_high) if high is None else max(high, int(chunk_high))
+    if low is None or high is None:
+        raise LipError(f"{labels.name}: holds no labels")
+    return low, high
+
+
+def check_labels(labels: ArraySource, features: ArraySource, num_classes: int) -> None:
+    """Shapes, dtypes and ranges of the labels against the features and the layer."""
+    check_label_rows(labels, features)
     if len(labels.shape) == 1:
         if labels.dtype.is_floating_point or labels.dtype == torch.bool:
             raise LipError(f"{labels.name}: class labels must be integers, got {labels.dtype}")
-        values = labels.read()
-        low, high = int(values.min()), int(values.max())
+        low, high = label_range(labels)
         if low < 0 or high >= num_classes:
             raise LipError(
                 f"{labels.name}: labels range over {low}..{high} but the layer has {num_classes} "

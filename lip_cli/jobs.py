@@ -62,9 +62,12 @@ def resolve_device(device: str) -> torch.device:
         raise LipError(f"--device {device}: not a device torch knows ({error})") from error
 
 
-def _minimum_classes(labels: arrays.ArraySource) -> int:
-    if len(labels.shape) == 1 and not labels.dtype.is_floating_point and labels.rows:
-        return int(labels.read().max()) + 1
+def _minimum_classes(train: LabelledFeatures) -> int:
+    """Classes the labels need (largest id + 1), once the row counts agree (from the headers)."""
+    labels = train.labels
+    arrays.check_label_rows(labels, train.features)
+    if len(labels.shape) == 1 and not labels.dtype.is_floating_point and labels.dtype != torch.bool:
+        return arrays.label_range(labels)[1] + 1
     return 1
 
 
@@ -80,12 +83,23 @@ def _classifier_for(
     val: LabelledFeatures | None = None,
 ) -> tuple[checkpoint.LinearLayer, Tensor, Tensor | None]:
     """The classifier layer that fits the features and labels, its weight and bias, all checked."""
+    min_classes = _minimum_classes(train)
+    widths = [
+        layer.out_features
+        for layer in checkpoint.linear_layers(model.state)
+        if layer.in_features == train.features.shape[1]
+    ]
+    if name is None and arrays.label_classes(train.labels) is None and widths and min_classes > max(widths):
+        raise LipError(
+            f"{train.labels.name}: holds class id {min_classes - 1}, but the widest layer taking "
+            f"{train.features.shape[1]} inputs has {max(widths)} classes"
+        )
     layer = checkpoint.find_layer(
         model,
         name,
         in_features=train.features.shape[1],
         num_classes=arrays.label_classes(train.labels),
-        min_classes=_minimum_classes(train.labels),
+        min_classes=min_classes,
     )
     for data in (train, val):
         if data is not None:
