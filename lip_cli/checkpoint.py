@@ -12,6 +12,7 @@ that is not patched is written back bit for bit.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -190,8 +191,31 @@ def _load_hf_folder(path: Path) -> Checkpoint:
     )
 
 
+MAX_NESTING = 200  # levels of containers in a torch file: torch.save recurses once per level
+
+
+def _nesting(content: object) -> int:
+    """How many levels of dicts, lists and tuples a loaded value has, counted without recursion."""
+    deepest, pending = 0, [(content, 1)]
+    while pending:
+        value, depth = pending.pop()
+        if isinstance(value, dict):
+            value = value.values()
+        elif not isinstance(value, list | tuple | set | frozenset):
+            continue
+        deepest = max(deepest, depth)
+        if depth <= MAX_NESTING:
+            pending.extend((item, depth + 1) for item in value)
+    return deepest
+
+
 def _load_torch(path: Path, legacy: bool) -> Checkpoint:
     content = load_torch_file(path)
+    if _nesting(content) > MAX_NESTING:
+        raise LipError(
+            f"{path}: holds values nested more than {MAX_NESTING} levels deep, which lip cannot write "
+            "back; re-save it without them"
+        )
     if _is_state_dict(content):
         return Checkpoint(path=path, format="pt", legacy=legacy, state=content, container=content)
     if isinstance(content, dict):
@@ -215,7 +239,12 @@ def linear_layers(state: dict[str, Tensor]) -> list[LinearLayer]:
     """Every 2-D `<name>.weight` in a state dict, with its `<name>.bias` when it fits."""
     layers = []
     for key, tensor in state.items():
-        if not isinstance(tensor, Tensor) or tensor.ndim != 2 or not key.endswith("weight"):
+        if (
+            not isinstance(key, str)
+            or not isinstance(tensor, Tensor)
+            or tensor.ndim != 2
+            or not key.endswith("weight")
+        ):
             continue
         name = key[: -len(".weight")] if key.endswith(".weight") else key
         bias_key = f"{name}.bias"
@@ -453,8 +482,10 @@ def _torch_save(content: object, path: Path, legacy: bool) -> None:
 
 
 def sidecar_path(output: Path) -> Path:
-    """Where the provenance of a .pt output goes: `<output>.lip.json`."""
-    return Path(output).with_name(Path(output).name + ".lip.json")
+    """Where the provenance of a .pt output goes: `<output>.lip.json` (`.` and `..` by their real
+    names; `/` has no place beside it, so its sidecar is inside)."""
+    path = Path(output) if Path(output).name else Path(os.path.abspath(output))
+    return path / ".lip.json" if not path.name else path.with_name(path.name + ".lip.json")
 
 
 def read_provenance(path: Path) -> dict | None:
@@ -473,7 +504,7 @@ def read_provenance(path: Path) -> dict | None:
             sidecar = sidecar_path(path)
             text = sidecar.read_text() if sidecar.exists() else None
         provenance = json.loads(text, parse_constant=_refuse_constant) if text else None
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RecursionError) as error:
         raise LipError(f"{path}: its lip provenance record is unreadable ({first_line(error)})") from error
     if provenance is not None and not isinstance(provenance, dict):
         raise LipError(

@@ -74,18 +74,37 @@ def user_errors() -> Iterator[None]:
         _report_interrupt(interrupt_exit_code(interrupt))
         raise typer.Exit(interrupt_exit_code(interrupt)) from None
     except Exception as failure:
-        if not _is_out_of_memory(failure):
+        if _is_out_of_memory(failure):
+            _report_out_of_memory(failure)
+        elif isinstance(failure, OSError | RecursionError):
+            _report_failure(failure)
+        else:
             raise
-        _report_out_of_memory(failure)
         raise typer.Exit(EXIT_BAD_INPUT) from None
 
 
 def _is_out_of_memory(failure: Exception) -> bool:
-    """A MemoryError, or torch's OutOfMemoryError (CUDA's, a RuntimeError) once torch is loaded."""
+    """A MemoryError, or torch's OutOfMemoryError (CUDA's, a RuntimeError) or its CPU allocator's
+    failure (a plain RuntimeError) once torch is loaded."""
     torch = sys.modules.get("torch")
-    return isinstance(failure, MemoryError) or (
-        torch is not None and isinstance(failure, torch.OutOfMemoryError)
+    return (
+        isinstance(failure, MemoryError)
+        or (torch is not None and isinstance(failure, torch.OutOfMemoryError))
+        or (isinstance(failure, RuntimeError) and "DefaultCPUAllocator: can't allocate" in str(failure))
     )
+
+
+def _report_failure(failure: OSError | RecursionError) -> None:
+    """One line for an operating-system error no check foresaw (the file it names and why), or for
+    data nested deeper than Python's recursion limit, with what was already put in place."""
+    from lip_cli import report
+
+    if isinstance(failure, RecursionError):
+        what = "an input is nested too deeply to read (past Python's recursion limit)"
+    else:
+        what = f"{failure.filename}: {failure.strerror}" if failure.filename else first_line(failure)
+    done = _placed_so_far()
+    report.error(f"{what}; " + (f"wrote only {done}" if done else "nothing was written"))
 
 
 def _placed_so_far() -> str:
@@ -214,7 +233,8 @@ def repair(
     checkpoint: Annotated[
         Path,
         typer.Argument(
-            help="Checkpoint: a torch file (.pt, .ckpt, .pth.tar, .bin...), safetensors, or a model folder."
+            help="Checkpoint: a torch file (.pt, .ckpt, .pth.tar, .bin...), safetensors, or a model folder.",
+            readable=False,
         ),
     ],
     features: Annotated[
@@ -223,6 +243,7 @@ def repair(
             "--features",
             "-f",
             help="Training features at the input of the layer (n x q): .npy, .npz, .pt, .safetensors.",
+            readable=False,
         ),
     ],
     k: Annotated[
@@ -243,6 +264,7 @@ def repair(
             "-l",
             help="Training labels: class ids (n) or an (n x classes) matrix. Default: the features "
             "file's own labels array, else labels.npy beside it.",
+            readable=False,
         ),
     ] = None,
     layer: LayerOption = None,
@@ -256,12 +278,18 @@ def repair(
     ] = None,
     val_features: Annotated[
         Path | None,
-        typer.Option("--val-features", help="Validation features, to measure accuracy before and after."),
+        typer.Option(
+            "--val-features",
+            help="Validation features, to measure accuracy before and after.",
+            readable=False,
+        ),
     ] = None,
     val_labels: Annotated[
         Path | None,
         typer.Option(
-            "--val-labels", help="Validation labels (default: a labels array inside --val-features)."
+            "--val-labels",
+            help="Validation labels (default: a labels array inside --val-features).",
+            readable=False,
         ),
     ] = None,
     device: DeviceOption = Device.cpu,
@@ -394,7 +422,8 @@ def inspect(
         list[Path],
         typer.Argument(
             help="Checkpoint: a torch file (.pt, .ckpt, .pth.tar...), safetensors, or a model folder. "
-            "Several: one layer of each, side by side (e.g. trained at several noise levels)."
+            "Several: one layer of each, side by side (e.g. trained at several noise levels).",
+            readable=False,
         ),
     ],
     layer: Annotated[
@@ -409,12 +438,17 @@ def inspect(
     features: Annotated[
         Path | None,
         typer.Option(
-            "--features", "-f", help="Training features: adds the accuracy that each k would give after LAP."
+            "--features",
+            "-f",
+            help="Training features: adds the accuracy that each k would give after LAP.",
+            readable=False,
         ),
     ] = None,
     labels: Annotated[
         Path | None,
-        typer.Option("--labels", "-l", help="Training labels (found as in `lip repair` when left out)."),
+        typer.Option(
+            "--labels", "-l", help="Training labels (found as in `lip repair` when left out).", readable=False
+        ),
     ] = None,
     names: Annotated[
         list[str] | None,
@@ -486,13 +520,15 @@ def inspect(
 @app.command()
 def compare(
     reference: Annotated[
-        Path, typer.Argument(help="The reference checkpoint (A), e.g. trained on clean labels.")
+        Path,
+        typer.Argument(help="The reference checkpoint (A), e.g. trained on clean labels.", readable=False),
     ],
     checkpoints: Annotated[
         list[Path],
         typer.Argument(
             help="Checkpoint(s) compared with the reference (B, ...), e.g. noisy or repaired; each one "
-            "against the reference, in order."
+            "against the reference, in order.",
+            readable=False,
         ),
     ],
     layer: Annotated[
@@ -560,7 +596,8 @@ def parse_triple(value: str | None) -> str | None:
 @app.command()
 def features(
     checkpoint: Annotated[
-        Path, typer.Argument(help="Trained weights: a torch file, safetensors, or a model folder.")
+        Path,
+        typer.Argument(help="Trained weights: a torch file, safetensors, or a model folder.", readable=False),
     ],
     model: Annotated[
         str,
@@ -572,14 +609,20 @@ def features(
     ],
     data: Annotated[
         Path,
-        typer.Option("--data", help="An image folder (one sub-folder per class) or a .npy of model inputs."),
+        typer.Option(
+            "--data",
+            help="An image folder (one sub-folder per class) or a .npy of model inputs.",
+            readable=False,
+        ),
     ],
     out: Annotated[
         Path, typer.Option("--out", "-o", help="The feature cache to write (.npy); labels.npy beside.")
     ],
     labels: Annotated[
         Path | None,
-        typer.Option("--labels", "-l", help="Labels of a .npy of inputs (class ids or a matrix)."),
+        typer.Option(
+            "--labels", "-l", help="Labels of a .npy of inputs (class ids or a matrix).", readable=False
+        ),
     ] = None,
     layer: LayerOption = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Samples per forward pass.")] = 64,

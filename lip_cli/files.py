@@ -10,6 +10,7 @@ Files named inside a folder (index entries, shards) must stay inside it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -56,16 +57,34 @@ def _kind(mode: int) -> str | None:
 def check_readable(path: Path) -> None:
     """Refuse a special file (FIFO, device, socket; also behind a link) before anything reads it.
 
-    A missing path is left to the reader, which names it.
+    A missing path is left to the reader, which names it; a link loop and a file this user may not
+    read are refused here, in one line.
     """
     try:
         mode = os.stat(path).st_mode
-    except OSError:
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise LipError(f"{path}: is a symlink loop (its links never reach a file)") from error
         return
     kind = _kind(mode)
     if kind is not None:
         shown = f" (a link to {os.path.realpath(path)})" if os.path.islink(path) else ""
         raise LipError(f"{path}: is {kind}{shown}; lip reads regular files only")
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
+    except PermissionError as error:
+        raise LipError(f"{path}: permission denied; lip cannot read it") from error
+    except OSError:  # left to the reader, which names it
+        pass
+
+
+def resolved(path: Path) -> Path:
+    """`path` with every link followed; a link loop is refused in one line (pathlib raises
+    RuntimeError for it)."""
+    try:
+        return Path(path).resolve()
+    except RuntimeError as error:
+        raise LipError(f"{path}: is a symlink loop (its links never reach a file)") from error
 
 
 def _location(path: Path) -> Path:
@@ -73,8 +92,8 @@ def _location(path: Path) -> Path:
     replaced, never written through)."""
     absolute = Path(os.path.abspath(path))
     if absolute.name in ("", ".", ".."):
-        return absolute.resolve()
-    return absolute.parent.resolve() / absolute.name
+        return resolved(absolute)
+    return resolved(absolute.parent) / absolute.name
 
 
 def _within(path: Path, folder: Path) -> bool:
@@ -94,12 +113,12 @@ def check_paths(inputs: Iterable[Path | None], outputs: Iterable[Output | None],
     targets = [output for output in outputs if output is not None]
     for source in sources:
         check_readable(source)
-    real_sources = [(source, source.resolve()) for source in sources if source.exists()]
+    real_sources = [(source, resolved(source)) for source in sources if source.exists()]
     absent = [(source, _location(source)) for source in sources if not os.path.lexists(source)]
     seen: list[tuple[Output, Path, Path]] = []
     for output in targets:
         path = Path(output.path)
-        location, target = _location(path), path.resolve()
+        location, target = _location(path), resolved(path)
         if output.suffixes and path.suffix.lower() not in output.suffixes:
             raise LipError(
                 f"{path}: the output is written as {' or '.join(filter(None, output.suffixes))}; "
@@ -156,7 +175,7 @@ def _check_replaceable(path: Path, folder: bool, force: bool) -> None:
 def _roots(folder: Path) -> list[Path]:
     """Where the files of a folder may really lie: the folder, and for a snapshot of the Hugging
     Face hub cache (`.../snapshots/<revision>`, whose files link to `../../blobs/`) its blob store."""
-    real = Path(folder).resolve()
+    real = resolved(folder)
     if real.parent.name == "snapshots":
         return [real, real.parent.parent / "blobs"]
     return [real]
@@ -169,7 +188,7 @@ def member(folder: Path, name: str, what: str = "entry") -> Path:
     if not name or pure.is_absolute() or ".." in pure.parts or "\\" in name:
         raise LipError(f"{folder}: {what} `{name}` points outside the folder; lip reads only files inside it")
     path = Path(folder) / name
-    real = path.resolve()
+    real = resolved(path)
     if not any(_within(real, root) for root in _roots(folder)):
         raise LipError(
             f"{folder}: {what} `{name}` is a link out of the folder (to {real}); "
@@ -271,9 +290,9 @@ def sibling_output(path: Path, tag: str = "lip") -> Path:
     epoch=1-step=64.ckpt -> epoch=1-step=64.lip.ckpt, model_best.pth.tar -> model_best.lip.pth.tar,
     a folder vit -> vit.lip. A double extension counts when its outer part is an archive suffix and
     its inner part a plain word, so `epoch=1.5.ckpt` keeps `.5` in the name."""
-    path = Path(path)
+    path = Path(path) if Path(path).name else Path(os.path.abspath(path))  # `.`, `..`: by real name
     if path.is_dir():
-        return path.with_name(f"{path.name}.{tag}")
+        return path.with_name(f"{path.name}.{tag}") if path.name else path / f"root.{tag}"
     stem, suffix = path.stem, path.suffix
     inner = Path(stem).suffix
     if suffix.lower() in ARCHIVE_SUFFIXES and inner[1:].isalpha():

@@ -29,7 +29,11 @@ _SAFETENSORS_MAX_HEADER = 100_000_000  # the limit of the safetensors library
 
 
 def detect_format(path: Path) -> str | None:
-    """The format of a file from its first bytes (one of the constants above), or None."""
+    """The format of a file from its first bytes (one of the constants above), or None; a special
+    file or one this user may not read is refused first (files.check_readable)."""
+    from lip_cli.files import check_readable
+
+    check_readable(path)
     with open(path, "rb") as handle:
         head = handle.read(512)
         size = os.fstat(handle.fileno()).st_size
@@ -58,5 +62,5 @@ def _is_safetensors(handle: BinaryIO, head: bytes, size: int) -> bool:
     handle.seek(8)
     try:
         return isinstance(json.loads(handle.read(length)), dict)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False

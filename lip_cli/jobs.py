@@ -323,8 +323,8 @@ def statistics_pass(
                 # only the held rows excite, their rounding for a fit made of nothing
                 is_held = held[start:stop].to(z.device)
                 kept = (~is_held).nonzero().squeeze(1)
-                if kept_rows is None:  # chunks hold at most chunk_rows rows
-                    kept_rows = z.new_empty((chunk_rows, z.shape[1]))
+                if kept_rows is None:  # chunks hold at most chunk_rows rows, and all rows fewer
+                    kept_rows = z.new_empty((min(chunk_rows, held.shape[0]), z.shape[1]))
                 stats.accumulate(torch.index_select(z, 0, kept, out=kept_rows[: kept.numel()]), y[kept])
                 held_stats.accumulate(z[is_held], y[is_held])
                 held_selection.add(z, y)

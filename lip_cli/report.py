@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -47,9 +48,21 @@ def warning(message: str) -> None:
 
 
 def print_json(document: dict[str, Any]) -> None:
-    """One JSON document alone on stdout."""
-    sys.stdout.write(json.dumps(document, indent=2, allow_nan=False) + "\n")
+    """One JSON document alone on stdout; a value that is not a finite number is null (JSON has no
+    NaN or Infinity)."""
+    sys.stdout.write(json.dumps(_finite_only(document), indent=2, allow_nan=False) + "\n")
     sys.stdout.flush()
+
+
+def _finite_only(value: Any) -> Any:
+    """`value` with every NaN or infinite float, at any depth, replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite_only(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_only(item) for item in value]
+    return value
 
 
 def bar(value: float, maximum: float, width: int = 24) -> str:

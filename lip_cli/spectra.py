@@ -56,7 +56,7 @@ def stable_rank(values: Tensor) -> float:
     """||W||_F^2 / ||W||_2^2: a rank that small singular values barely move."""
     if values.numel() == 0 or values[0] == 0:
         return 0.0
-    return float((values**2).sum() / values[0] ** 2)
+    return float(((values / values[0]) ** 2).sum())  # scaled first: squares of 1e-170 underflow to 0
 
 
 def top_energy_share(values: Tensor, fraction: float = 0.1) -> float:
