@@ -116,8 +116,9 @@ def _load_safetensors(path: Path) -> Checkpoint:
     return Checkpoint(path=path, format="safetensors", state=state, metadata=metadata)
 
 
-# The weight files of a Hugging Face model folder, in the order transformers looks for them:
-# (single file, index of shards); a `.bin` is a torch file, loaded with weights_only=True.
+# The weight files of a Hugging Face model folder, in the order transformers looks for them
+# (modeling_utils: model.safetensors, its index, pytorch_model.bin, its index); a `.bin` is a torch
+# file, loaded with weights_only=True.
 HF_LAYOUTS = (
     ("model.safetensors", "model.safetensors.index.json"),
     ("pytorch_model.bin", "pytorch_model.bin.index.json"),
@@ -128,12 +129,12 @@ def _hf_layouts(path: Path) -> list[tuple[list[str], dict[str, str] | None, str]
     """Each weight layout present in a model folder, in transformers' order of preference: its shard
     files, its index's weight map (None for a single file) and the index's (or file's) name."""
     found = []
-    for single, index in HF_LAYOUTS:
+    for single, index in HF_LAYOUTS:  # transformers takes a single file before an index of shards
+        if member(path, single).exists():
+            found.append(([single], None, single))
         if member(path, index).exists():
             weight_map = json.loads(member(path, index).read_text())["weight_map"]
             found.append((sorted(set(weight_map.values())), weight_map, index))
-        elif member(path, single).exists():
-            found.append(([single], None, single))
     for shards, _, index in found:  # every layout is read or rewritten: each checked before any work
         for shard in shards:
             if not member(path, shard).is_file():

@@ -105,3 +105,41 @@ def test_folder_without_safetensors_weights(tmp_path: Path) -> None:
     np.save(tmp_path / "labels.npy", np.zeros(3, dtype=np.int64))
     result = run("repair", tmp_path / "empty", "-f", tmp_path / "f.npy", "--k", 1)
     assert result.exit_code == 1 and "without model.safetensors" in result.stderr
+
+
+def test_folder_with_a_single_file_and_an_index_repairs_what_transformers_loads(tmp_path: Path) -> None:
+    """transformers loads model.safetensors before model.safetensors.index.json: both hold the
+    repaired head afterwards, so from_pretrained gives it whichever it reads."""
+    model = tiny_classifier()
+    folder = tmp_path / "bert"
+    model.save_pretrained(tmp_path / "single")
+    model.save_pretrained(folder, max_shard_size="4KB")
+    (folder / "model.safetensors").write_bytes((tmp_path / "single" / "model.safetensors").read_bytes())
+    inputs = torch.randint(0, 64, (200, 8), generator=torch.Generator().manual_seed(1))
+    features, _ = features_and_logits(model, inputs)
+    labels = torch.randint(0, 5, (200,), generator=torch.Generator().manual_seed(2))
+    np.save(tmp_path / "features.npy", features.numpy())
+    np.save(tmp_path / "labels.npy", labels.numpy())
+
+    result = run("repair", folder, "-f", tmp_path / "features.npy", "--k", 2, "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    weight = model.classifier.weight.detach().numpy()
+    expected = paper_lip(weight, model.classifier.bias.detach().numpy(), features.numpy(), labels.numpy(), 2)
+    loaded = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "out").classifier.weight
+    assert np.linalg.norm(loaded.detach().double().numpy() - expected) / np.linalg.norm(expected) < 1e-6
+    from safetensors.torch import load_file
+
+    shard = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"][
+        "classifier.weight"
+    ]
+    in_shard = load_file(tmp_path / "out" / shard)["classifier.weight"]
+    assert torch.equal(in_shard, load_file(tmp_path / "out" / "model.safetensors")["classifier.weight"])
+
+
+def test_inspect_dot_inside_a_model_folder(tmp_path: Path, monkeypatch) -> None:
+    tiny_classifier().save_pretrained(tmp_path / "bert")
+    monkeypatch.chdir(tmp_path / "bert")
+    result = run("inspect", ".", "--json")
+    assert result.exit_code == 0, result.output
+    classifiers = [layer["name"] for layer in json.loads(result.stdout)["layers"] if layer["is_classifier"]]
+    assert classifiers == ["classifier"]
