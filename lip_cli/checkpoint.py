@@ -503,7 +503,7 @@ def read_provenance(path: Path) -> dict | None:
                 text = (handle.metadata() or {}).get("lip")
         else:
             sidecar = sidecar_path(path)
-            text = sidecar.read_text() if sidecar.exists() else None
+            text = sidecar.read_text() if os.path.exists(sidecar) else None  # none past NAME_MAX
         provenance = json.loads(text, parse_constant=_refuse_constant) if text else None
     except (OSError, ValueError, RecursionError) as error:
         raise LipError(f"{path}: its lip provenance record is unreadable ({first_line(error)})") from error

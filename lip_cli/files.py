@@ -113,7 +113,7 @@ def check_paths(inputs: Iterable[Path | None], outputs: Iterable[Output | None],
     targets = [output for output in outputs if output is not None]
     for source in sources:
         check_readable(source)
-    real_sources = [(source, resolved(source)) for source in sources if source.exists()]
+    real_sources = [(source, resolved(source)) for source in sources if os.path.exists(source)]
     absent = [(source, _location(source)) for source in sources if not os.path.lexists(source)]
     seen: list[tuple[Output, Path, Path]] = []
     for output in targets:

@@ -229,7 +229,7 @@ class ArrayInputs(Dataset):
 
     def __init__(self, inputs: Path, labels: Path) -> None:
         self.inputs = _load_npy(inputs, mmap=True)
-        self.labels = _load_npy(labels)
+        self.labels = _load_npy(labels, mmap=True)  # a header claiming more than the file holds fails here
         if self.inputs.ndim == 0 or not _is_real_number(self.inputs.dtype):
             raise LipError(
                 f"{inputs}: model inputs must be an array of real numbers with one row per sample, "
@@ -240,12 +240,12 @@ class ArrayInputs(Dataset):
                 f"{labels}: labels must be class ids (n) or an (n, classes) matrix of real numbers, "
                 f"got {self.labels.dtype} of shape {self.labels.shape}"
             )
+        if len(self.inputs) != len(self.labels):
+            raise LipError(f"{labels}: {len(self.labels)} labels but {len(self.inputs)} inputs in {inputs}")
         if np.issubdtype(self.labels.dtype, np.unsignedinteger):  # batches of uint64 do not collate
             if self.labels.size and int(self.labels.max()) > np.iinfo(np.int64).max:
                 raise LipError(f"{labels}: label {int(self.labels.max())} is larger than any class id")
             self.labels = self.labels.astype(np.int64)
-        if len(self.inputs) != len(self.labels):
-            raise LipError(f"{labels}: {len(self.labels)} labels but {len(self.inputs)} inputs in {inputs}")
         if len(self.inputs) == 0:
             raise LipError(f"{inputs}: holds no samples")
 
