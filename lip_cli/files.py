@@ -208,6 +208,7 @@ def folder_files(folder: Path) -> list[Path]:
             if os.path.islink(os.path.join(top, name)):
                 entry = os.path.relpath(os.path.join(top, name), folder)
                 raise LipError(f"{folder}: `{entry}` is a link to a folder; lip copies only files inside it")
+            check_readable(Path(top) / name)  # os.walk would skip a folder it cannot list, silently
         for name in names:
             path = Path(top) / name
             entry = path.relative_to(folder).as_posix()

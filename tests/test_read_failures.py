@@ -59,7 +59,9 @@ def test_unreadable_inputs_without_file_capabilities(tmp_path: Path, problem) ->
 
     save_file(torch.load(problem["model"], weights_only=True), str(tmp_path / "hf" / "model.safetensors"))
     (tmp_path / "hf" / "config.json").write_text("{}")
-    for path in (tmp_path / "locked.pt", tmp_path / "hf" / "config.json"):
+    (tmp_path / "hf2" / "extra").mkdir(parents=True)  # a folder os.walk cannot list is not skipped
+    (tmp_path / "hf2" / "model.safetensors").write_bytes((tmp_path / "hf" / "model.safetensors").read_bytes())
+    for path in (tmp_path / "locked.pt", tmp_path / "hf" / "config.json", tmp_path / "hf2" / "extra"):
         path.chmod(0)
     features = problem["features"]
     runs = [
@@ -67,6 +69,7 @@ def test_unreadable_inputs_without_file_capabilities(tmp_path: Path, problem) ->
         ["repair", "locked.pt", "-f", features, "--k", "3", "-o", "out.pt"],
         ["repair", problem["model"], "-f", features, "--labels", "locked.pt", "--k", "3", "--dry-run"],
         ["repair", "hf", "-f", features, "--labels", problem["labels"], "--k", "3", "-o", "hf.out"],
+        ["repair", "hf2", "-f", features, "--labels", problem["labels"], "--k", "3", "-o", "hf.out"],
     ]
     script = (
         "import json, sys\nfrom lip_cli.cli import app\n"
@@ -98,6 +101,8 @@ def test_unreadable_inputs_without_file_capabilities(tmp_path: Path, problem) ->
         f"error: locked.pt: {denied}",
         "exit 1",
         f"error: hf/config.json: {denied}",
+        "exit 1",
+        f"error: hf2/extra: {denied}",
         "exit 1",
     ]
     assert not (tmp_path / "out.pt").exists() and not (tmp_path / "hf.out").exists()
