@@ -59,66 +59,84 @@ def _pop_mark(stack: list[object]) -> list[object]:
     return items[::-1]
 
 
-def _walk(stream: BinaryIO, where: str, found: set[str]) -> None:
+def _walk(stream: BinaryIO, where: str, found: set[str]) -> bool:
     """One pickle, to its STOP: globals into `found`; a sized call past the bound raises LipError.
-
-    Values the walk does not follow are None on the stack; a malformed pickle raises (any type).
-    """
+    True when every opcode was followed; once one is not (a stack the model cannot follow), the
+    rest is only read for its GLOBAL names. A malformed pickle raises (any type)."""
     stack: list[object] = []
     memo: dict[int, object] = {}
+    followed = True
     for opcode, argument, _ in pickletools.genops(stream):
-        name = opcode.name
-        if name == "GLOBAL":
-            stack.append(_Global(_python3_name(str(argument))))
-            found.add(str(stack[-1]))
-        elif name == "STACK_GLOBAL":
-            attribute, module = stack.pop(), stack.pop()
-            full = _Global(_python3_name(f"{module} {attribute}")) if isinstance(module, str) else None
-            if full is not None:
-                found.add(str(full))
-            stack.append(full)
-        elif name in ("REDUCE", "NEWOBJ"):
-            arguments, callable_ = stack.pop(), stack.pop()
-            _check_call(callable_, arguments, where)
-            stack.append(None)
-        elif name == "NEWOBJ_EX":
-            stack.pop()
-            arguments, callable_ = stack.pop(), stack.pop()
-            _check_call(callable_, arguments, where)
-            stack.append(None)
-        elif name == "MARK":
-            stack.append(_MARK)
-        elif name == "TUPLE":
-            stack.append(tuple(_pop_mark(stack)))
-        elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
-            count = int(name[-1])
-            items = tuple(stack[-count:])
-            del stack[-count:]
-            stack.append(items)
-        elif name == "EMPTY_TUPLE":
-            stack.append(())
-        elif name in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"):
-            memo[len(memo) if name == "MEMOIZE" else int(argument)] = stack[-1]
-        elif name in ("GET", "BINGET", "LONG_BINGET"):
-            stack.append(memo[int(argument)])
-        elif name in ("POP", "BUILD", "APPEND"):
-            stack.pop()
-        elif name == "DUP":
-            stack.append(stack[-1])
-        elif name == "SETITEM":
-            del stack[-2:]
-        elif name in ("POP_MARK", "APPENDS", "SETITEMS", "ADDITEMS"):
-            _pop_mark(stack)
-        elif name in ("LIST", "DICT", "FROZENSET", "OBJ", "INST"):
-            _pop_mark(stack)
-            stack.append(None)
-        elif name == "BINPERSID":
-            stack[-1] = None
-        elif name == "STOP":
-            return
-        elif opcode.stack_after:  # one pushed value: a literal (kept) or a new object
-            keep = isinstance(argument, int | str) and name not in ("PROTO", "FRAME")
-            stack.append(argument if keep else None)
+        if opcode.name == "GLOBAL":
+            found.add(_python3_name(str(argument)))
+        if opcode.name == "STOP":
+            return followed
+        if followed:
+            try:
+                _step(opcode.name, opcode.stack_after, argument, stack, memo, where, found)
+            except (IndexError, KeyError, TypeError, ValueError, AttributeError):
+                followed = False
+    raise ValueError("the pickle ends before its STOP opcode")
+
+
+def _step(
+    name: str,
+    pushes: list,
+    argument: object,
+    stack: list[object],
+    memo: dict[int, object],
+    where: str,
+    found: set[str],
+) -> None:
+    """One opcode's effect on the symbolic stack: values the walk does not follow are None."""
+    if name == "GLOBAL":
+        stack.append(_Global(_python3_name(str(argument))))
+    elif name == "STACK_GLOBAL":
+        attribute, module = stack.pop(), stack.pop()
+        full = _Global(_python3_name(f"{module} {attribute}")) if isinstance(module, str) else None
+        if full is not None:
+            found.add(str(full))
+        stack.append(full)
+    elif name in ("REDUCE", "NEWOBJ"):
+        arguments, callable_ = stack.pop(), stack.pop()
+        _check_call(callable_, arguments, where)
+        stack.append(None)
+    elif name == "NEWOBJ_EX":
+        stack.pop()
+        arguments, callable_ = stack.pop(), stack.pop()
+        _check_call(callable_, arguments, where)
+        stack.append(None)
+    elif name == "MARK":
+        stack.append(_MARK)
+    elif name == "TUPLE":
+        stack.append(tuple(_pop_mark(stack)))
+    elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
+        count = int(name[-1])
+        items = tuple(stack[-count:])
+        del stack[-count:]
+        stack.append(items)
+    elif name == "EMPTY_TUPLE":
+        stack.append(())
+    elif name in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"):
+        memo[len(memo) if name == "MEMOIZE" else int(argument)] = stack[-1]
+    elif name in ("GET", "BINGET", "LONG_BINGET"):
+        stack.append(memo[int(argument)])
+    elif name in ("POP", "BUILD", "APPEND"):
+        stack.pop()
+    elif name == "DUP":
+        stack.append(stack[-1])
+    elif name == "SETITEM":
+        del stack[-2:]
+    elif name in ("POP_MARK", "APPENDS", "SETITEMS", "ADDITEMS"):
+        _pop_mark(stack)
+    elif name in ("LIST", "DICT", "FROZENSET", "OBJ", "INST"):
+        _pop_mark(stack)
+        stack.append(None)
+    elif name == "BINPERSID":
+        stack[-1] = None
+    elif pushes:  # one pushed value: a literal (kept) or a new object
+        keep = isinstance(argument, int | str) and name not in ("PROTO", "FRAME")
+        stack.append(argument if keep else None)
 
 
 def _check_call(callable_: object, arguments: object, where: str) -> None:
@@ -164,11 +182,11 @@ def scan(path: Path) -> PickleScan:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:
                 for member in _zip_pickle(path, archive):
-                    _walk(member, str(path), result.globals)
+                    result.complete &= _walk(member, str(path), result.globals)
         else:
             with open(path, "rb") as handle:
                 for _ in range(LEGACY_PICKLES):
-                    _walk(handle, str(path), result.globals)
+                    result.complete &= _walk(handle, str(path), result.globals)
     except LipError:
         raise
     except Exception:  # a corrupt or unusual pickle: every reader has its own error types

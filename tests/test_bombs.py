@@ -226,3 +226,27 @@ def test_npz_features_are_read_chunk_by_chunk(tmp_path: Path) -> None:
     code, stderr, rss = run_measured(script, "cache.npz", cwd=tmp_path)
     assert code == 0, stderr
     assert rss < 500_000_000, rss  # torch and numpy: about 250 MB; the member alone is 537 MB
+
+
+@pytest.mark.parametrize(
+    "serialization",
+    [{}, {"pickle_protocol": 4}, {"pickle_protocol": 5}, {"_use_new_zipfile_serialization": False}],
+    ids=["zip", "protocol-4", "protocol-5", "legacy"],
+)
+def test_the_walk_follows_ordinary_checkpoints_to_the_end(tmp_path: Path, serialization) -> None:
+    import argparse
+    from collections import OrderedDict
+
+    state = OrderedDict(fc=torch.zeros(2, 3), bias=torch.zeros(2))
+    content = {"state_dict": state, "args": argparse.Namespace(lr=0.1, tags=["a"]), "epoch": 3, "blob": b"x"}
+    torch.save(content, tmp_path / "model.pt", **serialization)
+    scan = pickle_scan.scan(tmp_path / "model.pt")
+    assert scan.complete
+    assert {"argparse.Namespace", "collections.OrderedDict"} <= scan.globals
+
+
+def test_a_sized_call_the_walk_cannot_follow_is_refused(tmp_path: Path) -> None:
+    """A REDUCE with nothing on the stack cannot be followed; naming `bytes` makes that a refusal."""
+    (tmp_path / "odd.pt").write_bytes(b"\x80\x02cbuiltins\nbytes\nR.")
+    with pytest.raises(LipError, match="names `builtins.bytes` in a form lip cannot bound"):
+        pickle_scan.scan(tmp_path / "odd.pt")
