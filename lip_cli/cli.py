@@ -607,8 +607,8 @@ def features(
         typer.Option(
             "--out",
             "-o",
-            help="The feature cache to write (.npy), its labels beside it: train.npy, train.labels.npy. "
-            "Missing folders are made.",
+            help="The feature cache to write (.npy), its labels beside it: train.npy, train.labels.npy "
+            "(and train.classes.json for an image folder). Missing folders are made.",
         ),
     ],
     labels: Annotated[

@@ -1107,7 +1107,7 @@ def extract_features(request: FeaturesRequest, progress: Progress = _no_progress
     out = Path(request.out)
     if out.suffix.lower() != ".npy":
         raise LipError(f"--out {out}: the feature cache is a .npy file")
-    classes_file = out.parent / "classes.json"
+    classes_file = layout.classes_file(out)
     images = Path(request.data).suffix.lower() != ".npy"  # else model inputs in a .npy
     model_folder = [Path(request.model[3:])] if request.model.startswith("hf:") else []
     labels_out = layout.labels_file(out)

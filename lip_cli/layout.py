@@ -1,8 +1,9 @@
 """Where a feature cache's labels lie, and which caches belong together: names only, nothing read.
 
-`lip features --out feats/train.npy` writes its labels to `feats/train.labels.npy`, so that caches
-side by side keep their own labels. An older lip wrote `labels.npy` beside the cache; it is still
-found, but only where it cannot be another cache's.
+`lip features --out feats/train.npy` writes its labels to `feats/train.labels.npy` (and the class
+names of an image folder to `feats/train.classes.json`), so that caches side by side keep their
+own. An older lip wrote `labels.npy` beside the cache; it is still found, but only where it cannot
+be another cache's.
 """
 
 from __future__ import annotations
@@ -22,6 +23,12 @@ def labels_file(cache: Path) -> Path:
     """The labels written beside a cache: `train.npy` -> `train.labels.npy`."""
     cache = Path(cache)
     return cache.with_name(cache.stem + LABELS_SUFFIX)
+
+
+def classes_file(cache: Path) -> Path:
+    """The class names written beside a cache of an image folder: `train.npy` -> `train.classes.json`."""
+    cache = Path(cache)
+    return cache.with_name(cache.stem + ".classes.json")
 
 
 def other_arrays(features: Path) -> list[Path]:

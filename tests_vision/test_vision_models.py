@@ -54,7 +54,7 @@ def check_invariant(folder: Path, layer: torch.nn.Linear, logits: torch.Tensor) 
         features @ layer.weight.detach().T + layer.bias.detach(), logits, rtol=1e-4, atol=1e-4
     )
     assert np.array_equal(np.load(folder / "feats.labels.npy"), np.repeat(np.arange(3), 4))
-    assert json.loads((folder / "classes.json").read_text()) == list(CLASSES)
+    assert json.loads((folder / "feats.classes.json").read_text()) == list(CLASSES)
 
 
 def test_torchvision_resnet18(tmp_path: Path, images: Path) -> None:
