@@ -2,7 +2,7 @@
 
 Formats: `.npy` (memory-mapped), `.npz`, `.pt`/`.pth` (weights_only, memory-mapped where the file
 allows) and `.safetensors` (read slice by slice). A container may hold the labels beside the
-features; otherwise `labels.npy` beside the features file is used.
+features; otherwise the labels file beside it (`layout.beside_labels`) is used.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lip_cli import files, formats
+from lip_cli import files, formats, layout
 from lip_cli.errors import LipError, first_line
 
 # torch.load rebuilding a quantized tensor prints deprecation notices; lip refuses it in one line instead
@@ -484,13 +484,10 @@ def find_labels(
         return open_labels(labels_path), f"{option} {labels_path}"
     if embedded is not None:
         return embedded, f"the features file ({embedded.name})"
-    beside = Path(features_path).parent / "labels.npy"
+    beside = layout.beside_labels(features_path)
     if beside.exists():
         return open_labels(beside), f"{beside} beside the features"
-    raise LipError(
-        f"{features_path}: no labels found; pass --labels, store a 'labels' array in the features "
-        "file, or put labels.npy beside it"
-    )
+    raise layout.missing_labels(features_path, option)
 
 
 def shard_paths(spec: Path) -> list[Path] | None:

@@ -39,6 +39,24 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from lip_cli import __version__
+
+        typer.echo(f"lip {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option("--version", "-V", is_eager=True, callback=_print_version, help="Print lip's version."),
+    ] = False,
+) -> None:
+    pass
+
+
 class Device(StrEnum):
     cpu = "cpu"
     cuda = "cuda"
@@ -263,7 +281,7 @@ def repair(
             "--labels",
             "-l",
             help="Training labels: class ids (n) or an (n x classes) matrix. Default: the features "
-            "file's own labels array, else labels.npy beside it.",
+            "file's own labels array, else the labels beside it (train.npy: train.labels.npy).",
             readable=False,
         ),
     ] = None,
@@ -288,7 +306,7 @@ def repair(
         Path | None,
         typer.Option(
             "--val-labels",
-            help="Validation labels (default: a labels array inside --val-features).",
+            help="Validation labels (default: found as for --features, e.g. val.labels.npy).",
             readable=False,
         ),
     ] = None,
@@ -593,6 +611,14 @@ def parse_triple(value: str | None) -> str | None:
     raise typer.BadParameter(f"{value!r} is not three comma-separated numbers (e.g. 0.485,0.456,0.406)")
 
 
+def parse_model_arg(value: str) -> str:
+    """--model-arg: KEY=VALUE, the key a Python identifier."""
+    key, equals, _ = value.partition("=")
+    if not equals or not key.isidentifier():
+        raise typer.BadParameter(f"{value!r} is not KEY=VALUE with KEY a Python name (e.g. depth=18)")
+    return value
+
+
 @app.command()
 def features(
     checkpoint: Annotated[
@@ -604,7 +630,9 @@ def features(
         typer.Option(
             "--model",
             help="Architecture: torchvision:NAME, timm:NAME, hf:DIR (image classification) or "
-            "python:package.module:factory. Its number of classes is read from the checkpoint's head.",
+            "python:package.module:factory (a module installed or in the current folder). Its number "
+            "of classes is read from the checkpoint's head (and passed to a factory that takes "
+            "num_classes or num_labels).",
         ),
     ],
     data: Annotated[
@@ -616,7 +644,13 @@ def features(
         ),
     ],
     out: Annotated[
-        Path, typer.Option("--out", "-o", help="The feature cache to write (.npy); labels.npy beside.")
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help="The feature cache to write (.npy), its labels beside it: train.npy, train.labels.npy "
+            "(and train.classes.json for an image folder). Missing folders are made.",
+        ),
     ],
     labels: Annotated[
         Path | None,
@@ -646,6 +680,15 @@ def features(
         str | None,
         typer.Option("--std", parser=parse_triple, help="Normalisation std, e.g. 0.229,0.224,0.225."),
     ] = None,
+    model_args: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--model-arg",
+            parser=parse_model_arg,
+            help="KEY=VALUE passed to a python: factory (repeatable); the value is read as an int, a "
+            "float, true/false, else text.",
+        ),
+    ] = None,
     force: ForceOption = False,
     json_output: JsonOption = False,
 ) -> None:
@@ -672,6 +715,7 @@ def features(
             mean=triple(mean),
             std=triple(std),
             force=force,
+            model_args=tuple(tuple(pair.split("=", 1)) for pair in model_args or ()),  # type: ignore[misc]
         )
         with report.progress_bar(enabled=not json_output) as progress:
             result = jobs.extract_features(request, progress)

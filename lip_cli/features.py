@@ -14,6 +14,7 @@ from lip_cli.arrays import NpyWriter
 from lip_cli.checkpoint import is_ema, is_head_name
 from lip_cli.errors import LipError, first_line
 from lip_cli.files import Output, atomic_output, check_paths
+from lip_cli.layout import labels_file
 
 OUTPUT_DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -63,10 +64,11 @@ def collect_features(
 
     The model runs in eval mode under inference_mode on `device`; the hook, the mode and the device
     are restored afterwards, also on error. Returns (features, labels) arrays, or with `out` writes
-    them incrementally to `out` and `labels.npy` beside it (memory does not grow with the data;
-    existing files are replaced only with `force`) and returns the two paths. Under
-    torch.distributed each process writes its own pair of shards (`feats.part-00000.npy`,
-    `labels.part-00000.npy`) for `lip repair -f 'feats.part-*.npy' --labels 'labels.part-*.npy'`.
+    them incrementally to `out` and its labels beside it (`feats.npy`, `feats.labels.npy`: memory
+    does not grow with the data; existing files are replaced only with `force`) and returns the two
+    paths. Under torch.distributed each process writes its own pair of shards
+    (`feats.part-00000.npy`, `feats.labels.part-00000.npy`) for
+    `lip repair -f 'feats.part-*.npy' --labels 'feats.labels.part-*.npy'`.
     Nothing non-finite is kept: activations that are NaN, Inf or beyond the range of `dtype` fail the
     run. With `inputs_name` (the command line's data), a model that cannot run on a batch is a
     LipError naming it; otherwise the model's own exception propagates.
@@ -161,7 +163,7 @@ def _finite_block(features: Tensor, dtype: str, name: str) -> np.ndarray:
 
 
 def _output_paths(out: Path) -> tuple[Path, Path]:
-    labels = out.parent / "labels.npy"
+    labels = labels_file(out)
     rank = _distributed_rank()
     if rank is not None:
         return shard_name(out, rank), shard_name(labels, rank)

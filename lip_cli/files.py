@@ -33,12 +33,14 @@ placed: list[Path] = []  # outputs put in place since the command began, for an 
 class Output:
     """A path a command will write: a file, or a folder (a Hugging Face model folder).
 
-    `suffixes`: the endings that match the format written (empty: any).
+    `suffixes`: the endings that match the format written (empty: any). `parents`: its missing
+    folders are made (`new_folders`) rather than refused.
     """
 
     path: Path
     folder: bool = False
     suffixes: tuple[str, ...] = ()
+    parents: bool = False
 
 
 def _kind(mode: int) -> str | None:
@@ -143,10 +145,10 @@ def check_paths(inputs: Iterable[Path | None], outputs: Iterable[Output | None],
             ):
                 raise LipError(f"{path}: is also the output {other.path} of this run; choose another")
         seen.append((output, location, target))
-        _check_replaceable(path, output.folder, force)
+        _check_replaceable(path, output.folder, force, output.parents)
 
 
-def _check_replaceable(path: Path, folder: bool, force: bool) -> None:
+def _check_replaceable(path: Path, folder: bool, force: bool, parents: bool = False) -> None:
     """An existing output (also a dangling link) needs --force; a folder must be empty or lip's."""
     if os.path.lexists(path) and not path.exists():
         if not force:
@@ -166,10 +168,56 @@ def _check_replaceable(path: Path, folder: bool, force: bool) -> None:
                 "an empty folder or one lip wrote; choose another --output"
             )
     parent = _location(path).parent
-    if not parent.is_dir():
+    if parents:
+        parent = _nearest_folder(path)
+    elif not parent.is_dir():
         raise LipError(f"{path}: folder {parent} does not exist")
     if not os.access(parent, os.W_OK):
         raise LipError(f"{path}: folder {parent} is not writable")
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """The folders above `path` that do not exist yet, outermost first."""
+    missing = []
+    for folder in Path(os.path.abspath(path)).parents:
+        if os.path.lexists(folder):
+            break
+        missing.append(folder)
+    return missing[::-1]
+
+
+def _nearest_folder(path: Path) -> Path:
+    """The existing folder that `new_folders(path)` would make its folders in, refused when a file
+    or a dangling link stands where a folder should be."""
+    missing = _missing_folders(path)
+    above = (missing[0] if missing else Path(os.path.abspath(path))).parent
+    if os.path.islink(above) and not above.exists():
+        raise LipError(f"{path}: {above} is a dangling link (to {os.readlink(above)}), not a folder")
+    if not above.is_dir():
+        raise LipError(f"{path}: {above} is a file, not a folder")
+    return above.resolve()
+
+
+@contextlib.contextmanager
+def new_folders(path: Path) -> Iterator[list[Path]]:
+    """Make the missing folders above `path` (checked by `check_paths` with `Output.parents`);
+    those still empty are removed again when the block fails, so a failed run leaves none behind."""
+    made = []
+    try:
+        for folder in _missing_folders(path):
+            try:
+                folder.mkdir()
+            except FileExistsError:  # made meanwhile by someone else: theirs, never removed
+                continue
+            except OSError as error:
+                raise LipError(f"{path}: cannot make the folder {folder} ({error.strerror})") from error
+            made.append(folder)
+        yield made
+    except BaseException:
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
 
 
 def _roots(folder: Path) -> list[Path]:

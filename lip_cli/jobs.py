@@ -17,7 +17,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lip_cli import __version__, arrays, checkpoint, distributed, files, formats, lip, selection, spectra
+from lip_cli import (
+    __version__,
+    arrays,
+    checkpoint,
+    distributed,
+    files,
+    formats,
+    layout,
+    lip,
+    selection,
+    spectra,
+)
 from lip_cli.errors import LipError
 
 AUTO = "auto"
@@ -36,19 +47,17 @@ class LabelledFeatures:
     labels_origin: str
 
 
-def open_labelled_features(features: Path, labels: Path | None, look_beside: bool = True) -> LabelledFeatures:
-    """Features and their labels, found in the documented order (--labels, container, beside).
+def open_labelled_features(features: Path, labels: Path | None, option: str = "--labels") -> LabelledFeatures:
+    """Features and their labels, found in the documented order (the labels file given, the
+    features file's own labels array, the labels file beside it), alike for training and validation
+    features; `option` is the one that passes the labels (--labels, --val-labels).
 
-    `features` may also be a glob or a folder of shards (see `arrays.open_sharded`). Validation
-    features (`look_beside` False) take their labels from --val-labels.
+    `features` may also be a glob or a folder of shards (see `arrays.open_sharded`).
     """
-    option = "--labels" if look_beside else "--val-labels"
     shards = arrays.shard_paths(features)
     if shards is not None:
         return LabelledFeatures(*arrays.open_sharded(shards, labels, features, option))
     feature_source, embedded = arrays.open_features(features)
-    if labels is None and embedded is None and not look_beside:
-        raise LipError(f"{features}: holds no labels array; pass its labels file too")
     label_source, origin = arrays.find_labels(features, labels, embedded, option)
     return LabelledFeatures(feature_source, label_source, origin)
 
@@ -496,8 +505,8 @@ def input_files(
     """Every file a command reads, for the path policy (`files.check_paths`).
 
     Checkpoints with their provenance records (and, when the folder is `copied`, every file of a
-    model folder, each checked), feature and label shards, and labels.npy beside the features
-    when it is where the labels come from.
+    model folder, each checked), feature and label shards, and the labels file beside the features
+    (`layout.beside_labels`) when no labels are given.
     """
     found: list[Path] = []
     for model in map(Path, checkpoints):
@@ -507,8 +516,8 @@ def input_files(
     for spec in (features, labels):
         if spec is not None:
             found += arrays.shard_paths(spec) or [Path(spec)]
-    if features is not None and labels is None:
-        found.append(Path(features).parent / "labels.npy")
+    if features is not None and labels is None and arrays.shard_paths(features) is None:
+        found.append(layout.beside_labels(Path(features)))
     return found
 
 
@@ -562,7 +571,7 @@ def _repair(
         train = open_labelled_features(request.features, request.labels)
         val = None
         if request.val_features is not None:
-            val = open_labelled_features(request.val_features, request.val_labels, look_beside=False)
+            val = open_labelled_features(request.val_features, request.val_labels, "--val-labels")
             if val.features.shape[1] != train.features.shape[1]:
                 raise LipError(
                     f"{val.features.name}: validation features have {val.features.shape[1]} columns, "
@@ -1073,6 +1082,7 @@ class FeaturesRequest:
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     force: bool = False
+    model_args: tuple[tuple[str, str], ...] = ()  # --model-arg KEY=VALUE, for a python: factory
 
 
 @dataclass
@@ -1086,6 +1096,8 @@ class FeaturesReport:
     layer: str
     model: str
     seconds: float
+    validation: bool = False  # named like validation data (`layout.is_validation`)
+    other_split: Path | None = None  # the other split's cache beside it, when there (`layout.counterpart`)
 
 
 def _worker_message(error: Exception) -> str | None:
@@ -1109,19 +1121,20 @@ def extract_features(request: FeaturesRequest, progress: Progress = _no_progress
     out = Path(request.out)
     if out.suffix.lower() != ".npy":
         raise LipError(f"--out {out}: the feature cache is a .npy file")
-    classes_file = out.parent / "classes.json"
+    classes_file = layout.classes_file(out)
     images = Path(request.data).suffix.lower() != ".npy"  # else model inputs in a .npy
     model_folder = [Path(request.model[3:])] if request.model.startswith("hf:") else []
+    labels_out = layout.labels_file(out)
     files.check_paths(
         [*input_files([request.checkpoint, *model_folder]), Path(request.data), request.labels],
         [
-            files.Output(out),
-            files.Output(out.parent / "labels.npy"),
-            files.Output(classes_file) if images else None,
+            files.Output(out, parents=True),
+            files.Output(labels_out, parents=True),
+            files.Output(classes_file, parents=True) if images else None,
         ],
         request.force,
     )
-    built = models.build_model(request.model, request.checkpoint)
+    built = models.build_model(request.model, request.checkpoint, request.model_args)
     if not images:
         if request.labels is None:
             raise LipError(f"{request.data}: model inputs in a .npy need --labels")
@@ -1142,36 +1155,39 @@ def extract_features(request: FeaturesRequest, progress: Progress = _no_progress
         progress("features", done[0], total)
 
     name, module = features.classifier_module(built.model, request.layer)
-    try:
-        features.collect_features(
-            built.model,
-            loader,
-            name,
-            out,
-            request.dtype,
-            device,
-            advance,
-            force=request.force,
-            inputs_name=f"--data {request.data}",
-        )
-    except LipError:
-        raise
-    except Exception as error:  # a worker's LipError comes back wrapped in its own exception type
-        message = _worker_message(error)
-        if message is None:
+    with files.new_folders(out):  # made only now that the model and the data are known to load
+        try:
+            features.collect_features(
+                built.model,
+                loader,
+                name,
+                out,
+                request.dtype,
+                device,
+                advance,
+                force=request.force,
+                inputs_name=f"--data {request.data}",
+            )
+        except LipError:
             raise
-        raise LipError(message) from error
-    if class_names:
-        with files.atomic_output(classes_file) as temporary:
-            temporary.write_text(json.dumps(class_names, indent=1) + "\n")
+        except Exception as error:  # a worker's LipError comes back wrapped in its own exception type
+            message = _worker_message(error)
+            if message is None:
+                raise
+            raise LipError(message) from error
+        if class_names:
+            with files.atomic_output(classes_file) as temporary:
+                temporary.write_text(json.dumps(class_names, indent=1) + "\n")
     return FeaturesReport(
         checkpoint=Path(request.checkpoint),
         features=out,
-        labels=out.parent / "labels.npy",
+        labels=labels_out,
         classes_file=classes_file if class_names else None,
         samples=total,
         feature_dim=module.in_features,
         layer=name,
         model=request.model,
         seconds=time.perf_counter() - started,
+        validation=layout.is_validation(out),
+        other_split=layout.counterpart(out),
     )

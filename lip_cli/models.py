@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-from collections.abc import Iterator
+import inspect
+import os
+import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,13 +54,18 @@ def head_classes(state: dict[str, torch.Tensor], path: Path) -> int:
     ).out_features
 
 
-def build_model(spec: str, checkpoint_path: Path) -> BuiltModel:
-    """The architecture named by `spec`, with the checkpoint's weights loaded (weights_only/safetensors)."""
+def build_model(spec: str, checkpoint_path: Path, model_args: Sequence[tuple[str, str]] = ()) -> BuiltModel:
+    """The architecture named by `spec`, with the checkpoint's weights loaded (weights_only/safetensors).
+
+    `model_args`: (name, text) pairs of --model-arg, passed to a python: factory.
+    """
     kind, _, name = spec.partition(":")
     if kind not in SPEC_KINDS or not name:
         raise LipError(
             f"--model {spec}: use torchvision:NAME, timm:NAME, hf:DIR or python:package.module:factory"
         )
+    if model_args and kind != "python":
+        raise LipError(f"--model-arg {model_args[0][0]}: passes arguments to a python: factory only")
     loaded = checkpoints.load_checkpoint(checkpoint_path)
     state = dict(loaded.state)
     classes = head_classes(state, Path(checkpoint_path))
@@ -97,22 +105,87 @@ def build_model(spec: str, checkpoint_path: Path) -> BuiltModel:
         config.num_labels = classes
         model = auto.from_config(config)
     else:
-        module_name, _, factory_name = name.partition(":")
+        model = python_model(spec, classes, model_args)
+    load_weights(model, state, Path(checkpoint_path))
+    return BuiltModel(model=model, kind=kind, name=name, classes=classes)
+
+
+@contextlib.contextmanager
+def _current_folder_importable() -> Iterator[None]:
+    """The current folder on the import path after the installed packages (a `numpy.py` there
+    shadows nothing), while a python: model is imported and built."""
+    folder = os.getcwd()
+    added = folder not in sys.path and "" not in sys.path
+    if added:
+        sys.path.append(folder)
+        importlib.invalidate_caches()
+    try:
+        yield
+    finally:
+        if added and folder in sys.path:
+            sys.path.remove(folder)
+
+
+CLASS_ARGUMENTS = ("num_classes", "num_labels")
+
+
+def argument_value(text: str) -> int | float | bool | str:
+    """A --model-arg value: an int, a float, true/false, else the text itself."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def factory_arguments(
+    factory: Any, classes: int, model_args: Sequence[tuple[str, str]], spec: str
+) -> dict[str, Any]:
+    """The keyword arguments of a python: factory: the head's number of classes for a parameter
+    named num_classes or num_labels, and every --model-arg (which wins), each checked against the
+    factory's signature."""
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # no signature to read (a builtin): pass what was given
+        parameters = {}
+    takes_any = not parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    keywords = {
+        name: p
+        for name, p in parameters.items()
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    }
+    arguments: dict[str, Any] = {name: classes for name in CLASS_ARGUMENTS if name in keywords}
+    for key, text in model_args:
+        if key not in keywords and not takes_any:
+            known = ", ".join(keywords) or "none"
+            raise LipError(f"--model-arg {key}: {spec} takes no argument {key!r} (its arguments: {known})")
+        arguments[key] = argument_value(text)
+    return arguments
+
+
+def python_model(spec: str, classes: int, model_args: Sequence[tuple[str, str]] = ()) -> nn.Module:
+    """`python:package.module:factory`: the module imported (from the installed packages, else
+    the current folder), the factory called with the head's classes and --model-arg values."""
+    module_name, _, factory_name = spec.removeprefix("python:").partition(":")
+    with _current_folder_importable():
         try:
             factory = getattr(importlib.import_module(module_name), factory_name)
         except (ImportError, AttributeError, ValueError, TypeError) as error:
             raise LipError(
                 f"--model {spec}: cannot import {factory_name!r} from {module_name!r} ({first_line(error)}); "
-                "name an importable module: python:package.module:factory"
+                "name a module in the current folder or an installed one: python:package.module:factory"
             ) from error
+        arguments = factory_arguments(factory, classes, model_args, spec)
         try:
-            model = factory()
+            model = factory(**arguments)
         except Exception as error:  # the user's factory may fail in any way
             raise LipError(f"--model {spec}: {factory_name}() failed ({first_line(error)})") from error
-        if not isinstance(model, nn.Module):
-            raise LipError(f"--model {spec}: the factory returned a {type(model).__name__}, not an nn.Module")
-    load_weights(model, state, Path(checkpoint_path))
-    return BuiltModel(model=model, kind=kind, name=name, classes=classes)
+    if not isinstance(model, nn.Module):
+        raise LipError(f"--model {spec}: the factory returned a {type(model).__name__}, not an nn.Module")
+    return model
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:

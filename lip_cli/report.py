@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -27,12 +28,29 @@ _SPARKS = "▁▂▃▄▅▆▇█"
 _stderr: Console | None = None
 
 
+class _Lines(Console):
+    """A console whose lines carry no trailing spaces (a table's title is padded to its width) when
+    it is not a terminal."""
+
+    def _render_buffer(self, buffer: Any) -> str:
+        text = super()._render_buffer(buffer)
+        return text if self.is_terminal else _TRAILING_SPACES.sub("\n", text)
+
+
+_TRAILING_SPACES = re.compile(r"[ \t]+\n")
+
+
 def stderr() -> Console:
     """The console for everything meant for people."""
     global _stderr
     if _stderr is None or _stderr.file is not sys.stderr:
-        _stderr = Console(stderr=True, highlight=False)
+        _stderr = _Lines(stderr=True, highlight=False)
     return _stderr
+
+
+def command(text: str) -> None:
+    """A command for the user to copy: one line whatever the width, never wrapped."""
+    stderr().print(Text(text), soft_wrap=True)
 
 
 def error(message: str) -> None:
@@ -44,12 +62,17 @@ def error(message: str) -> None:
 
 
 def warning(message: str) -> None:
-    stderr().print(Text("warning: ", style="bold yellow") + Text(message), soft_wrap=True)
+    """Wrapped at word boundaries on a terminal, one line otherwise (for logs and grep)."""
+    console = stderr()
+    console.print(Text("warning: ", style="bold yellow") + Text(message), soft_wrap=not console.is_terminal)
 
 
 def print_json(document: dict[str, Any]) -> None:
-    """One JSON document alone on stdout; a value that is not a finite number is null (JSON has no
-    NaN or Infinity)."""
+    """One JSON document alone on stdout, with the version of lip that wrote it; a value that is not
+    a finite number is null (JSON has no NaN or Infinity)."""
+    from lip_cli import __version__
+
+    document = {"lip_version": __version__, **document}
     sys.stdout.write(json.dumps(_finite_only(document), indent=2, allow_nan=False) + "\n")
     sys.stdout.flush()
 
@@ -360,14 +383,14 @@ def render_demo(result: Any) -> None:
     model, folder = result.folder / "model.pt", result.folder
     console.print("next:")
     for part in ("train", "val"):
-        console.print(
+        command(
             f"  lip features {model} --model python:lip_cli.demo:demo_model "
             f"--data {folder / part / 'inputs.npy'} --labels {folder / part / 'targets.npy'} "
             f"--out {folder / part / 'features.npy'}"
         )
-    console.print(
-        f"  lip repair {model} --features {folder / 'train' / 'features.npy'} --val-features "
-        f"{folder / 'val' / 'features.npy'} --val-labels {folder / 'val' / 'labels.npy'} --k auto"
+    command(
+        f"  lip repair {model} --features {folder / 'train' / 'features.npy'} "
+        f"--val-features {folder / 'val' / 'features.npy'} --k auto"
     )
 
 
@@ -392,8 +415,8 @@ def render_demo_series(results: Sequence[Any]) -> None:
     console.print(table)
     models = " ".join(str(result.folder / "model.pt") for result in results)
     console.print("next:")
-    console.print(f"  lip inspect {models} --layer fc --plot spectra.png", soft_wrap=True)
-    console.print(f"  lip compare {models} --plot phi.png", soft_wrap=True)
+    command(f"  lip inspect {models} --layer fc --plot spectra.png")
+    command(f"  lip compare {models} --plot phi.png")
 
 
 def render_provenance(record: dict | None) -> None:
@@ -740,8 +763,20 @@ def render_features(report: Any) -> None:
     console.print(f"wrote [bold]{report.features}[/] and {report.labels}")
     if report.classes_file is not None:
         console.print(f"class names in {report.classes_file}")
-    # lip features cannot tell which split it cached, so the hint names both roles
-    console.print(
-        f"next: lip repair {report.checkpoint} --features TRAIN --val-features VAL --k auto", soft_wrap=True
-    )
-    console.print(f"      with {report.features} as TRAIN (training data) or as VAL (clean validation data)")
+    if report.other_split is not None:  # the other split's cache is already there: the whole command
+        train, val = (
+            (report.other_split, report.features)
+            if report.validation
+            else (report.features, report.other_split)
+        )
+        command(f"next: lip repair {report.checkpoint} --features {train} --val-features {val} --k auto")
+    elif report.validation:
+        command(
+            f"next: lip repair {report.checkpoint} --features TRAIN --val-features {report.features} --k auto"
+        )
+        console.print("      TRAIN: the cache of the training data, made the same way")
+    else:
+        command(
+            f"next: lip repair {report.checkpoint} --features {report.features} --val-features VAL --k auto"
+        )
+        console.print("      VAL: a cache of clean validation data (else leave --val-features out)")

@@ -37,7 +37,8 @@ def head() -> Head:
 
 
 def save_problem(folder: Path, head: Head, state_extra: dict | None = None) -> dict[str, Path]:
-    """A .pt state dict (with a body layer) plus features.npy and labels.npy in `folder`."""
+    """A .pt state dict (with a body layer) plus features.npy and its features.labels.npy in `folder`,
+    named as `lip features` names them."""
     state = {
         "body.weight": torch.randn(head.weight.shape[1], 7, dtype=torch.float32),
         "body.bias": torch.randn(head.weight.shape[1], dtype=torch.float32),
@@ -48,9 +49,9 @@ def save_problem(folder: Path, head: Head, state_extra: dict | None = None) -> d
     state.update(state_extra or {})
     torch.save(state, folder / "model.pt")
     np.save(folder / "features.npy", head.features.numpy().astype(np.float32))
-    np.save(folder / "labels.npy", head.labels.numpy())
+    np.save(folder / "features.labels.npy", head.labels.numpy())
     return {
         "model": folder / "model.pt",
         "features": folder / "features.npy",
-        "labels": folder / "labels.npy",
+        "labels": folder / "features.labels.npy",
     }

@@ -629,7 +629,7 @@ def test_features_unsigned_labels(tmp_path: Path, factory) -> None:
     np.save(tmp_path / "unsigned.npy", (np.arange(20) % 4).astype(np.uint64))
     result = run(*features_args(factory, labels=tmp_path / "unsigned.npy"))
     assert result.exit_code == 0, result.output
-    written = np.load(factory["out"].parent / "labels.npy")
+    written = np.load(factory["out"].with_name(f"{factory['out'].stem}.labels.npy"))
     assert written.dtype == np.int64 and written.tolist() == (np.arange(20) % 4).tolist()
 
 

@@ -87,8 +87,6 @@ def test_demo_then_features_then_repair(tmp_path: Path) -> None:
             str(folder / "train" / "features.npy"),
             "--val-features",
             str(folder / "val" / "features.npy"),
-            "--val-labels",
-            str(folder / "val" / "labels.npy"),
             "--k",
             "8",
             "--json",
@@ -98,6 +96,7 @@ def test_demo_then_features_then_repair(tmp_path: Path) -> None:
     document = json.loads(repaired.stdout)
     assert document["layer"] == "fc" and document["rank"] == 10
     assert set(document["accuracy"]) == {"train_before", "train_after", "val_before", "val_after"}
+    assert document["val_labels_source"] == f"{folder / 'val' / 'features.labels.npy'} beside the features"
     assert document["accuracy"]["train_before"] == pytest.approx(result.train_accuracy_noisy, abs=1e-6)
     assert document["accuracy"]["val_before"] == pytest.approx(result.val_accuracy, abs=1e-6)
     saved = torch.load(folder / "model.lip.pt", weights_only=True)

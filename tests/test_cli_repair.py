@@ -274,6 +274,8 @@ def error_cases(tmp_path: Path, head) -> dict[str, tuple[list[object], str]]:
     nan_features[17, 3] = np.nan
     np.save(tmp_path / "nan.npy", nan_features)
     np.save(tmp_path / "wide.npy", np.zeros((head.features.shape[0], 99), dtype=np.float32))
+    for name in ("nan", "wide"):
+        np.save(tmp_path / f"{name}.labels.npy", head.labels.numpy())
     state = torch.load(model, weights_only=True)
     state["fc.weight"] = state["fc.weight"].clone()
     state["fc.weight"][0, 0] = float("inf")
@@ -443,7 +445,7 @@ def test_validation_labels_source_names_the_option_given(tmp_path: Path, head) -
     assert result.exit_code == 0, result.output
     document = json.loads(result.stdout)
     assert document["val_labels_source"] == f"--val-labels {tmp_path / 'val_targets.npy'}"
-    assert document["labels_source"] == f"{tmp_path / 'labels.npy'} beside the features"
+    assert document["labels_source"] == f"{tmp_path / 'features.labels.npy'} beside the features"
 
 
 def test_label_rows_with_no_class_are_counted_in_a_warning(tmp_path: Path) -> None:

@@ -54,7 +54,7 @@ def test_written_incrementally_then_repaired(tmp_path: Path) -> None:
     model = Net()
     in_memory, _ = collect_features(model, loader())
     paths = collect_features(model, loader(), out=tmp_path / "feats.npy", dtype="float16")
-    assert paths == (tmp_path / "feats.npy", tmp_path / "labels.npy")
+    assert paths == (tmp_path / "feats.npy", tmp_path / "feats.labels.npy")
     written = np.load(paths[0])
     assert written.dtype == np.float16 and written.shape == (100, 12)
     np.testing.assert_allclose(written, in_memory, rtol=1e-3, atol=1e-3)
@@ -107,10 +107,10 @@ def test_one_shard_per_process_under_torch_distributed(tmp_path: Path) -> None:
     mp.spawn(_rank, args=(2, f"file://{tmp_path / 'rendezvous'}", str(tmp_path)), nprocs=2, join=True)
     names = sorted(path.name for path in tmp_path.glob("*.part-*.npy"))
     assert names == [
+        "feats.labels.part-00000.npy",
+        "feats.labels.part-00001.npy",
         "feats.part-00000.npy",
         "feats.part-00001.npy",
-        "labels.part-00000.npy",
-        "labels.part-00001.npy",
     ]
     result = CliRunner().invoke(
         app,
@@ -120,7 +120,7 @@ def test_one_shard_per_process_under_torch_distributed(tmp_path: Path) -> None:
             "-f",
             str(tmp_path / "feats.part-*.npy"),
             "--labels",
-            str(tmp_path / "labels.part-*.npy"),
+            str(tmp_path / "feats.labels.part-*.npy"),
             "--k",
             "2",
             "--json",

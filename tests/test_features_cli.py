@@ -94,10 +94,10 @@ def test_features_then_repair(setup) -> None:
         logits = model(torch.from_numpy(np.load(setup["inputs"])))
     weight, bias = model.head.weight.detach(), model.head.bias.detach()
     torch.testing.assert_close(torch.from_numpy(features) @ weight.T + bias, logits, rtol=1e-5, atol=1e-5)
-    assert np.array_equal(np.load(out.parent / "labels.npy"), np.load(setup["labels"]))
+    assert np.array_equal(np.load(out.with_name(f"{out.stem}.labels.npy")), np.load(setup["labels"]))
     repaired = run("repair", setup["ckpt"], "-f", out, "--k", 2, "--json", "--dry-run")
     assert repaired.exit_code == 0, repaired.output
-    assert json.loads(repaired.stdout)["layer"] == "model.head"  # labels.npy beside the cache was found
+    assert json.loads(repaired.stdout)["layer"] == "model.head"  # its labels beside the cache were found
     (folder / "sub").mkdir()
     limited = run(
         "features",

@@ -424,21 +424,6 @@ def test_lightning_checkpoint_repairs_and_loads_back(tmp_path: Path) -> None:
     assert_same(before, after)  # every other entry kept: loops, optimizer state, hyper-parameters...
 
 
-def test_features_hint_names_both_roles(capsys) -> None:
-    from types import SimpleNamespace
-
-    from lip_cli import report
-
-    cached = SimpleNamespace(
-        checkpoint=Path("m.pt"), features=Path("val.npy"), labels=Path("labels.npy"), classes_file=None,
-        samples=10, feature_dim=4, layer="fc", model="timm:x", seconds=1.0,
-    )  # fmt: skip
-    report.render_features(cached)
-    lines = capsys.readouterr().err.splitlines()
-    assert lines[-2] == "next: lip repair m.pt --features TRAIN --val-features VAL --k auto"
-    assert lines[-1].strip() == "with val.npy as TRAIN (training data) or as VAL (clean validation data)"
-
-
 @pytest.mark.parametrize("shard", ["missing.bin", "sub", "."])
 def test_a_second_layout_naming_a_shard_that_is_no_file_fails_before_work(tmp_path: Path, shard: str) -> None:
     """A folder read through model.safetensors whose pytorch_model.bin index (rewritten too, so that

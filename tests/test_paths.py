@@ -250,7 +250,7 @@ PT_OUTPUTS = {"--output": "out.pt", "--plot": "plot.png"}
 
 def pt_args(work: Path, outputs: dict[str, str], *extra: object) -> list[object]:
     args: list[object] = ["repair", work / "model.pt", "-f", work / "features.npy", "--k", 1]
-    args += ["--labels", work / "labels.npy", "--val-features", work / "val.npy"]
+    args += ["--labels", work / "features.labels.npy", "--val-features", work / "val.npy"]
     args += ["--val-labels", work / "val_labels.npy"]
     for option, name in outputs.items():
         args += [option, work / name]
@@ -273,7 +273,7 @@ def test_colliding_outputs_are_refused_and_nothing_changes(tmp_path_factory, dat
     save_problem(work, make_head(n=80, q=6, l=3, seed=7))
     add_validation(work)
     option = data.draw(st.sampled_from(sorted(PT_OUTPUTS)))
-    inputs = ["model.pt", "features.npy", "labels.npy", "val.npy", "val_labels.npy"]
+    inputs = ["model.pt", "features.npy", "features.labels.npy", "val.npy", "val_labels.npy"]
     other_outputs = [name for key, name in PT_OUTPUTS.items() if key != option] + ["out.pt.lip.json"]
     target = data.draw(st.sampled_from(inputs + other_outputs + ["."]))
     outputs = dict(PT_OUTPUTS) | {option: target}
@@ -308,7 +308,8 @@ def test_a_torch_output_may_take_any_framework_name(sandbox: Path) -> None:
     sandboxed(sandbox, args, ["work/out.ckpt", "work/out.ckpt.lip.json"], 0)
 
 
-def test_features_out_colliding_with_its_labels_is_refused(sandbox: Path) -> None:
+def test_features_labels_written_onto_an_input_are_refused(sandbox: Path) -> None:
+    """--out x.npy writes x.labels.npy: never the labels it reads, not even with --force."""
     work = sandbox / "work"
     np.save(work / "inputs.npy", np.zeros((4, 64), dtype=np.float32))
     args = ["features", work / "model.pt", "--model", "python:lip_cli.demo:demo_model"]
@@ -316,12 +317,11 @@ def test_features_out_colliding_with_its_labels_is_refused(sandbox: Path) -> Non
         "--data",
         work / "inputs.npy",
         "--labels",
-        work / "labels.npy",
+        work / "features.labels.npy",
         "--out",
-        work / "d" / "labels.npy",
+        work / "features.npy",
     ]
-    (work / "d").mkdir()
-    sandboxed(sandbox, args, [], 1, "is also the output")
+    sandboxed(sandbox, [*args, "--force"], [], 1, "features.labels.npy: output is the same file as an input")
 
 
 @pytest.mark.parametrize("command", ["inspect", "compare"])
@@ -368,13 +368,24 @@ def test_demo_never_writes_through_a_link_out_of_its_folder(sandbox: Path, link:
 @pytest.mark.parametrize("special", ["fifo", "dev-zero"])
 def test_special_inputs_are_refused_before_anything_reads_them(sandbox: Path, which: str, special: str):
     work = sandbox / "work"
-    path = work / {"features": "features.npy", "checkpoint": "model.pt", "labels": "labels.npy"}[which]
+    path = (
+        work / {"features": "features.npy", "checkpoint": "model.pt", "labels": "features.labels.npy"}[which]
+    )
     path.unlink()
     if special == "fifo":
         os.mkfifo(path)
     else:
         path.symlink_to("/dev/zero")
-    args = ["repair", work / "model.pt", "-f", work / "features.npy", "--k", 1, "-l", work / "labels.npy"]
+    args = [
+        "repair",
+        work / "model.pt",
+        "-f",
+        work / "features.npy",
+        "--k",
+        1,
+        "-l",
+        work / "features.labels.npy",
+    ]
     expected = "is a FIFO" if special == "fifo" else "is a character device (a link to /dev/zero)"
     sandboxed(sandbox, args, [], 1, expected)
     sandboxed(sandbox, ["inspect", work / "model.pt", "-f", work / "features.npy"], [], 1, expected)
@@ -420,6 +431,7 @@ def test_background_digests_stop_when_dropped() -> None:
 def test_glob_characters_in_a_real_file_name(sandbox: Path) -> None:
     work = sandbox / "work"
     (work / "features.npy").rename(work / "feats[1].npy")
+    (work / "features.labels.npy").rename(work / "feats[1].labels.npy")
     args = ["repair", work / "model.pt", "-f", work / "feats[1].npy", "--k", 1, "-o", work / "out.pt"]
     sandboxed(sandbox, args, ["work/out.pt", "work/out.pt.lip.json"], 0)
 

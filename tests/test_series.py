@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from lip_cli import jobs
+from lip_cli import __version__, jobs
 from lip_cli.cli import app
 from lip_cli.demo import DemoSettings, make_demo_series, noise_folder
 from lip_cli.errors import LipError
@@ -45,6 +45,13 @@ def without_label(entry: dict) -> dict:
     return {key: value for key, value in entry.items() if key != "label"}
 
 
+def unversioned(result) -> dict:
+    """A command's JSON document less the version every document carries (its entries do not)."""
+    document = json.loads(result.stdout)
+    assert document.pop("lip_version") == __version__
+    return document
+
+
 @pytest.mark.parametrize("layer", [["--layer", "fc"], []])
 def test_inspect_series_json_is_the_single_json_per_entry(tmp_path: Path, layer: list[str]) -> None:
     paths = write_series(tmp_path)
@@ -54,7 +61,7 @@ def test_inspect_series_json_is_the_single_json_per_entry(tmp_path: Path, layer:
     assert document["layer"] == "fc" and len(document["checkpoints"]) == 3
     for path, entry in zip(paths, document["checkpoints"], strict=True):
         single = run("inspect", path, "--layer", "fc", "--json")
-        assert without_label(entry) == json.loads(single.stdout)
+        assert without_label(entry) == unversioned(single)
         assert entry["label"] == path.stem
     weight = torch.load(paths[1], weights_only=True)["fc.weight"].double().numpy()
     expected = np.linalg.svd(weight, compute_uv=False)
@@ -65,7 +72,7 @@ def test_one_checkpoint_keeps_its_documents(tmp_path: Path) -> None:
     [path] = write_series(tmp_path, count=1)
     table = json.loads(run("inspect", path, "--json").stdout)
     assert [layer["name"] for layer in table["layers"]] == ["body", "fc"]
-    layer = json.loads(run("inspect", path, "--layer", "fc", "--json").stdout)
+    layer = unversioned(run("inspect", path, "--layer", "fc", "--json"))
     assert set(layer) == {"checkpoint", "layer", "samples", "labels_source", "k_curve", "provenance"}
     labelled = json.loads(run("inspect", path, "--label", "clean", "--json").stdout)
     assert [entry["label"] for entry in labelled["checkpoints"]] == ["clean"]
@@ -175,7 +182,7 @@ def test_compare_series_json_is_the_pair_json_per_entry(tmp_path: Path) -> None:
     assert document["reference"] == str(reference) and document["layer"] == "fc"
     assert len(document["comparisons"]) == 3 and document["labels"] == ["p0", "p1", "p2", "p3"]
     for other, entry in zip(others, document["comparisons"], strict=True):
-        assert entry == json.loads(run("compare", reference, other, "--json").stdout)
+        assert entry == unversioned(run("compare", reference, other, "--json"))
     human = run("compare", reference, *others)
     assert human.exit_code == 0 and human.stdout == ""
     assert "largest principal angle" in human.stderr and "p3" in human.stderr
@@ -300,7 +307,7 @@ def test_default_layer_is_the_first_ones_classifier_by_name(tmp_path: Path) -> N
     torch.save(state, second)
     document = json.loads(run("inspect", first, second, "--json").stdout)
     assert [entry["layer"]["name"] for entry in document["checkpoints"]] == ["fc", "fc"]
-    assert json.loads(run("inspect", second, "--layer", "fc", "--json").stdout) == without_label(
+    assert unversioned(run("inspect", second, "--layer", "fc", "--json")) == without_label(
         document["checkpoints"][1]
     )
 

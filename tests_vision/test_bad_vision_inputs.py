@@ -50,4 +50,4 @@ def test_checkpoint_holding_only_the_head(tmp_path: Path, images: Path, spec: st
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert "head.pt" in lines[0] and f"{len(state) - len(head_only)} missing keys" in lines[0]
-    assert not (tmp_path / "feats.npy").exists() and not (tmp_path / "labels.npy").exists()
+    assert not (tmp_path / "feats.npy").exists() and not (tmp_path / "feats.labels.npy").exists()

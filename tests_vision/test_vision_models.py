@@ -53,8 +53,8 @@ def check_invariant(folder: Path, layer: torch.nn.Linear, logits: torch.Tensor) 
     torch.testing.assert_close(
         features @ layer.weight.detach().T + layer.bias.detach(), logits, rtol=1e-4, atol=1e-4
     )
-    assert np.array_equal(np.load(folder / "labels.npy"), np.repeat(np.arange(3), 4))
-    assert json.loads((folder / "classes.json").read_text()) == list(CLASSES)
+    assert np.array_equal(np.load(folder / "feats.labels.npy"), np.repeat(np.arange(3), 4))
+    assert json.loads((folder / "feats.classes.json").read_text()) == list(CLASSES)
 
 
 def test_torchvision_resnet18(tmp_path: Path, images: Path) -> None:
@@ -158,7 +158,7 @@ def test_bad_images_and_models(tmp_path: Path, images: Path) -> None:
         result = run(*base, *extra)
         assert result.exit_code == 1, (extra, result.output)
         assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr
-        assert not (tmp_path / "feats.npy").exists() and not (tmp_path / "labels.npy").exists()
+        assert not (tmp_path / "feats.npy").exists() and not (tmp_path / "feats.labels.npy").exists()
 
 
 def test_hooks_are_gone_after_an_exception_inside_the_model(images: Path) -> None:
