@@ -84,9 +84,9 @@ def shell_lines(block: Block) -> list[tuple[int, str]]:
         if not pending:
             start = offset
         if line.rstrip().endswith("\\"):
-            pending += line.rstrip()[:-1] + " "
+            pending += line.strip()[:-1].strip() + " "
             continue
-        command = (pending + line).strip()
+        command = (pending + line.strip()).strip()
         pending = ""
         if command and not command.startswith("#"):
             commands.append((start, command))
@@ -206,7 +206,8 @@ def run_python(block: Block, folder: Path, capsys: pytest.CaptureFixture[str]) -
     """Run a block as `python` would run a script saved in `folder`: that folder first on sys.path."""
     sys.path.insert(0, str(folder))
     try:
-        exec(compile(block.text, block.where(), "exec"), {"__name__": "__main__"})
+        source = "\n" * (block.line - 1) + block.text  # tracebacks name the page's own lines
+        exec(compile(source, str(block.page.relative_to(ROOT)), "exec"), {"__name__": "__main__"})
     except Exception:
         captured = capsys.readouterr()
         pytest.fail(
@@ -254,6 +255,13 @@ def test_examples_run(
                     run_shell(block, offset, command, shims)
     finally:
         forget_modules_from(tmp_path)  # a page's own model files are not another page's
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
+def test_links_lead_to_files(page: Path) -> None:
+    for target in re.findall(r"\]\(([^)#\s]+)[^)]*\)", page.read_text()):
+        if "://" not in target:
+            assert (page.parent / target).exists(), f"{page.relative_to(ROOT)}: a link to {target}, not there"
 
 
 def _options_script():
