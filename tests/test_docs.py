@@ -5,7 +5,9 @@ Conventions of the pages (this file is their one definition):
   trees, usage lines) never run, so quote output sparingly: nothing checks it.
 - The blocks of one page run in order in one scratch folder (a tutorial builds on its own earlier
   steps). The folder starts as `make demo` leaves the repository: `demo/` holds the demo's model and
-  data and the two feature caches, `demo/train/features.npy` and `demo/val/features.npy`.
+  data and the feature caches that the Makefile's demo target writes (its `lip demo` and
+  `lip features` lines run once per session), today `demo/train/features.npy` and
+  `demo/val/features.npy`.
 - A ```sh block runs line by line (a trailing `\\` joins a line to the next; `#` starts a
   comment). A line ending in `# exit N` must exit with N, any other line with 0 (a pipeline: its
   first failing stage, as under `set -o pipefail`). A line starting with `lip` runs in this process
@@ -97,22 +99,28 @@ def _unquoted(command: str) -> str:
     return re.sub(r"'[^']*'|\"[^\"]*\"", "", command.split(" #")[0])
 
 
+def make_demo_steps() -> list[list[str]]:
+    """The `lip demo` and `lip features` commands of the Makefile's demo target, as arguments."""
+    recipe = re.search(r"^demo:.*\n((?:\t.*\n)+)", (ROOT / "Makefile").read_text(), re.MULTILINE)
+    assert recipe, "Makefile: no demo target"
+    lines = recipe.group(1).replace("\\\n", " ").splitlines()
+    steps = [shlex.split(line.strip())[1:] for line in lines if line.strip().startswith("$(BIN)/lip ")]
+    steps = [step for step in steps if step[0] in ("demo", "features")]
+    assert [step[0] for step in steps].count("features") >= 2, "Makefile: demo caches no features"
+    return steps
+
+
 @pytest.fixture(scope="session")
 def demo_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """What `make demo` leaves: the demo's model and data, and the feature caches of both splits."""
+    """What `make demo` leaves: the demo's model and data, and the feature caches of both splits
+    (its own `lip demo` and `lip features` lines, run here)."""
     base = tmp_path_factory.mktemp("demo")
     old = os.getcwd()
     os.chdir(base)
     try:
-        steps = [["demo", "demo"]] + [
-            ["features", "demo/model.pt", "--model", "python:lip_cli.demo:demo_model"]
-            + ["--data", f"demo/{split}/inputs.npy", "--labels", f"demo/{split}/targets.npy"]
-            + ["--out", f"demo/{split}/features.npy"]
-            for split in ("train", "val")
-        ]
-        for step in steps:
+        for step in make_demo_steps():
             result = runner.invoke(app, step)
-            assert result.exit_code == 0, f"lip {' '.join(step)}: {result.output}"
+            assert result.exit_code == 0, f"Makefile: lip {' '.join(step)}: {result.output}"
     finally:
         os.chdir(old)
     return base / "demo"
