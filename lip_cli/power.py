@@ -101,7 +101,7 @@ def smallest_detectable_gain(
     if rows == 0 or discordance == 0.0 or power(rows, discordance, discordance, alpha) < level:
         return None
     low, high = 0.0, discordance
-    while high - low > 1e-6:
+    while high - low > 1e-5:
         middle = (low + high) / 2
         if power(rows, discordance, middle, alpha) >= level:
             high = middle
@@ -116,18 +116,21 @@ def rows_needed(
     """The fewest rows on which the test confirms `gain` with probability `level`, at a discordance of
     at least the gain (a gain needs that many rows on which the heads disagree). None past `limit`.
 
-    Found by doubling then bisection: an exact test's power saw-tooths slightly in the rows, so
-    this is the first crossing of `level` that the search meets.
+    Found by bisection from the normal approximation's rows: an exact test's power saw-tooths
+    slightly in the rows, so this is the crossing of `level` that the search meets.
     """
     discordance = max(discordance, gain)
     if discordance > 1.0:
         return None
-    high = 1
+    z = NormalDist().inv_cdf(1.0 - alpha) + NormalDist().inv_cdf(level)
+    guess = max(1, math.ceil(z * z * discordance / gain**2))
+    low, high = guess * 3 // 4, min(max(guess * 5 // 4, 1), limit)
     while power(high, discordance, gain, alpha) < level:
         if high >= limit:
             return None
-        high = min(2 * high, limit)
-    low = high // 2
+        low, high = high, min(2 * high, limit)
+    while low > 0 and power(low, discordance, gain, alpha) >= level:
+        low, high = low // 2, low
     while high - low > 1:
         middle = (low + high) // 2
         if power(middle, discordance, gain, alpha) >= level:
