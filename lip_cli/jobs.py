@@ -752,16 +752,15 @@ def _repair_warnings(
             needed = decision.power.validation_rows_for_one_point if decision.power else None
             held = f"{decision.selection_rows:,} held-out training rows"
             found = (
-                f"k = {decision.best_k} would be tried (best on {held}), but"
+                f"k = {decision.best_k} would be tried (best on {held}), but such rows cannot confirm it"
                 if decision.best_k != decision.rank
-                else f"no k beats the unrepaired layer on {held}, and"
+                else f"no k beats the unrepaired layer on {held}, and such rows could not confirm one"
             )
             warnings.append(
-                f"--k auto without --val-features: {found} rows the model trained on cannot confirm a "
-                f"change ({selection.TRAINED_ON}); "
+                f"--k auto without --val-features: {found}: {selection.TRAINED_ON}; "
                 + ("nothing written" if unwritten else "weights unchanged")
                 + ": pass --val-features, rows the network never trained on (their labels may be noisy)"
-                + (f"; about {needed:,} of them to detect a 1-point gain" if needed else "")
+                + (f"; about {needed:,} of them detect a 1-point gain 80% of the time" if needed else "")
             )
         elif not decision.confirmed:
             warnings.append(

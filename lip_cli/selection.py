@@ -178,9 +178,9 @@ GIVEN = "given"  # a given k the validation set does not show worse
 UNCHECKED = "unchecked"  # a given k with no validation set: nothing checked it
 REFUSED = "refused"  # a given k the validation set shows significantly worse at alpha
 TRAINED_ON = (
-    "the network trained on those rows, so their features carry their noisy labels and a head "
-    "that agrees more with them can be memorising more"
-)
+    "the network trained on them, so their features carry their noisy labels and a head that agrees "
+    "more with them may only be memorising more"
+)  # why held-out training rows cannot confirm a change
 
 
 def outcome(decision: Decision | None) -> str:
