@@ -94,11 +94,10 @@ def user_errors(as_json: bool = False) -> Iterator[None]:
     files.placed.clear()
     _interrupt_reported.clear()
     _json_run[:] = [as_json]
+    if "lip_cli.report" in sys.modules:  # a new run in the same process (tests): no document yet
+        sys.modules["lip_cli.report"].printed.clear()
     try:
         _import_heavy_modules()
-        from lip_cli import report
-
-        report._printed.clear()
         yield
     except LipError as failure:
         _fail(str(failure), failure.exit_code)
@@ -136,7 +135,6 @@ def _placed_so_far() -> str:
 
 def _report_out_of_memory(failure: BaseException) -> None:
     """One line for a run that ran out of memory, with what it had already put in place, if any."""
-
     detail = f" ({first_line(failure)})" if str(failure).strip() else ""
     done = _placed_so_far()
     _fail(

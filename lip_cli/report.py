@@ -46,12 +46,12 @@ def warning(message: str) -> None:
     stderr().print(Text("warning: ", style="bold yellow") + Text(message), soft_wrap=True)
 
 
-_printed: list[bool] = []  # whether this run has printed its JSON document
+printed: list[bool] = []  # whether this run has printed its JSON document
 
 
 def print_json(document: dict[str, Any]) -> None:
     """One JSON document alone on stdout."""
-    _printed.append(True)
+    printed.append(True)
     sys.stdout.write(json.dumps(document, indent=2, allow_nan=False) + "\n")
     sys.stdout.flush()
 
@@ -66,7 +66,7 @@ def fail(message: str, exit_code: int, as_json: bool) -> None:
     from lip_cli.distributed import is_leader
 
     error(message)
-    if as_json and not _printed and is_leader():
+    if as_json and not printed and is_leader():
         print_json(error_document(message, exit_code))
 
 
