@@ -16,18 +16,48 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
 
 from lip_cli.errors import (
     EXIT_BAD_INPUT,
     EXIT_INTERRUPTED,
     EXIT_TERMINATED,
+    EXIT_USAGE,
     LipError,
     Terminated,
     first_line,
     interrupt_exit_code,
 )
 
+JSON_FLAG = "--json"
+# click's UsageError, whichever click typer runs on (typer >= 0.23 carries its own copy)
+UsageError = next(kind for kind in typer.BadParameter.__mro__ if kind.__name__ == "UsageError")
+
+
+def _asks_for_json(args: list[str]) -> bool:
+    """Whether a command line (before any `--`) has --json."""
+    return JSON_FLAG in (args[: args.index("--")] if "--" in args else args)
+
+
+class LipGroup(TyperGroup):
+    """The commands; a bad command line under --json also prints its error document on stdout."""
+
+    def invoke(self, ctx: typer.Context) -> object:
+        protected = vars(ctx).get("_protected_args", vars(ctx).get("protected_args", []))
+        args = [*protected, *ctx.args]
+        try:
+            return super().invoke(ctx)
+        except UsageError as failure:
+            if _asks_for_json(args):
+                from lip_cli import report
+
+                message = " ".join(failure.format_message().split())
+                report.print_json(report.error_document(message, failure.exit_code or EXIT_USAGE))
+            raise
+
+
 app = typer.Typer(
+    cls=LipGroup,
     name="lip",
     help=(
         "Repair the classifier layer of a model trained on noisy labels, with no backprop "
@@ -74,19 +104,21 @@ class ComputeDtype(StrEnum):
 
 
 @contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """Map user-facing failures to one line on stderr and the exit code of `lip_cli.errors`."""
+def user_errors(as_json: bool = False) -> Iterator[None]:
+    """Map user-facing failures to one line on stderr and the exit code of `lip_cli.errors`; under
+    --json also to one error document on stdout."""
     from lip_cli import files
 
     files.placed.clear()
     _interrupt_reported.clear()
+    _json_run[:] = [as_json]
+    if "lip_cli.report" in sys.modules:  # a new run in the same process (tests): no document yet
+        sys.modules["lip_cli.report"].printed.clear()
     try:
         _import_heavy_modules()
         yield
     except LipError as failure:
-        from lip_cli import report
-
-        report.error(str(failure))
+        _fail(str(failure), failure.exit_code)
         raise typer.Exit(failure.exit_code) from None
     except KeyboardInterrupt as interrupt:
         _report_interrupt(interrupt_exit_code(interrupt))
@@ -99,6 +131,12 @@ def user_errors() -> Iterator[None]:
         else:
             raise
         raise typer.Exit(EXIT_BAD_INPUT) from None
+
+
+def _fail(message: str, code: int) -> None:
+    from lip_cli import report
+
+    report.fail(message, code, as_json=any(_json_run))
 
 
 def _is_out_of_memory(failure: Exception) -> bool:
@@ -134,26 +172,23 @@ def _placed_so_far() -> str:
 
 def _report_out_of_memory(failure: BaseException) -> None:
     """One line for a run that ran out of memory, with what it had already put in place, if any."""
-    from lip_cli import report
-
     detail = f" ({first_line(failure)})" if str(failure).strip() else ""
     done = _placed_so_far()
-    report.error(
+    _fail(
         f"out of memory{detail}; "
         + (f"wrote only {done}" if done else "nothing was written")
-        + ": a smaller --chunk-rows or --sample-rows (--batch-size for lip features) needs less"
+        + ": a smaller --chunk-rows or --sample-rows (--batch-size for lip features) needs less",
+        EXIT_BAD_INPUT,
     )
 
 
 def _report_interrupt(code: int) -> None:
     """The one line of an interrupted run, printed once: what it had already put in place, if any."""
-    from lip_cli import report
-
     if not _interrupt_reported:
         _interrupt_reported.append(code)
         what = "terminated" if code == EXIT_TERMINATED else "interrupted"
         done = _placed_so_far()
-        report.error(f"{what} after writing {done}" if done else f"{what}; nothing was written")
+        _fail(f"{what} after writing {done}" if done else f"{what}; nothing was written", code)
 
 
 def _import_heavy_modules() -> None:
@@ -195,6 +230,7 @@ def _raise_terminated(number: int, frame: object) -> None:
 
 _signals_received: list[int] = []
 _interrupt_reported: list[int] = []
+_json_run: list[bool] = []  # whether the command running was given --json
 
 
 JsonOption = Annotated[
@@ -364,11 +400,18 @@ def repair(
     force_write: Annotated[
         bool,
         typer.Option(
-            "--force-write", help="With --k auto: write an unchanged copy even when no k is confirmed."
+            "--force-write",
+            help="Write what the evidence withholds, and exit 0: with --k auto an unchanged copy when no "
+            "k is confirmed; a given k that the validation set shows significantly worse.",
         ),
     ] = False,
     plot: PlotOption = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Compute and report, write nothing.")] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="Compute and report, write nothing; exit as the run would (0, 3 or 4)."
+        ),
+    ] = False,
     force: ForceOption = False,
     json_output: JsonOption = False,
 ) -> None:
@@ -376,7 +419,7 @@ def repair(
 
     Under `torchrun --nproc-per-node N -m lip_cli repair ...` the ranks share the pass; rank 0 reports.
     """
-    with user_errors():
+    with user_errors(json_output):
         from lip_cli import distributed, jobs, plots, report
 
         request = jobs.RepairRequest(
@@ -403,16 +446,18 @@ def repair(
         )
         with report.progress_bar(enabled=not json_output and distributed.is_leader()) as progress:
             result = jobs.repair_checkpoint(request, progress)
-        if not distributed.is_leader():
-            return
-        if json_output:
-            for message in result.warnings:
-                report.warning(message)
-            report.print_json(report.repair_document(result))
-        else:
-            report.render_repair(result)
-        if plot is not None:
-            plots.plot_k_curve(result.k_curve, plot, title=f"{result.layer.name}: accuracy after PSP + LAP")
+        if distributed.is_leader():
+            if plot is not None:
+                plots.plot_k_curve(
+                    result.k_curve, plot, title=f"{result.layer.name}: accuracy after PSP + LAP"
+                )
+            if json_output:
+                for message in result.warnings:
+                    report.warning(message)
+                report.print_json(report.repair_document(result))
+            else:
+                report.render_repair(result)
+    raise typer.Exit(result.exit_code)
 
 
 def usage_error(message: str, option: str) -> typer.BadParameter:
@@ -497,7 +542,7 @@ def inspect(
             "takes one checkpoint and no --label; run lip inspect once per checkpoint", "--features"
         )
     _check_series_labels(names, len(checkpoints))
-    with user_errors():
+    with user_errors(json_output):
         from lip_cli import files, jobs, plots, report
 
         inputs = jobs.input_files(checkpoints, features, labels)
@@ -567,7 +612,7 @@ def compare(
 ) -> None:
     """Compare one layer against a reference: spectra, subspace similarity phi(i, j), principal angles."""
     _check_series_labels(names, len(checkpoints) + 1)
-    with user_errors():
+    with user_errors(json_output):
         from lip_cli import files, jobs, plots, report
 
         inputs = jobs.input_files([reference, *checkpoints])
@@ -693,7 +738,7 @@ def features(
     json_output: JsonOption = False,
 ) -> None:
     """Cache the inputs of a model's classifier layer over a data set: what `lip repair` needs."""
-    with user_errors():
+    with user_errors(json_output):
         from lip_cli import jobs, report
 
         def triple(value: str | None) -> tuple[float, float, float] | None:
@@ -754,7 +799,7 @@ def demo(
     json_output: JsonOption = False,
 ) -> None:
     """Make a small noisy-label problem, train a classifier on it (CPU, seconds), cache its features."""
-    with user_errors():
+    with user_errors(json_output):
         from lip_cli import demo as demo_module
         from lip_cli import report
 
@@ -780,6 +825,7 @@ def main() -> None:
     """The `lip` process: SIGTERM ends a run like Ctrl-C (exit 143), and the exit code is the
     run's whatever lands during the interpreter's shut-down."""
     signal.signal(signal.SIGTERM, _raise_terminated)
+    _json_run[:] = [_asks_for_json(sys.argv[1:])]
     try:
         app()
     except (KeyboardInterrupt, SystemExit) as ending:

@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
-EXIT_OK = 0
-EXIT_BAD_INPUT = 1
-EXIT_USAGE = 2
+EXIT_OK = 0  # done: a repair confirmed and written, a given k written as asked, or --force-write
+EXIT_BAD_INPUT = 1  # a LipError, or out of memory
+EXIT_USAGE = 2  # a bad command line (click's code)
+EXIT_UNCONFIRMED = 3  # --k auto confirmed nothing (or had no validation set): no changed head written
+EXIT_REFUSED = 4  # a given k that the validation set shows significantly worse: not written
 EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT)
 EXIT_TERMINATED = 143  # SIGTERM: 128 + 15, what shells and supervisors expect
+OUTCOME_EXIT_CODES = {
+    "repaired": EXIT_OK,
+    "given": EXIT_OK,
+    "unchecked": EXIT_OK,
+    "unconfirmed": EXIT_UNCONFIRMED,
+    "refused": EXIT_REFUSED,
+}
+
+
+def outcome_exit_code(outcome: str, forced: bool = False) -> int:
+    """The exit code of a repair's outcome (`selection.outcome`); 0 whenever --force-write wrote it.
+
+    --dry-run changes nothing here: it exits with the code the same run would have without it.
+    """
+    return EXIT_OK if forced else OUTCOME_EXIT_CODES[outcome]
 
 
 class LipError(Exception):

@@ -29,7 +29,7 @@ from lip_cli import (
     selection,
     spectra,
 )
-from lip_cli.errors import LipError
+from lip_cli.errors import LipError, outcome_exit_code
 
 AUTO = "auto"
 Progress = Callable[[str, int, int], None]
@@ -411,7 +411,7 @@ class RepairRequest:
     sample_rows: int | None = None  # rows kept for each accuracy curve; None: SAMPLE_ROWS
     targets: str = "paper"  # "logit-scale": labels scaled to the head's logit margin; "auto" (k auto): chosen
     seed: int = 0
-    force_write: bool = False  # with k = "auto": write an unchanged copy when no k is confirmed
+    force_write: bool = False  # write what the evidence withholds: auto's unchanged copy, a refused k
     alpha: float = 0.05  # level of the one-sided McNemar test that confirms a k
     plot: Path | None = None  # the caller draws the figure; checked here with the other outputs
 
@@ -441,6 +441,19 @@ class RepairReport:
     targets: str = "paper"
     target_scale: float | None = None  # c of the logit-scale targets
     decision: selection.Decision | None = None  # the test that decided k (None: no rows to test on)
+    outcome: str = selection.UNCHECKED  # what the evidence says (`selection.outcome`)
+    forced: bool = False  # --force-write asked for a write that the outcome withholds
+
+    @property
+    def exit_code(self) -> int:
+        return outcome_exit_code(self.outcome, self.forced)
+
+    @property
+    def decision_text(self) -> str:
+        """The decision in one sentence; for a given k with no validation set, that nothing checked it."""
+        if self.decision is not None:
+            return self.decision.reason
+        return f"k = {self.k} as given; nothing checked it (no validation set: --val-features)"
 
     @property
     def energy_kept(self) -> float:
@@ -621,8 +634,10 @@ def _repair(
     train_curve = selection.curve(fitted.stats, fitted.sample, ks, targets, total)
     scale = fitted.stats.target_scale() if targets == "logit-scale" else None
     without_class = int(total(torch.tensor([float(fitted.rows_without_class)], dtype=torch.float64))[0])
+    outcome = selection.outcome(decision)
+    withheld = outcome in (selection.UNCONFIRMED, selection.REFUSED)
     warnings = _repair_warnings(request, decision, repaired, output is not None, scale, without_class)
-    if decision is not None and auto and not decision.confirmed and not request.force_write:
+    if withheld and not request.force_write:
         output = None
     if output is not None and group.leader:
         updates = {layer.weight_key: repaired.weight.to(weight.device)}
@@ -636,6 +651,7 @@ def _repair(
             "k": k,
             "k_selection": decision.data if auto and decision is not None else "given",
             "decision": None if decision is None else decision.reason,
+            "outcome": outcome,
             "rank": rank,
             "targets": targets,
             "input": str(request.checkpoint),
@@ -673,6 +689,8 @@ def _repair(
         targets=targets,
         target_scale=scale,
         decision=decision,
+        outcome=outcome,
+        forced=withheld and request.force_write,
     )
 
 
@@ -732,9 +750,19 @@ def _repair_warnings(
         )
     if decision is not None and decision.given and decision.test.change < 0:
         before, after = decision.accuracy(decision.rank), decision.accuracy(decision.k)
+        refused = decision.outcome == selection.REFUSED
+        advice = "consider --k auto"
+        if refused:
+            advice = (
+                "written anyway (--force-write)"
+                if request.force_write and writing
+                else "not written (--force-write writes it; --k auto writes only a k it confirms)"
+            )
         warnings.append(
             f"k = {decision.k} LOWERS validation accuracy from {100 * before:.2f}% to {100 * after:.2f}% "
-            f"on {decision.test.rows:,} rows, {selection.significance(decision)}; consider --k auto"
+            f"on {decision.test.rows:,} rows, {selection.significance(decision)}"
+            + (f" at --alpha {decision.alpha:g}" if refused else "")
+            + f"; {advice}"
         )
     if repaired.unexcited:
         warnings.append(
@@ -742,13 +770,22 @@ def _repair_warnings(
             f"keep their old singular values: {list(repaired.unexcited[:10])}"
         )
     if decision is not None and not decision.given:
+        unwritten = writing and not request.force_write
         if decision.data == "holdout":
-            warnings.append(
-                "k was chosen and confirmed on held-out training rows, whose labels are noisy: "
-                "a clean validation set (--val-features) is the reliable way to choose k"
+            needed = decision.power.validation_rows_for_one_point if decision.power else None
+            held = f"{decision.selection_rows:,} held-out training rows"
+            found = (
+                f"k = {decision.best_k} would be tried (best on {held}), but such rows cannot confirm it"
+                if decision.best_k != decision.rank
+                else f"no k beats the unrepaired layer on {held}, and such rows could not confirm one"
             )
-        if not decision.confirmed:
-            unwritten = writing and not request.force_write
+            warnings.append(
+                f"--k auto without --val-features: {found}: {selection.TRAINED_ON}; "
+                + ("nothing written" if unwritten else "weights unchanged")
+                + ": pass --val-features, rows the network never trained on (their labels may be noisy)"
+                + (f"; about {needed:,} of them detect a 1-point gain 80% of the time" if needed else "")
+            )
+        elif not decision.confirmed:
             warnings.append(
                 decision.reason + (", nothing written (--force-write writes a copy)" if unwritten else "")
             )

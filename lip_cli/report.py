@@ -67,11 +67,15 @@ def warning(message: str) -> None:
     console.print(Text("warning: ", style="bold yellow") + Text(message), soft_wrap=not console.is_terminal)
 
 
+printed: list[bool] = []  # whether this run has printed its JSON document
+
+
 def print_json(document: dict[str, Any]) -> None:
     """One JSON document alone on stdout, with the version of lip that wrote it; a value that is not
     a finite number is null (JSON has no NaN or Infinity)."""
     from lip_cli import __version__
 
+    printed.append(True)
     document = {"lip_version": __version__, **document}
     sys.stdout.write(json.dumps(_finite_only(document), indent=2, allow_nan=False) + "\n")
     sys.stdout.flush()
@@ -86,6 +90,20 @@ def _finite_only(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_finite_only(item) for item in value]
     return value
+
+
+def error_document(message: str, exit_code: int) -> dict[str, Any]:
+    return {"error": {"message": message, "exit_code": exit_code}}
+
+
+def fail(message: str, exit_code: int, as_json: bool) -> None:
+    """A failure's one line on stderr and, under --json, its error document on stdout unless this
+    run has printed its document already (stdout carries exactly one)."""
+    from lip_cli.distributed import is_leader
+
+    error(message)
+    if as_json and not printed and is_leader():
+        print_json(error_document(message, exit_code))
 
 
 def bar(value: float, maximum: float, width: int = 24) -> str:
@@ -239,23 +257,26 @@ def render_repair(report: RepairReport) -> None:
             f"of {report.samples:,} rows (--sample-rows)[/]"
         )
     decision = report.decision
+    holdout = report.k_selection == "holdout"
     if report.k_selection and decision is not None:
         render_k_curve(report.k_curve, report.samples, report.labels_origin, chosen=decision.best_k)
-        where = (
-            "the validation set" if report.k_selection == "val" else "held-out training rows (noisy labels)"
-        )
         console.print(
-            f"--k auto: k chosen on {decision.selection_rows:,} rows of {where}, then tested on "
-            f"{decision.test.rows:,} other rows (seeded split, --seed)"
+            f"--k auto: k chosen on {decision.selection_rows:,} held-out training rows (noisy labels); "
+            "nothing tested them: no validation set"
+            if holdout
+            else f"--k auto: k chosen on {decision.selection_rows:,} rows of the validation set, then "
+            f"tested on {decision.test.rows:,} other rows (seeded split, --seed)"
         )
-    if decision is not None and decision.best_k != decision.rank:
+    if decision is not None and decision.best_k != decision.rank and not holdout:
         console.print(_decision_table(decision))
+    elif decision is not None and decision.power is not None and not holdout:
+        console.print(f"[bold]power[/]  {_power_text(decision.power)}")
     warned = decision is not None and (
         any(decision.reason in message for message in report.warnings)
         or (decision.given and decision.test.change < 0)  # the LOWERS warning says it
     )
-    if decision is not None and not warned:
-        console.print(f"[bold]decision[/]: {decision.reason}")
+    if not warned:
+        console.print(f"[bold]decision[/]: {report.decision_text}")
     for message in report.warnings:
         warning(message)
     if report.other_copies:
@@ -296,7 +317,38 @@ def _decision_table(decision: Any) -> Table:
         + (f", {decision.p_value_drop:.3g} that it is worse" if decision.given else "")
         + f" (exact one-sided McNemar; alpha {decision.alpha:g})",
     )
+    if decision.power is not None:
+        table.add_row("power", _power_text(decision.power))
     return table
+
+
+def _power_text(power: Any) -> str:
+    """What a test could detect, in one sentence: the gain it confirms 80% of the time, the rows a
+    1-point gain needs."""
+    rows, level = f"{power.rows:,} rows", f"{power.level:.0%}"
+    gain = power.smallest_detectable_gain
+    text = (
+        f"{rows} detect a gain of {100 * gain:.1f} points or more {level} of the time"
+        if gain is not None
+        else f"on {rows} no gain is detected {level} of the time, even one on every discordant row"
+    )
+    text += (
+        f" at alpha {power.alpha:g} (discordance {100 * power.discordance:.1f}%: {power.discordance_from})"
+    )
+    needed = power.validation_rows_for_one_point
+    return text + (f"; a 1-point gain needs about {needed:,} validation rows" if needed else "")
+
+
+def power_document(power: Any) -> dict[str, Any]:
+    """The power keys of a decision's JSON (all None when no discordance was measured)."""
+    return {
+        "power_level": None if power is None else power.level,
+        "power_rows": None if power is None else power.rows,
+        "discordance": None if power is None else power.discordance,
+        "discordance_from": None if power is None else power.discordance_from,
+        "smallest_detectable_gain": None if power is None else power.smallest_detectable_gain,
+        "validation_rows_for_1pt_gain": None if power is None else power.validation_rows_for_one_point,
+    }
 
 
 def decision_document(decision: Any) -> dict[str, Any] | None:
@@ -323,6 +375,8 @@ def decision_document(decision: Any) -> dict[str, Any] | None:
         "targets": decision.targets,
         "targets_chosen": decision.targets_chosen,
         "confirmed": None if decision.given else decision.confirmed,
+        "outcome": decision.outcome,
+        **power_document(decision.power),
     }
 
 
@@ -358,7 +412,10 @@ def repair_document(report: RepairReport) -> dict[str, Any]:
         "k_selection": report.k_selection,
         "k_curve": report.k_curve,
         "test": decision_document(report.decision),
-        "decision": None if report.decision is None else report.decision.reason,
+        "decision": report.decision_text,
+        "outcome": report.outcome,
+        "forced": report.forced,
+        "exit_code": report.exit_code,
         "output": None if report.output is None else str(report.output),
         "warnings": report.warnings,
     }

@@ -16,7 +16,7 @@ from statistics import NormalDist
 import torch
 from torch import Tensor
 
-from lip_cli import lip
+from lip_cli import lip, power
 
 CONFIRMATION_SHARE = 0.5  # of the rows that judge k; the other half chooses it
 SPLIT_SEED_OFFSET = 104_729  # the split's stream differs from the held-out mask's for the same --seed
@@ -172,6 +172,44 @@ def _points(value: float) -> str:
     return f"{100 * value:+.1f} pt"
 
 
+REPAIRED = "repaired"  # --k auto: a k confirmed on validation rows, applied
+UNCONFIRMED = "unconfirmed"  # --k auto: nothing confirmed (or no rows that can confirm), unchanged
+GIVEN = "given"  # a given k the validation set does not show worse
+UNCHECKED = "unchecked"  # a given k with no validation set: nothing checked it
+REFUSED = "refused"  # a given k the validation set shows significantly worse at alpha
+TRAINED_ON = (
+    "the network trained on them, so their features carry their noisy labels and a head that agrees "
+    "more with them may only be memorising more"
+)  # why held-out training rows cannot confirm a change
+
+
+def outcome(decision: Decision | None) -> str:
+    """What a repair's evidence says; UNCHECKED for a given k with no validation set."""
+    return UNCHECKED if decision is None else decision.outcome
+
+
+def decision_power(decision: Decision, share: float = CONFIRMATION_SHARE) -> power.Power | None:
+    """The power of the decision's own test, at the discordance its rows measured (None: none)."""
+    test = decision.test
+    if test.gains + test.losses == 0:
+        return None
+    where = (
+        "validation"
+        if decision.given
+        else "held-out training"
+        if decision.data == "holdout"
+        else "confirmation"
+    )
+    return power.assess(
+        test.rows,
+        test.gains + test.losses,
+        test.rows,
+        f"k = {decision.best_k} against the unrepaired layer on the {where} rows",
+        decision.alpha,
+        1.0 if decision.given else share,
+    )
+
+
 @dataclass(frozen=True)
 class Decision:
     """What the rows that judge k say, and what lip does about it."""
@@ -190,6 +228,7 @@ class Decision:
     given: bool = False  # a k the user gave, tested on the whole validation set
     targets: str = "paper"  # the LAP targets of best_k
     targets_chosen: bool = False  # whether they were chosen on the selection part too (--targets auto)
+    power: power.Power | None = None  # what the test could detect (None: no discordance measured)
 
     @property
     def p_value(self) -> float:
@@ -209,6 +248,14 @@ class Decision:
     def confirmed(self) -> bool:
         """With --k auto: whether the chosen k passed the test and is applied."""
         return not self.given and self.k != self.rank
+
+    @property
+    def outcome(self) -> str:
+        """REPAIRED, UNCONFIRMED (auto), GIVEN or REFUSED (a given k the validation set shows worse)."""
+        if self.given:
+            worse = self.test.losses > self.test.gains and self.p_value_drop <= self.alpha
+            return REFUSED if worse else GIVEN
+        return REPAIRED if self.confirmed else UNCONFIRMED
 
     def accuracy(self, k: int) -> float:
         """Accuracy of the head at k (best_k or the rank) over the selection and confirmation rows."""
@@ -252,11 +299,17 @@ def decide(
         targets=targets,
         targets_chosen=targets_chosen,
     )
+    decision = replace(decision, power=decision_power(decision))
     rows = f"{test.rows:,}"
     named = f"k = {best}" + (f" ({targets} targets)" if targets_chosen else "")
     if best == rank:
         reason = (
             f"no k beats the unrepaired layer on the {selection_rows:,} selection rows; weights unchanged"
+        )
+    elif data == "holdout":
+        reason = (
+            f"best {named} ({_points(change)} on {selection_rows:,} held-out training rows) not tested: "
+            "no validation set; weights unchanged"
         )
     elif decision.p_value <= alpha:
         decision = replace(decision, k=best)
@@ -286,6 +339,7 @@ def significance(decision: Decision) -> str:
 def assess_given_k(test: PairedCounts, k: int, rank: int, alpha: float) -> Decision:
     """A k the user gave, tested against the unrepaired layer on the whole validation set."""
     decision = Decision(k, k, rank, "val", 0, test.change, test, alpha, [], [], given=True)
+    decision = replace(decision, power=decision_power(decision))
     reason = (
         f"k = {k}: {_points(test.change)} on {test.rows:,} validation rows "
         f"({_interval_text(decision)}), {significance(decision)}"
@@ -364,4 +418,14 @@ def auto_k(
     best = best_k(ks, accuracies)
     selection_rows = int(total(torch.tensor([float(sum(int(z.shape[0]) for z, _ in selection))]))[0])
     test = compare_heads(stats, best, chosen, confirmation, total)
-    return decide(ks, accuracies, selection_rows, test, best, rank, alpha, data, chosen, len(options) > 1)
+    decision = decide(ks, accuracies, selection_rows, test, best, rank, alpha, data, chosen, len(options) > 1)
+    others = [k for k in ks if k != rank]
+    if best == rank and others:  # nothing to test: the discordance of the runner-up, for the rows needed
+        runner = best_k(others, [accuracies[ks.index(k)] for k in others])
+        table = compare_heads(stats, runner, chosen, selection, total)
+        where = f"the runner-up k = {runner} against the unrepaired layer on the selection rows"
+        assessed = power.assess(
+            test.rows, table.gains + table.losses, table.rows, where, alpha, CONFIRMATION_SHARE
+        )
+        decision = replace(decision, power=assessed)
+    return decision

@@ -38,14 +38,18 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 
 def refuses(folder: Path, *args: object, named: tuple[str, ...] = (), code: int = 1) -> str:
-    """Run lip: exit `code`, one stderr line naming `named`, nothing on stdout, no file in `folder`
-    added or changed. Returns the line."""
+    """Run lip: exit `code`, one stderr line naming `named`, nothing on stdout (under --json: one
+    error document with that line and code), no file in `folder` added or changed. Returns the line."""
     before = snapshot(folder)
     result = run(*args)
     assert result.exit_code == code, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
-    assert result.stdout == ""
+    if "--json" in map(str, args):
+        error = {"message": lines[0].removeprefix("error: "), "exit_code": code}
+        assert json.loads(result.stdout)["error"] == error
+    else:
+        assert result.stdout == ""
     for name in named:
         assert name in lines[0], lines[0]
     assert snapshot(folder) == before

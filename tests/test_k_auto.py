@@ -85,7 +85,7 @@ def test_auto_without_validation_holds_out_training_samples(tmp_path: Path) -> N
     paths = save_problem(tmp_path, head)
     args = ["repair", paths["model"], "-f", paths["features"], "--k", "auto", "--dry-run", "--json"]
     first, second = run(*args), run(*args)
-    assert first.exit_code == 0, first.output
+    assert first.exit_code == 3, first.output  # rows the network trained on confirm nothing
     document = json.loads(first.stdout)
     assert document == json.loads(second.stdout)  # seeded
     assert document["k_selection"] == "holdout" and document["test"]["data"] == "holdout"
@@ -94,7 +94,13 @@ def test_auto_without_validation_holds_out_training_samples(tmp_path: Path) -> N
     held = int((torch.rand(600, generator=torch.Generator().manual_seed(0)) < 0.1).sum())
     assert document["test"]["confirmation_rows"] == held // 2
     assert document["test"]["selection_rows"] == held - held // 2
-    assert any("clean validation set (--val-features) is the reliable way" in w for w in document["warnings"])
+    assert document["test"]["best_k"] < document["rank"] == document["k_chosen"]  # would try, not applied
+    assert document["outcome"] == "unconfirmed" and document["exit_code"] == 3 and document["output"] is None
+    (warning,) = [w for w in document["warnings"] if w.startswith("--k auto without --val-features")]
+    assert f"k = {document['test']['best_k']} would be tried" in warning and "cannot confirm" in warning
+    assert "pass --val-features" in warning and "their labels may be noisy" in warning
+    human = " ".join(run(*args[:-1]).stderr.split())
+    assert "confirmed on held-out" not in human and "p-value" not in human
     other_seed = json.loads(run(*args, "--seed", "5").stdout)
     assert other_seed["k_curve"] != document["k_curve"]
 
@@ -124,19 +130,20 @@ def test_auto_leaves_the_layer_alone_when_no_k_helps(tmp_path: Path) -> None:
         "auto",
     ]
     result = run(*args, "--json")
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 3, result.output  # nothing confirmed, nothing written
     document = json.loads(result.stdout)
     assert document["k_chosen"] == document["rank"] == 5
     assert document["output"] is None and not (tmp_path / "model.lip.pt").exists()
     assert "no k beats the unrepaired layer" in result.stderr
     forced = run(*args, "--force-write", "--json")
-    assert forced.exit_code == 0, forced.output
+    assert forced.exit_code == 0, forced.output  # --force-write wrote what it was asked to
+    assert json.loads(forced.stdout)["forced"] and json.loads(forced.stdout)["outcome"] == "unconfirmed"
     original = torch.load(paths["model"], weights_only=True)
     copy = torch.load(tmp_path / "model.lip.pt", weights_only=True)
     assert all(torch.equal(copy[key], original[key]) for key in original)
 
 
-def test_explicit_k_that_lowers_validation_accuracy_warns(tmp_path: Path) -> None:
+def test_explicit_k_that_validation_shows_worse_is_refused(tmp_path: Path) -> None:
     head = make_head(n=300, q=10, l=5, seed=24)
     optimum = least_squares_head(head)
     # a trained-like head: the least-squares optimum scaled up, as cross-entropy training does
@@ -146,7 +153,8 @@ def test_explicit_k_that_lowers_validation_accuracy_warns(tmp_path: Path) -> Non
     result = run(
         "repair", paths["model"], "-f", paths["features"], "--val-features", tmp_path / "val.npz", "--k", 1
     )
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 4, result.output  # significantly worse: not written
+    assert not (tmp_path / "model.lip.pt").exists()
     document = json.loads(
         run(
             "repair",
@@ -172,12 +180,23 @@ def test_explicit_k_that_lowers_validation_accuracy_warns(tmp_path: Path) -> Non
     n = gains + losses
     assert test["p_value_drop"] == pytest.approx(sum(math.comb(n, i) for i in range(losses, n + 1)) / 2**n)
     assert test["p_value_drop"] <= 0.05
+    assert document["outcome"] == "refused" and document["exit_code"] == 4 and document["output"] is None
     warning = " ".join(result.stderr.split())
     assert "LOWERS validation accuracy" in warning and "a significant drop (p = " in warning
+    assert "on 300 rows" in warning and "not written (--force-write writes it" in warning
+    forced = run(*result_args(paths, tmp_path), "--k", 1, "--force-write")
+    assert forced.exit_code == 0 and "written anyway (--force-write)" in " ".join(forced.stderr.split())
+    written = torch.load(tmp_path / "model.lip.pt", weights_only=True)["fc.weight"]
+    assert json.loads((tmp_path / "model.lip.pt.lip.json").read_text())["outcome"] == "refused"
+    assert not torch.equal(written, torch.load(paths["model"], weights_only=True)["fc.weight"])
     assert document["decision"].startswith("k = 1: -") and "validation rows" in document["decision"]
     assert (
         "LOWERS" not in run("repair", paths["model"], "-f", paths["features"], "--k", 5, "--dry-run").stderr
     )
+
+
+def result_args(paths: dict[str, Path], folder: Path) -> list[object]:
+    return ["repair", paths["model"], "-f", paths["features"], "--val-features", folder / "val.npz"]
 
 
 @pytest.mark.parametrize("value", ["foo", "-1", "1.5"])
@@ -198,7 +217,7 @@ def test_repair_plot_of_the_k_curve(tmp_path: Path, head) -> None:
     result = run(
         "repair", paths["model"], "-f", paths["features"], "--k", "auto", "--plot", tmp_path / "k.png"
     )
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 3, result.output  # no validation rows: nothing confirmed
     assert image.imread(tmp_path / "k.png").ndim == 3
 
 
@@ -286,7 +305,7 @@ def test_alpha_sets_the_level_and_the_minimum(tmp_path: Path) -> None:
     np.savez(tmp_path / "small.npz", features=small.features.numpy(), labels=small.labels.numpy())
     base = ["repair", paths["model"], "-f", paths["features"], "--val-features", tmp_path / "small.npz"]
     accepted = run(*base, "--k", "auto", "--dry-run", "--json")
-    assert accepted.exit_code == 0, accepted.output
+    assert accepted.exit_code == json.loads(accepted.stdout)["exit_code"] in (0, 3), accepted.output
     assert json.loads(accepted.stdout)["test"]["alpha"] == 0.05
     refused = run(*base, "--k", "auto", "--alpha", "0.01")
     assert refused.exit_code == 1
@@ -315,7 +334,7 @@ def test_a_holdout_too_small_to_split(tmp_path: Path) -> None:
     assert "held-out rows are too few" in result.stderr and "at least 10" in result.stderr
     assert (
         run("repair", paths["model"], "-f", paths["features"], "--k", "auto", "--holdout", "0.5").exit_code
-        == 0
+        == 3
     )
 
 
@@ -328,7 +347,7 @@ def test_a_best_k_that_is_not_confirmed_writes_nothing(tmp_path: Path) -> None:
     np.savez(tmp_path / "val.npz", features=features.numpy(), labels=labels.numpy())
     args = ["repair", paths["model"], "-f", paths["features"], "--val-features", tmp_path / "val.npz"]
     result = run(*args, "--k", "auto", "--json")
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 3, result.output
     document = json.loads(result.stdout)
     test = document["test"]
     assert test["best_k"] < document["rank"] and not test["confirmed"] and test["p_value"] > 0.05
@@ -349,7 +368,7 @@ def test_targets_auto_is_chosen_with_k(tmp_path: Path) -> None:
     val = write_val(tmp_path, head)
     args = ["repair", paths["model"], "-f", paths["features"], "--val-features", val, "--dry-run"]
     result = run(*args, "--k", "auto", "--targets", "auto", "--json")
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == json.loads(result.stdout)["exit_code"] in (0, 3), result.output
     document = json.loads(result.stdout)
     assert document["test"]["targets_chosen"] and document["targets"] in ("paper", "logit-scale")
     assert document["targets"] == document["test"]["targets"]

@@ -285,7 +285,7 @@ def test_distinct_outputs_are_written(sandbox: Path) -> None:
     work = sandbox / "work"
     add_validation(work)
     outputs = ["work/out.pt", "work/out.pt.lip.json", "work/plot.png"]
-    sandboxed(sandbox, pt_args(work, PT_OUTPUTS), outputs, 0)
+    sandboxed(sandbox, pt_args(work, PT_OUTPUTS, "--force-write"), outputs, 0)  # k = 1 is refused without
 
 
 def test_output_suffix_must_match_the_format(sandbox: Path) -> None:

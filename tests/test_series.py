@@ -107,8 +107,9 @@ def test_labels_that_name_nothing_or_twice_are_usage_errors(
 ) -> None:
     paths = write_series(tmp_path)
     result = run(command, *paths, *[part for name in names for part in ("--label", name)], "--json")
-    assert result.exit_code == 2 and message in " ".join(result.output.split())
-    assert "{" not in result.stdout
+    assert result.exit_code == 2 and message in " ".join(result.stderr.split())
+    error = json.loads(result.stdout)["error"]  # under --json, a usage error is a document too
+    assert error["exit_code"] == 2 and message in error["message"]
 
 
 @pytest.mark.parametrize(
@@ -164,7 +165,7 @@ def test_bad_entry_in_the_middle_fails_with_its_name_and_writes_nothing(tmp_path
             assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
             for message in messages:
                 assert message in result.stderr, (command, result.stderr)
-            assert result.stdout == "" and not plot.exists()
+            assert json.loads(result.stdout)["error"]["exit_code"] == 1 and not plot.exists()
 
 
 def test_features_take_one_checkpoint(tmp_path: Path) -> None:
