@@ -153,14 +153,12 @@ def _is_out_of_memory(failure: Exception) -> bool:
 def _report_failure(failure: OSError | RecursionError) -> None:
     """One line for an operating-system error no check foresaw (the file it names and why), or for
     data nested deeper than Python's recursion limit, with what was already put in place."""
-    from lip_cli import report
-
     if isinstance(failure, RecursionError):
         what = "an input is nested too deeply to read (past Python's recursion limit)"
     else:
         what = f"{failure.filename}: {failure.strerror}" if failure.filename else first_line(failure)
     done = _placed_so_far()
-    report.error(f"{what}; " + (f"wrote only {done}" if done else "nothing was written"))
+    _fail(f"{what}; " + (f"wrote only {done}" if done else "nothing was written"), EXIT_BAD_INPUT)
 
 
 def _placed_so_far() -> str:
