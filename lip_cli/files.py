@@ -3,8 +3,10 @@
 The policy (`check_paths`): every input and output is resolved, links followed, before any work.
 Only regular files (and folders) are read; an output may not be an input, lie inside an input
 folder, hold an input, or be another output of the same run; an existing output is replaced only
-with --force, and a folder only when it is empty or was written by lip (it holds `lip.json`).
-Files named inside a folder (index entries, shards) must stay inside it.
+with --force, and a folder only when it is empty or was written by lip (it holds `lip.json`);
+a FIFO, socket or device never. Files named inside a folder (index entries, shards) must stay
+inside it. The check holds at the moment of writing too: `publish` never replaces an entry that
+appeared or changed after the check, and outputs written together land together or not at all.
 """
 
 from __future__ import annotations
@@ -356,20 +358,16 @@ def publish(temporary: Path, output: Path) -> bool:
     entry (same `_fingerprint`). Returns whether an old entry was replaced; it then lies at
     `temporary`, for the caller to remove (or to put back)."""
     expected, force = _checked.get(output, (None, False))
+    changed = f"{output}: changed while lip ran (another run, or another program); it is kept, "
     if expected is not None and force:
         if _exchange(temporary, output):
             if _fingerprint(os.lstat(temporary)) == expected:
                 return True
             _exchange(temporary, output)
-            raise LipError(f"{output}: was replaced by something else while lip ran; it is kept, {_so_far()}")
+            raise LipError(changed + _so_far())
         with contextlib.suppress(FileNotFoundError):
             if _fingerprint(os.lstat(output)) != expected:
-                raise LipError(
-                    f"{output}: was replaced by something else while lip ran; it is kept, {_so_far()}"
-                )
-            if not os.path.isdir(output) or os.path.islink(output):
-                os.replace(temporary, output)
-                return True
+                raise LipError(changed + _so_far())
             aside = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".old", dir=output.parent))
             os.replace(output, aside / output.name)
             os.replace(temporary, output)

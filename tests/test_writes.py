@@ -152,7 +152,7 @@ def test_with_force_only_the_entry_seen_at_the_start_is_replaced(sandbox: Path, 
 
     during_the_pass(monkeypatch, swap)
     result = run(*repair_args(work, work / "out.pt", "--force"))
-    assert result.exit_code == 1 and "replaced by something else while lip ran" in result.stderr
+    assert result.exit_code == 1 and "out.pt: changed while lip ran" in result.stderr
     assert (work / "out.pt").read_text() == "new user data\n" and leftovers(work) == []
 
 
@@ -518,3 +518,34 @@ def _has_matplotlib() -> bool:
     except ImportError:
         return False
     return True
+
+
+@pytest.mark.parametrize("renameat2", [True, False])
+def test_publication_holds_with_and_without_renameat2(tmp_path: Path, monkeypatch, renameat2: bool) -> None:
+    """The portable fallback (link(2), a move aside with interrupts held) keeps the same rules."""
+    if not renameat2:
+        monkeypatch.setattr(files, "_renameat2", lambda source, target, flags: False)
+    file, folder = tmp_path / "out.pt", tmp_path / "out"
+    file.write_text("old")
+    folder.mkdir()
+    (folder / "lip.json").write_text("{}")
+    files.check_paths([], [files.Output(file), files.Output(folder, folder=True)], force=True)
+    with files.atomic_output(file) as temporary:
+        temporary.write_text("new")
+    with files.atomic_folder(folder) as temporary:
+        (temporary / "lip.json").write_text('{"new": 1}')
+    assert file.read_text() == "new" and json.loads((folder / "lip.json").read_text()) == {"new": 1}
+    assert sorted(os.listdir(tmp_path)) == ["out", "out.pt"]
+    file.unlink()
+    files.check_paths([], [files.Output(file)], force=True)
+    with pytest.raises(LipError, match="appeared while lip ran"), files.atomic_output(file) as temporary:
+        file.write_text("the user's")
+        temporary.write_text("lip's")
+    files.check_paths([], [files.Output(file)], force=True)
+    with pytest.raises(LipError, match="changed while lip ran"), files.atomic_output(file) as temporary:
+        file.unlink()
+        file.write_text("another program's, longer")
+    assert file.read_text() == "another program's, longer" and sorted(os.listdir(tmp_path)) == [
+        "out",
+        "out.pt",
+    ]
