@@ -478,8 +478,11 @@ FULL_TMPFS_RUNS = """
 import json, sys
 from typer.testing import CliRunner
 from lip_cli.cli import app
+features = ["features", "demo.pt", "--model", "python:lip_cli.demo:demo_model", "--data", "inputs.npy"]
 runs = [["repair", "model.pt", "-f", "features.npy", "--k", "1", "-o", "full/o.pt"],
         ["repair", "hf", "-f", "features.npy", "--k", "1", "-o", "full/out"],
+        ["repair", "hf/model.safetensors", "-f", "features.npy", "--k", "1", "-o", "full/o.safetensors"],
+        [*features, "--labels", "targets.npy", "--out", "full/f.npy"],
         ["inspect", "model.pt", "--json", "--plot", "full/p.png"]]
 for args in runs[: int(sys.argv[1])]:
     result = CliRunner().invoke(app, args)
@@ -492,12 +495,13 @@ def test_a_full_tmpfs_is_one_line_and_leaves_nothing(sandbox: Path) -> None:
     work = sandbox / "work"
     (work / "full").mkdir()
     (work / "runs.py").write_text(FULL_TMPFS_RUNS)
-    runs = 3 if _has_matplotlib() else 2
+    npy_features(work)  # demo.pt, inputs.npy and targets.npy for lip features
+    names = ["o.pt", "out", "o.safetensors", "f.npy", "p.png"][: 5 if _has_matplotlib() else 4]
     done = in_private_mounts(
         f"""
         mount -t tmpfs -o size=64k tmpfs full || exit 99
-        head -c 61440 /dev/zero > full/filler
-        {sys.executable} runs.py {runs}
+        head -c 100000 /dev/zero > full/filler 2>/dev/null  # fills it: the last block too
+        {sys.executable} runs.py {len(names)}
         ls -A full
         """,
         work,
@@ -505,8 +509,8 @@ def test_a_full_tmpfs_is_one_line_and_leaves_nothing(sandbox: Path) -> None:
     if done.returncode == 99:
         pytest.skip("tmpfs cannot be mounted here")
     lines = done.stdout.strip().splitlines()
-    assert len(lines) == runs + 1 and lines[-1] == "filler", done.stdout + done.stderr
-    for line, name in zip(lines[:-1], ("o.pt", "out", "p.png"), strict=False):
+    assert len(lines) == len(names) + 1 and lines[-1] == "filler", done.stdout + done.stderr
+    for line, name in zip(lines[:-1], names, strict=True):
         code, message = json.loads(line)
         assert code == 1 and message.count("\n") == 1 and message.startswith("error: "), line
         assert f"full/{name}: cannot be written (No space left on device); nothing was written" in message
