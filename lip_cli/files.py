@@ -106,7 +106,7 @@ def check_paths(inputs: Iterable[Path | None], outputs: Iterable[Output | None],
     for source in sources:
         check_readable(source)
     real_sources = [(source, source.resolve()) for source in sources if source.exists()]
-    folders_up = {real: _identities_up(real) for _, real in real_sources}
+    folders_up: dict[Path, set[tuple[int, int]]] = {}  # per folder: a model folder's files share them
     absent = [(source, _location(source)) for source in sources if not os.path.lexists(source)]
     seen: list[tuple[Output, Path, Path]] = []
     for output in targets:
@@ -126,7 +126,9 @@ def check_paths(inputs: Iterable[Path | None], outputs: Iterable[Output | None],
             for place in (location, target):
                 if real.is_dir() and place != real and (inside or _within(place, real)):
                     raise LipError(f"{path}: output lies inside the input folder {source}; choose another")
-                if _within(real, place) or places & folders_up[real]:
+                if places and real.parent not in folders_up:
+                    folders_up[real.parent] = _identities_up(real.parent)
+                if _within(real, place) or places & folders_up.get(real.parent, set()):
                     raise LipError(f"{path}: output would hold the input {source}; choose another")
         for source, place in absent:  # read when present (a provenance sidecar): never written by a run
             if location == place:
