@@ -275,9 +275,12 @@ def atomic_outputs(*outputs: Path) -> Iterator[list[Path]]:
     temporaries: list[Path] = []
     try:
         for target in targets:
-            handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            with signals_held():  # made and recorded in one step, so that clean-up finds it
+                handle, temporary = tempfile.mkstemp(
+                    prefix=f".{target.name}.", suffix=".tmp", dir=target.parent
+                )
+                temporaries.append(Path(temporary))
             os.close(handle)
-            temporaries.append(Path(temporary))
             os.chmod(temporary, 0o666 & ~_umask())
         yield temporaries
         for temporary in temporaries:
@@ -313,7 +316,8 @@ def atomic_folder(output: Path) -> Iterator[Path]:
     output = _location(Path(output))
     temporary = None
     try:
-        temporary = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+        with signals_held():
+            temporary = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
         os.chmod(temporary, 0o777 & ~_umask())
         yield temporary
         for file in temporary.rglob("*"):
