@@ -392,8 +392,7 @@ def publish(temporary: Path, output: Path) -> bool:
     return False
 
 
-RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2  # linux/fs.h
-AT_FDCWD = -100
+RENAME_NOREPLACE, RENAME_EXCHANGE, AT_FDCWD = 1, 2, -100  # linux/fs.h, fcntl.h
 
 
 @functools.cache
@@ -439,13 +438,10 @@ def _rename_no_replace(source: Path, target: Path) -> None:
     if not os.path.isdir(source):
         try:
             os.link(source, target, follow_symlinks=False)
-        except FileExistsError:
-            raise
-        except OSError:
-            pass
-        else:
-            os.unlink(source)
-            return
+            return os.unlink(source)
+        except (NotImplementedError, OSError) as error:  # no hard links here: the last check below
+            if isinstance(error, FileExistsError):
+                raise
     if os.path.lexists(target):
         raise FileExistsError(errno.EEXIST, "exists", str(target))
     os.rename(source, target)
