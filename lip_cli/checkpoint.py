@@ -22,7 +22,7 @@ from torch import Tensor
 from lip_cli import formats
 from lip_cli.arrays import load_torch_file
 from lip_cli.errors import LipError, first_line
-from lip_cli.files import LIP_RECORD, atomic_folder, atomic_output, copy_folder, member
+from lip_cli.files import LIP_RECORD, atomic_folder, atomic_outputs, copy_folder, member
 
 WRAPPER_PREFIXES = ("model.", "module.", "_orig_mod.", "net.", "network.")  # Lightning, DDP, compile
 EMA_COMPONENTS = {"ema", "model_ema", "ema_model", "ema_state_dict", "shadow"}
@@ -410,11 +410,14 @@ def write_checkpoint(
     if checkpoint.format == "hf":
         _write_hf_folder(checkpoint, state, set(updates), output, record)
         return
-    with atomic_output(output) as temporary:
+    sidecar = checkpoint.format == "pt" and provenance is not None
+    with atomic_outputs(output, *([sidecar_path(output)] if sidecar else [])) as temporaries:
         if checkpoint.format == "safetensors":
             from safetensors.torch import save_file
 
-            save_file(dict(state), str(temporary), metadata={"format": "pt", **checkpoint.metadata, **record})
+            save_file(
+                dict(state), str(temporaries[0]), metadata={"format": "pt", **checkpoint.metadata, **record}
+            )
         else:
             if hasattr(checkpoint.state, "_metadata"):
                 state._metadata = checkpoint.state._metadata  # type: ignore[attr-defined]
@@ -422,10 +425,9 @@ def write_checkpoint(
             if checkpoint.nested_key is not None:
                 container = type(checkpoint.container)(checkpoint.container)  # type: ignore[call-arg]
                 container[checkpoint.nested_key] = state  # type: ignore[index]
-            _torch_save(container, temporary, checkpoint.legacy)
-    if checkpoint.format == "pt" and provenance is not None:
-        with atomic_output(sidecar_path(output)) as temporary:
-            temporary.write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+            _torch_save(container, temporaries[0], checkpoint.legacy)
+        if sidecar:  # written before either is put in place: both land, or neither
+            temporaries[1].write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
 
 
 def _write_hf_folder(
@@ -434,6 +436,12 @@ def _write_hf_folder(
     """A copy of the folder in which only the shards holding changed tensors are rewritten, in the
     layout lip read and in any other layout of the same model there (pytorch_model.bin beside
     model.safetensors), so that no stale copy of the layer is left behind."""
+    for shards, _, name in _hf_layouts(checkpoint.path):
+        if record and LIP_RECORD in shards:
+            raise LipError(
+                f"{checkpoint.path}: {name} names a weight file {LIP_RECORD}, where lip keeps its record; "
+                "rename that shard"
+            )
     with atomic_folder(output) as folder:
         copy_folder(checkpoint.path, folder)
         for shard in sorted({checkpoint.shard_of[key] for key in changed}):

@@ -417,6 +417,8 @@ def repair(
 
     Under `torchrun --nproc-per-node N -m lip_cli repair ...` the ranks share the pass; rank 0 reports.
     """
+    if dry_run and plot is not None:
+        raise usage_error("--dry-run writes nothing, no figure either; drop --plot or --dry-run", "--plot")
     with user_errors(json_output):
         from lip_cli import distributed, jobs, plots, report
 
@@ -442,6 +444,8 @@ def repair(
             alpha=alpha,
             plot=plot,
         )
+        for path in jobs.outputs_in_the_way(request) if distributed.is_leader() else []:
+            report.warning(f"{path}: already exists; without --force the run stops there if it confirms a k")
         with report.progress_bar(enabled=not json_output and distributed.is_leader()) as progress:
             result = jobs.repair_checkpoint(request, progress)
         if distributed.is_leader():

@@ -5,6 +5,7 @@ Everything `lip repair` needs, made on the CPU in seconds with nothing downloade
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -124,8 +125,6 @@ def make_demo(folder: Path, force: bool = False, settings: DemoSettings | None =
     settings = settings or DemoSettings()
     folder = Path(folder)
     check_demo_folder(folder, force)
-    for part in ("train", "val"):
-        (folder / part).mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
@@ -143,16 +142,26 @@ def make_demo(folder: Path, force: bool = False, settings: DemoSettings | None =
         "epoch": settings.epochs,
         "noise_rate": settings.noise_rate,
     }
-    with files.atomic_output(folder / "model.pt") as temporary:
-        torch.save(checkpoint, temporary)
-    for name, values in (
-        ("train/inputs.npy", train_inputs),
-        ("train/targets.npy", noisy_labels),
-        ("val/inputs.npy", val_inputs),
-        ("val/targets.npy", val_labels),
-    ):
-        with files.atomic_output(folder / name) as temporary, open(temporary, "wb") as handle:
-            np.save(handle, values.numpy())
+    arrays = (train_inputs, noisy_labels, val_inputs, val_labels)  # in the order of DEMO_FILES[1:]
+    wanted = [*reversed(folder.parents), folder, folder / "train", folder / "val"]
+    made = [part for part in wanted if not os.path.lexists(part)]
+    try:  # the folders only now, so that a failure or an interrupt before the end leaves none
+        for part in made:
+            try:
+                part.mkdir()
+            except OSError as error:
+                raise LipError(f"{part}: cannot be made ({error.strerror}); nothing was written") from None
+        files.check_paths([], [files.Output(folder / name) for name in DEMO_FILES], force)
+        with files.atomic_outputs(*(folder / name for name in DEMO_FILES)) as temporaries:
+            torch.save(checkpoint, temporaries[0])
+            for temporary, values in zip(temporaries[1:], arrays, strict=True):
+                with open(temporary, "wb") as handle:
+                    np.save(handle, values.numpy())
+    except BaseException:
+        for part in reversed(made):
+            with contextlib.suppress(OSError):
+                part.rmdir()
+        raise
     return DemoResult(folder, settings, train_accuracy, val_accuracy)
 
 

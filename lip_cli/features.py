@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from lip_cli.arrays import NpyWriter
 from lip_cli.checkpoint import is_ema, is_head_name
 from lip_cli.errors import LipError, first_line
-from lip_cli.files import Output, atomic_output, check_paths
+from lip_cli.files import Output, atomic_outputs, check_paths
 from lip_cli.layout import labels_file
 
 OUTPUT_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -90,7 +90,7 @@ def collect_features(
     check_paths([], [Output(path) for path in outputs or ()], force)
     with contextlib.ExitStack() as stack:
         writers: list[NpyWriter] = []
-        temporaries = [stack.enter_context(atomic_output(path)) for path in outputs] if outputs else []
+        temporaries = stack.enter_context(atomic_outputs(*outputs)) if outputs else []
         parts: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
         try:
             model.to(device).eval()

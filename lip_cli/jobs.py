@@ -549,17 +549,29 @@ def repair_outputs(request: RepairRequest, output: Path | None) -> list[files.Ou
     if output is None:
         return outputs
     source = Path(request.checkpoint)
+    deferred = request.k == AUTO  # may write nothing: an existing output is refused when written
     if source.is_dir():
-        return [files.Output(output, folder=True), *outputs]
+        return [files.Output(output, folder=True, deferred=deferred), *outputs]
     content = formats.detect_format(source) if source.is_file() and request.output else None
     own = (source.suffix.lower(),)  # the default output keeps the input's naming; so may --output
+    sidecar = files.Output(checkpoint.sidecar_path(output), deferred=deferred)
     if content in formats.TORCH_FORMATS:
-        torch_file = files.Output(output, suffixes=formats.TORCH_SUFFIXES + own)
-        return [torch_file, files.Output(checkpoint.sidecar_path(output)), *outputs]
+        torch_file = files.Output(output, suffixes=formats.TORCH_SUFFIXES + own, deferred=deferred)
+        return [torch_file, sidecar, *outputs]
     if content == formats.SAFETENSORS:
-        return [files.Output(output, suffixes=(".safetensors", *own)), *outputs]
-    sidecar = [files.Output(checkpoint.sidecar_path(output))] if checkpoint.writes_sidecar(source) else []
-    return [files.Output(output), *sidecar, *outputs]
+        return [files.Output(output, suffixes=(".safetensors", *own), deferred=deferred), *outputs]
+    sidecars = [sidecar] if checkpoint.writes_sidecar(source) else []
+    return [files.Output(output, deferred=deferred), *sidecars, *outputs]
+
+
+def outputs_in_the_way(request: RepairRequest) -> list[Path]:
+    """Outputs of a --k auto run that exist already, for a note before the work: without --force,
+    the run stops with one line when it comes to write them (it may write nothing)."""
+    if request.k != AUTO or request.force or request.dry_run:
+        return []
+    output = Path(request.output or files.sibling_output(request.checkpoint))
+    found = repair_outputs(request, output)
+    return [out.path for out in found if out.deferred and (out.path.exists() or out.path.is_symlink())]
 
 
 def _repair(
