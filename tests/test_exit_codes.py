@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from test_k_auto import least_squares_head, write_val
 from typer.testing import CliRunner
 
-from lip_cli import demo, errors, jobs, report, selection
+from lip_cli import __version__, demo, errors, jobs, report, selection
 from lip_cli.cli import app
 from lip_cli.errors import LipError, Terminated
 
@@ -225,7 +225,8 @@ def test_every_failure_under_json_is_one_error_document(
     (line,) = result.stderr.splitlines()
     assert line.startswith(f"error: {message}")
     assert json.loads(result.stdout) == {
-        "error": {"message": line.removeprefix("error: "), "exit_code": code}
+        "lip_version": __version__,
+        "error": {"message": line.removeprefix("error: "), "exit_code": code},
     }
     assert run(*args).stdout == ""  # without --json stdout stays empty
 

@@ -17,8 +17,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from lip_cli import report
+from lip_cli import __version__, report
 from lip_cli.cli import app
+from lip_cli.errors import EXIT_UNCONFIRMED
 from tests.conftest import make_head, save_problem
 
 runner = CliRunner(env={"COLUMNS": "400"})
@@ -187,7 +188,7 @@ def test_chunk_rows_past_the_data_cost_only_the_data(problem, rows: int) -> None
         "--chunk-rows",
         rows,
     )
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == EXIT_UNCONFIRMED, result.output  # auto without validation rows
 
 
 def test_torch_cpu_allocation_failure_is_the_out_of_memory_line(problem, monkeypatch) -> None:
@@ -217,7 +218,9 @@ def test_tiny_weights_give_finite_json(tmp_path: Path) -> None:
 
 def test_json_documents_never_hold_nan(capsys) -> None:
     report.print_json({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": -float("inf"), "e": 2}})
-    assert json.loads(capsys.readouterr().out) == {"a": None, "b": [1.0, None], "c": {"d": None, "e": 2}}
+    document = json.loads(capsys.readouterr().out)
+    assert document.pop("lip_version") == __version__
+    assert document == {"a": None, "b": [1.0, None], "c": {"d": None, "e": 2}}
 
 
 def test_a_valid_checkpoint_with_a_name_near_the_limit(tmp_path: Path, problem) -> None:
