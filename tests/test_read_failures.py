@@ -118,7 +118,7 @@ def test_symlink_loops_are_named(tmp_path: Path, problem) -> None:
         run("repair", problem["model"], "-f", problem["features"], "--k", 3, "-o", loop, "--force"), message
     )
     one_line(
-        run("repair", problem["model"], "-f", problem["features"], "--k", 3, "--dry-run", "--plot", loop),
+        run("repair", problem["model"], "-f", problem["features"], "--k", 3, "--plot", loop),
         message,
     )
 

@@ -88,7 +88,7 @@ def test_force_never_replaces_a_device_node(sandbox: Path) -> None:
 def test_a_fifo_at_a_feature_cache_or_a_demo_file_is_refused(sandbox: Path) -> None:
     work = sandbox / "work"
     (work / "cache").mkdir()
-    os.mkfifo(work / "cache" / "labels.npy")
+    os.mkfifo(work / "cache" / "f.labels.npy")
     np.save(work / "inputs.npy", np.zeros((4, 64), dtype=np.float32))
     args = ["features", work / "model.pt", "--model", "python:lip_cli.demo:demo_model", "--data"]
     args += [
@@ -99,7 +99,7 @@ def test_a_fifo_at_a_feature_cache_or_a_demo_file_is_refused(sandbox: Path) -> N
         work / "cache" / "f.npy",
         "--force",
     ]
-    sandboxed(sandbox, args, [], 1, "labels.npy: is a FIFO")
+    sandboxed(sandbox, args, [], 1, "f.labels.npy: is a FIFO")
     (work / "demo").mkdir()
     os.mkfifo(work / "demo" / "model.pt")
     sandboxed(sandbox, ["demo", work / "demo", "--force"], [], 1, "model.pt: is a FIFO")
