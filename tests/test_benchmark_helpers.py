@@ -91,9 +91,10 @@ def test_cifar100_setting_runs_end_to_end(tmp_path: Path) -> None:
     assert 0.0 <= row["train_noisy"] <= 1.0 and row["oracle paper"][0] >= 0.0
 
 
-def test_the_benchmarks_cross_fit_protocol_is_what_auto_k_decides() -> None:
-    """The accuracy table's `cross-fit` rows come from benchmarks/selection_protocols.py: the same
-    decisions as lip's own selection.auto_k on the same rows."""
+@pytest.mark.parametrize("protocol, cross_fit", [("split 50/50", False), ("cross-fit", True)])
+def test_the_benchmarks_protocols_are_what_auto_k_decides(protocol: str, cross_fit: bool) -> None:
+    """The accuracy table's protocol rows come from benchmarks/selection_protocols.py: the same
+    decisions as lip's own selection.auto_k on the same rows (its default, and cross-fitted)."""
     import selection_protocols
     import torch
 
@@ -109,10 +110,10 @@ def test_the_benchmarks_cross_fit_protocol_is_what_auto_k_decides() -> None:
         stats.update(x[:150], y[:150])
         z, labels = stats.project(x[150:]), y[150:]
         for targets in ("paper", "logit-scale", "auto"):
-            ours = selection_protocols.run_protocol("cross-fit", stats, z, labels, seed, targets)
+            ours = selection_protocols.run_protocol(protocol, stats, z, labels, seed, targets)
             confirm = selection.split_rows(torch.ones(150, dtype=torch.bool), seed)
             parts = [(z[~confirm], labels[~confirm])], [(z[confirm], labels[confirm])]
-            decision = selection.auto_k(stats, *parts, targets)
+            decision = selection.auto_k(stats, *parts, targets, cross_fit=cross_fit)
             assert (ours["k"], ours["best_k"], ours["confirmed"]) == (
                 decision.k,
                 decision.best_k,
