@@ -57,6 +57,8 @@ def test_two_ranks_equal_one_process(sharded: Path, k: str) -> None:
         k,
         "--chunk-rows",
         "100",
+        "--targets",
+        "paper",  # auto confirms a change on these shards with the paper's targets: both ranks write it
         "--json",
     ]
     single = runner.invoke(app, [*map(str, args), "-o", str(sharded / "one.pt")])
