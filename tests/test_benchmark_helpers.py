@@ -87,4 +87,38 @@ def test_cifar100_setting_runs_end_to_end(tmp_path: Path) -> None:
     folder = write_fake_cifar(tmp_path, per_split=48)
     row = noisy_labels.run_cifar100(folder, "asymmetric", 0.2, seed=0, epochs=1, device="cpu")
     assert 0.0 <= row["original"] <= 1.0
-    assert {"psp k=10", "lip k=75", "lip-ls k=25", "auto val", "auto-ls holdout"} <= set(row)
+    assert {"psp k=10", "lip k=75", "lip-ls k=25", "cross-fit|logit-scale", "holdout|paper"} <= set(row)
+    assert 0.0 <= row["train_noisy"] <= 1.0 and row["oracle paper"][0] >= 0.0
+
+
+@pytest.mark.parametrize("protocol, cross_fit", [("split 50/50", False), ("cross-fit", True)])
+def test_the_benchmarks_protocols_are_what_auto_k_decides(protocol: str, cross_fit: bool) -> None:
+    """The accuracy table's protocol rows come from benchmarks/selection_protocols.py: the same
+    decisions as lip's own selection.auto_k on the same rows (its default, and cross-fitted)."""
+    import selection_protocols
+    import torch
+
+    from lip_cli import selection
+    from lip_cli.lip import LapStatistics
+
+    for seed in range(12):
+        generator = torch.Generator().manual_seed(seed)
+        weight = torch.randn(5, 8, generator=generator, dtype=torch.float64)
+        x = torch.randn(300, 8, generator=generator, dtype=torch.float64)
+        y = (x[:, :5] + 0.8 * torch.randn(300, 5, generator=generator, dtype=torch.float64)).argmax(1)
+        stats = LapStatistics(weight, torch.zeros(5, dtype=torch.float64))
+        stats.update(x[:150], y[:150])
+        z, labels = stats.project(x[150:]), y[150:]
+        for targets in ("paper", "logit-scale", "auto"):
+            ours = selection_protocols.run_protocol(protocol, stats, z, labels, seed, targets)
+            confirm = selection.split_rows(torch.ones(150, dtype=torch.bool), seed)
+            parts = [(z[~confirm], labels[~confirm])], [(z[confirm], labels[confirm])]
+            decision = selection.auto_k(stats, *parts, targets, cross_fit=cross_fit)
+            assert (ours["k"], ours["best_k"], ours["confirmed"]) == (
+                decision.k,
+                decision.best_k,
+                decision.confirmed,
+            )
+            assert ours["targets"] == decision.targets and ours["p"] == pytest.approx(
+                decision.p_value if decision.best_k != decision.rank else 1.0
+            )

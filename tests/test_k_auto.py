@@ -36,12 +36,11 @@ def chosen_by_rule(curve: list[dict], column: str) -> int:
 
 
 def test_auto_on_validation_chooses_on_one_part_and_confirms_on_the_other(tmp_path: Path) -> None:
-    head = make_head(n=400, q=16, l=8, seed=21)  # a random, untrained head: LAP helps a lot
+    head = make_head(n=400, q=16, l=8, seed=21)  # a random, untrained head: the paper's LAP helps a lot
     paths = save_problem(tmp_path, head)
     val = write_val(tmp_path, head)
-    result = run(
-        "repair", paths["model"], "-f", paths["features"], "--val-features", val, "--k", "auto", "--json"
-    )
+    args = ["repair", paths["model"], "-f", paths["features"], "--val-features", val, "--k", "auto"]
+    result = run(*args, "--targets", "paper", "--json")
     assert result.exit_code == 0, result.output
     document = json.loads(result.stdout)
     curve, test = document["k_curve"], document["test"]
@@ -73,9 +72,7 @@ def test_auto_on_validation_chooses_on_one_part_and_confirms_on_the_other(tmp_pa
         "repair", paths["model"], "-f", paths["features"], "--k", document["k_chosen"], "--dry-run", "--json"
     )
     assert json.loads(explicit.stdout)["singular_values_after"] == document["singular_values_after"]
-    human = run(
-        "repair", paths["model"], "-f", paths["features"], "--val-features", val, "--k", "auto", "--dry-run"
-    )
+    human = run(*args, "--targets", "paper", "--dry-run")
     text = " ".join(human.stderr.split())
     assert "decision: " + document["decision"] in text and "exact one-sided McNemar" in text
 
@@ -346,7 +343,7 @@ def test_a_best_k_that_is_not_confirmed_writes_nothing(tmp_path: Path) -> None:
     labels = torch.randint(5, (200,), generator=generator)  # independent of the features: no k can help
     np.savez(tmp_path / "val.npz", features=features.numpy(), labels=labels.numpy())
     args = ["repair", paths["model"], "-f", paths["features"], "--val-features", tmp_path / "val.npz"]
-    result = run(*args, "--k", "auto", "--json")
+    result = run(*args, "--k", "auto", "--targets", "paper", "--json")
     assert result.exit_code == 3, result.output
     document = json.loads(result.stdout)
     test = document["test"]
@@ -360,6 +357,23 @@ def test_a_best_k_that_is_not_confirmed_writes_nothing(tmp_path: Path) -> None:
         result.stderr.split()
     )
     assert not (tmp_path / "model.lip.pt").exists()
+
+
+def test_targets_default_to_logit_scale_with_k_auto_and_to_the_paper_with_a_given_k(
+    tmp_path: Path,
+) -> None:
+    head = make_head(n=400, q=16, l=8, seed=21)
+    paths = save_problem(tmp_path, head)
+    val = write_val(tmp_path, head)
+    args = ["repair", paths["model"], "-f", paths["features"], "--val-features", val, "--dry-run", "--json"]
+    auto = json.loads(run(*args, "--k", "auto").stdout)
+    assert auto["targets"] == auto["test"]["targets"] == "logit-scale"
+    assert (
+        auto["k_curve"] == json.loads(run(*args, "--k", "auto", "--targets", "logit-scale").stdout)["k_curve"]
+    )
+    given = json.loads(run(*args, "--k", 3).stdout)
+    paper = json.loads(run(*args, "--k", 3, "--targets", "paper").stdout)
+    assert given["targets"] == "paper" and given["singular_values_after"] == paper["singular_values_after"]
 
 
 def test_targets_auto_is_chosen_with_k(tmp_path: Path) -> None:

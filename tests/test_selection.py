@@ -103,12 +103,14 @@ def test_split_is_seeded_exact_and_within_the_eligible_rows() -> None:
 def test_minimum_rows_follows_alpha() -> None:
     assert selection.minimum_rows(0.05) == 10  # 5 confirmation rows: a sweep has p = 1/32
     assert selection.minimum_rows(0.01) == 14  # 7: 1/128
+    assert selection.minimum_rows(0.05, tests=2) == 12  # cross-fitted, 6 rows: 1/64 <= 0.05 / 2
     assert selection.minimum_rows(0.5) == 2
     for alpha in (0.05, 0.01, 0.2):
         rows = selection.minimum_rows(alpha)
+        level = alpha / selection.TESTS
         sweep = selection.mcnemar_p_value(selection.confirmation_count(rows), 0)
         smaller = selection.mcnemar_p_value(selection.confirmation_count(rows - 1), 0)
-        assert sweep <= alpha < smaller or selection.confirmation_count(
+        assert sweep <= level < smaller or selection.confirmation_count(
             rows - 1
         ) == selection.confirmation_count(rows)
 
@@ -158,7 +160,7 @@ def test_paired_counts_of_two_masks() -> None:
     assert selection.as_counts(selection.paired_counts(before, after)) == PairedCounts(2, 1, 1, 1)
 
 
-def _auto_on_random_labels(seed: int) -> selection.Decision:
+def _auto_on_random_labels(seed: int, targets: str = "paper", cross_fit: bool = False) -> selection.Decision:
     """A head, training rows and validation rows whose labels are independent of the features."""
     generator = torch.Generator().manual_seed(seed)
     q, classes = 6, 4
@@ -170,16 +172,41 @@ def _auto_on_random_labels(seed: int) -> selection.Decision:
     stats.update(x[:60], y[:60])
     z = stats.project(x[60:])
     confirm = selection.split_rows(torch.ones(60, dtype=torch.bool), seed)
-    return selection.auto_k(stats, [(z[~confirm], y[60:][~confirm])], [(z[confirm], y[60:][confirm])])
+    parts = [(z[~confirm], y[60:][~confirm])], [(z[confirm], y[60:][confirm])]
+    return selection.auto_k(stats, *parts, targets, cross_fit=cross_fit)
 
 
-def test_false_changes_stay_within_alpha_when_no_k_can_help() -> None:
+@pytest.mark.parametrize("cross_fit", [False, True])
+@pytest.mark.parametrize("targets", ["paper", "logit-scale", "auto"])
+def test_false_changes_stay_within_alpha_when_no_k_can_help(targets: str, cross_fit: bool) -> None:
     runs = 240
-    decisions = [_auto_on_random_labels(seed) for seed in range(runs)]
+    decisions = [_auto_on_random_labels(seed, targets, cross_fit) for seed in range(runs)]
     changed = sum(decision.confirmed for decision in decisions) / runs
     proposed = sum(decision.best_k != decision.rank for decision in decisions) / runs
     assert proposed > 0.3  # the selection part alone would change the head often: the test is what stops it
     assert changed <= 0.05 + 3 * math.sqrt(0.05 * 0.95 / runs)
+    tests = 2 if cross_fit else 1
+    assert all(decision.tests == tests and decision.level == 0.05 / tests for decision in decisions)
+
+
+def test_cross_fitting_takes_the_stronger_of_two_one_way_decisions() -> None:
+    """Each half chooses once and is tested once; the smaller p-value decides, each test at alpha / 2."""
+    for seed in range(40):
+        both = _auto_on_random_labels(seed, cross_fit=True)
+        one_way = _auto_on_random_labels(seed)
+        assert one_way.tests == 1 and one_way.level == one_way.alpha
+        if one_way.best_k != one_way.rank:
+            assert both.p_value <= one_way.p_value
+        assert both.confirmed == (both.best_k != both.rank and both.p_value <= 0.025)
+
+
+def test_a_cross_fitted_test_needs_p_below_alpha_over_two() -> None:
+    table = PairedCounts(50, 9, 2, 39)  # p = 0.0327: below 0.05, above 0.025
+    assert 0.025 < selection.mcnemar_p_value(9, 2) < 0.05
+    args = ([0, 1, 2], [0.5, 0.6, 0.5], 100, table, 1, 2, 0.05, "val")
+    assert selection.decide(*args).confirmed
+    crossed = selection.decide(*args, tests=2)
+    assert not crossed.confirmed and crossed.k == 2 and "needs p <= 0.025" in crossed.reason
 
 
 @functools.cache

@@ -57,6 +57,8 @@ def test_two_ranks_equal_one_process(sharded: Path, k: str) -> None:
         k,
         "--chunk-rows",
         "100",
+        "--targets",
+        "paper",  # auto confirms a change on these shards with the paper's targets: both ranks write it
         "--json",
         *(["--force-write"] if k == "auto" else []),  # auto without validation rows writes no change
     ]
