@@ -212,6 +212,8 @@ def test_k_auto_with_an_existing_output_refuses_only_when_it_writes(tmp_path: Pa
         tmp_path / "val.npz",
         "--k",
         "auto",
+        "--targets",
+        "paper",  # a least-squares head: the paper's targets repair it
     )
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 1 and lines[0].startswith("warning: ") and "already exists" in lines[0]
