@@ -22,7 +22,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 from results_md import replace_section  # noqa: E402
 
-from lip_cli.jobs import FeaturesRequest, extract_features  # noqa: E402
+from lip_cli.jobs.features import FeaturesRequest, extract_features  # noqa: E402
 from lip_cli.models import BuiltModel, ImageFolderData, eval_transform  # noqa: E402
 
 

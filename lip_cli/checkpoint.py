@@ -22,7 +22,8 @@ from torch import Tensor
 from lip_cli import formats
 from lip_cli.arrays import load_torch_file
 from lip_cli.errors import LipError, first_line
-from lip_cli.files import LIP_RECORD, atomic_folder, atomic_outputs, copy_folder, member
+from lip_cli.files import LIP_RECORD, copy_folder, member
+from lip_cli.writes import atomic_folder, atomic_outputs
 
 WRAPPER_PREFIXES = ("model.", "module.", "_orig_mod.", "net.", "network.")  # Lightning, DDP, compile
 EMA_COMPONENTS = {"ema", "model_ema", "ema_model", "ema_state_dict", "shadow"}

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lip_cli import files
+from lip_cli import files, writes
 from lip_cli.errors import LipError
 
 DEMO_FILES = ("model.pt", "train/inputs.npy", "train/targets.npy", "val/inputs.npy", "val/targets.npy")
@@ -152,7 +152,7 @@ def make_demo(folder: Path, force: bool = False, settings: DemoSettings | None =
             except OSError as error:
                 raise LipError(f"{part}: cannot be made ({error.strerror}); nothing was written") from None
         files.check_paths([], [files.Output(folder / name) for name in DEMO_FILES], force)
-        with files.atomic_outputs(*(folder / name for name in DEMO_FILES)) as temporaries:
+        with writes.atomic_outputs(*(folder / name for name in DEMO_FILES)) as temporaries:
             torch.save(checkpoint, temporaries[0])
             for temporary, values in zip(temporaries[1:], arrays, strict=True):
                 with open(temporary, "wb") as handle:

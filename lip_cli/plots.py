@@ -6,12 +6,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lip_cli.errors import LipError
-from lip_cli.files import atomic_output
+from lip_cli.writes import atomic_output
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from lip_cli.jobs import CompareReport, LayerReport, SeriesReport
+    from lip_cli.jobs.compare import CompareReport
+    from lip_cli.jobs.inspect import LayerReport, SeriesReport
 
 
 def _pyplot() -> Any:

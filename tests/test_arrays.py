@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lip_cli import arrays
+from lip_cli import arrays, labelled
 from lip_cli.errors import LipError
 
 
@@ -80,4 +80,4 @@ def test_rows_at_an_odd_offset_come_back_aligned(tmp_path: Path) -> None:
 def test_labels_of_one_value_are_refused_when_opened(tmp_path: Path) -> None:
     np.save(tmp_path / "labels.npy", np.int64(3))
     with pytest.raises(LipError, match=r"labels\.npy: labels must be a class vector .*shape \(\)"):
-        arrays.open_labels(tmp_path / "labels.npy")
+        labelled.open_labels(tmp_path / "labels.npy")

@@ -309,7 +309,7 @@ def test_unsigned_labels_inside_safetensors(tmp_path: Path, problem) -> None:
 )
 def test_unsigned_labels_read_as_their_values(tmp_path: Path, dtype, values: list[int], suffix: str) -> None:
     """Every unsigned id that fits int64 reads as itself, in every format; larger ones are refused."""
-    from lip_cli import arrays
+    from lip_cli import labelled
     from lip_cli.errors import LipError
 
     limit = np.iinfo(dtype).max
@@ -321,7 +321,7 @@ def test_unsigned_labels_read_as_their_values(tmp_path: Path, dtype, values: lis
         np.savez(path, labels=labels)
     else:
         save_file({"labels": torch.from_numpy(labels)}, str(path))
-    source = arrays.open_labels(path)
+    source = labelled.open_labels(path)
     assert source.dtype == torch.int64
     if int(labels.max()) > np.iinfo(np.int64).max:
         with pytest.raises(LipError, match="larger than any class id"):

@@ -21,7 +21,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from lip_cli import arrays, checkpoint, pickle_scan
+from lip_cli import checkpoint, labelled, pickle_scan
 from lip_cli.cli import app
 from lip_cli.errors import LipError
 from tests.conftest import make_head, save_problem
@@ -152,7 +152,7 @@ def test_a_value_the_pickle_only_declares_is_refused(tmp_path: Path, problem, ki
 def test_a_features_file_that_is_one_declared_value_is_refused(tmp_path: Path) -> None:
     torch.save(_Sized(bytearray, 3 * 10**9), tmp_path / "features.pt")
     with pytest.raises(LipError, match="builds a bytearray of 3,000,000,000 bytes"):
-        arrays.open_features(tmp_path / "features.pt")
+        labelled.open_features(tmp_path / "features.pt")
 
 
 def test_small_bytes_values_are_kept(tmp_path: Path, problem) -> None:
@@ -217,11 +217,11 @@ def test_npz_features_are_read_chunk_by_chunk(tmp_path: Path) -> None:
     write_zip_bomb(tmp_path / "cache.npz", members)
     assert (tmp_path / "cache.npz").stat().st_size < 2 * 2**20
     script = (
-        "import sys; from lip_cli import arrays\n"
-        "features, labels = arrays.open_features(sys.argv[1])\n"
+        "import sys; from lip_cli import arrays, labelled\n"
+        "features, labels = labelled.open_features(sys.argv[1])\n"
         "seen = sum(len(x) for _, x, _ in arrays.iter_batches(features, labels, 2**17))\n"
         "assert seen == features.rows == labels.rows, seen\n"
-        "assert arrays.label_range(labels) == (0, 0)\n"
+        "assert labelled.label_range(labels) == (0, 0)\n"
     )
     code, stderr, rss = run_measured(script, "cache.npz", cwd=tmp_path)
     assert code == 0, stderr

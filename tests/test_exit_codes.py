@@ -17,9 +17,14 @@ from hypothesis import strategies as st
 from test_k_auto import least_squares_head, write_val
 from typer.testing import CliRunner
 
-from lip_cli import __version__, demo, errors, jobs, report, selection
+from lip_cli import __version__, demo, errors, selection
 from lip_cli.cli import app
 from lip_cli.errors import LipError, Terminated
+from lip_cli.jobs import compare as compare_job
+from lip_cli.jobs import features as features_job
+from lip_cli.jobs import inspect as inspect_job
+from lip_cli.jobs import repair as repair_job
+from lip_cli.render import console
 
 runner = CliRunner(env={"COLUMNS": "200"})
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,9 +192,13 @@ def command_lines(folder: Path) -> dict[str, tuple[list[object], object, str]]:
     paths = save_problem(folder, make_head())
     (folder / "other.pt").write_bytes(paths["model"].read_bytes())
     return {
-        "repair": (["repair", paths["model"], "-f", paths["features"], "--k", 1], jobs, "repair_checkpoint"),
-        "inspect": (["inspect", paths["model"]], jobs, "inspect_checkpoint"),
-        "compare": (["compare", paths["model"], folder / "other.pt"], jobs, "compare_checkpoints"),
+        "repair": (
+            ["repair", paths["model"], "-f", paths["features"], "--k", 1],
+            repair_job,
+            "repair_checkpoint",
+        ),
+        "inspect": (["inspect", paths["model"]], inspect_job, "inspect_checkpoint"),
+        "compare": (["compare", paths["model"], folder / "other.pt"], compare_job, "compare_checkpoints"),
         "features": (
             [
                 "features",
@@ -201,7 +210,7 @@ def command_lines(folder: Path) -> dict[str, tuple[list[object], object, str]]:
                 "--out",
                 folder / "o.npy",
             ],
-            jobs,
+            features_job,
             "extract_features",
         ),
         "demo": (["demo", folder / "demo"], demo, "make_demo"),
@@ -248,14 +257,14 @@ def test_a_bad_command_line_under_json_is_one_error_document(tmp_path: Path, com
 
 def test_an_interrupt_after_the_document_leaves_one_document(tmp_path: Path, monkeypatch) -> None:
     args, _, _ = command_lines(tmp_path)["inspect"]
-    printed = report.print_json
+    printed = console.print_json
 
     def print_then_interrupt(document: dict) -> None:
         printed(document)
         if "error" not in document:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(report, "print_json", print_then_interrupt)
+    monkeypatch.setattr(console, "print_json", print_then_interrupt)
     result = run(*args, "--json")
     assert result.exit_code == 130
     assert "layers" in json.loads(result.stdout)  # the run's own document, alone

@@ -16,10 +16,13 @@ import torch
 from conftest import make_head, save_problem
 from typer.testing import CliRunner
 
-from lip_cli import __version__, jobs, layout, models, report
+from lip_cli import __version__, layout, models
 from lip_cli.cli import app
 from lip_cli.demo import DemoResult, DemoSettings
 from lip_cli.errors import LipError
+from lip_cli.jobs.common import input_files
+from lip_cli.render import console
+from lip_cli.render.demo import render_demo
 
 runner = CliRunner()
 NET = """
@@ -217,12 +220,12 @@ def test_old_style_labels_only_when_unambiguous(tmp_path: Path, head) -> None:
     paths = save_problem(tmp_path, head)
     paths["labels"].rename(tmp_path / "labels.npy")  # as an older lip wrote it
     assert layout.beside_labels(paths["features"]) == tmp_path / "labels.npy"
-    assert jobs.input_files([paths["model"]], paths["features"])[-1] == tmp_path / "labels.npy"
+    assert input_files([paths["model"]], paths["features"])[-1] == tmp_path / "labels.npy"
     result = run("repair", paths["model"], "-f", paths["features"], "--k", 1, "--dry-run", "--json")
     assert json.loads(result.stdout)["labels_source"] == f"{tmp_path / 'labels.npy'} beside the features"
     np.save(tmp_path / "val.npy", head.features.numpy())  # now labels.npy may be either cache's
     assert layout.beside_labels(paths["features"]) == tmp_path / "features.labels.npy"
-    assert jobs.input_files([paths["model"]], paths["features"])[-1] == tmp_path / "features.labels.npy"
+    assert input_files([paths["model"]], paths["features"])[-1] == tmp_path / "features.labels.npy"
     result = run("repair", paths["model"], "-f", paths["features"], "--k", 1, "--dry-run")
     assert result.exit_code == 1 and result.stderr == (
         f"error: {paths['features']}: no labels found: pass --labels, or put features.labels.npy beside it "
@@ -267,7 +270,7 @@ def test_counterpart_caches(tmp_path: Path) -> None:
 def fresh_console(monkeypatch) -> None:
     """The next console is made now, under this test's environment: the first one made in a
     process keeps the width that COLUMNS gave it then."""
-    monkeypatch.setattr(report, "_stderr", None)
+    monkeypatch.setattr(console, "_stderr", None)
 
 
 @pytest.mark.parametrize("columns", ["80", "40"])
@@ -275,7 +278,7 @@ def test_demo_commands_are_one_line_at_any_width(capsys, monkeypatch, columns: s
     monkeypatch.setenv("COLUMNS", columns)
     fresh_console(monkeypatch)
     folder = Path("a-rather-long-folder-name/for-the-demo")
-    report.render_demo(DemoResult(folder, DemoSettings(), 0.9, 0.8))
+    render_demo(DemoResult(folder, DemoSettings(), 0.9, 0.8))
     lines = capsys.readouterr().err.splitlines()
     repair = f"  lip repair {folder}/model.pt --features {folder}/train/features.npy --val-features " \
         f"{folder}/val/features.npy --k auto"  # fmt: skip
@@ -289,11 +292,11 @@ def test_warnings_wrap_at_words_on_a_terminal_and_stay_whole_otherwise(capsys, m
     message = "k was chosen and confirmed on held-out training rows, whose labels are noisy"
     monkeypatch.setenv("COLUMNS", "40")
     fresh_console(monkeypatch)
-    report.warning(message)
+    console.warning(message)
     assert capsys.readouterr().err == f"warning: {message}\n"
     monkeypatch.setenv("TTY_COMPATIBLE", "1")
     monkeypatch.setenv("NO_COLOR", "1")
-    report.warning(message)
+    console.warning(message)
     lines = re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().err).splitlines()
     assert " ".join(line.strip() for line in lines) == f"warning: {message}"
     assert len(lines) > 1 and all(len(line) <= 40 for line in lines)

@@ -13,9 +13,11 @@ from conftest import Head, make_head, save_problem
 from reference import logit_scale_lip
 from typer.testing import CliRunner
 
-from lip_cli import jobs, selection
+from lip_cli import selection
 from lip_cli.cli import app
+from lip_cli.labelled import open_labelled_features
 from lip_cli.lip import LapStatistics
+from lip_cli.statistics_pass import statistics_pass
 
 runner = CliRunner(env={"COLUMNS": "200"})
 
@@ -414,11 +416,11 @@ def test_one_pass_keeps_the_chosen_rows_in_order_and_fits_without_the_held_ones(
 ) -> None:
     head = make_head(n=300, q=10, l=6, seed=31)
     paths = save_problem(tmp_path, head)
-    data = jobs.open_labelled_features(paths["features"], None)
+    data = open_labelled_features(paths["features"], None)
     exact = {"compute_dtype": torch.float64, "first_component": first_component}
     stats = LapStatistics(head.weight, head.bias, **exact)
     holdout = 0.3 if first_component == 0 else 0.0
-    fitted = jobs.statistics_pass(data, stats, chunk_rows=37, holdout=holdout, seed=4, sample_rows=50)
+    fitted = statistics_pass(data, stats, chunk_rows=37, holdout=holdout, seed=4, sample_rows=50)
     features = head.features.to(torch.float32).double()  # as saved
     every = stats.full_projection(features)
     ((z, y),) = fitted.sample
@@ -460,9 +462,9 @@ def test_the_held_out_fit_in_float32_leaves_alone_directions_only_held_rows_exci
     )
     head = Head(head.weight, head.bias, features.float().double(), head.labels)
     paths = save_problem(tmp_path, head)
-    data = jobs.open_labelled_features(paths["features"], None)
+    data = open_labelled_features(paths["features"], None)
     stats = LapStatistics(head.weight, head.bias)  # float32, the default
-    fitted = jobs.statistics_pass(data, stats, chunk_rows=256, holdout=0.1, seed=2)
+    fitted = statistics_pass(data, stats, chunk_rows=256, holdout=0.1, seed=2)
     rest = LapStatistics(head.weight, head.bias)
     for start in range(0, 2000, 256):
         rows = slice(start, start + 256)

@@ -28,6 +28,7 @@ from typer.testing import CliRunner
 
 from lip_cli import files
 from lip_cli.cli import app
+from lip_cli.digests import BackgroundDigests, Cancelled
 from lip_cli.errors import LipError
 
 runner = CliRunner(env={"COLUMNS": "200"})
@@ -418,14 +419,14 @@ def test_background_digests_stop_when_dropped() -> None:
         while not stop.wait(0.01):
             pass
         finished.set()
-        raise files.Cancelled("stopped")
+        raise Cancelled("stopped")
 
-    digests = files.BackgroundDigests()
+    digests = BackgroundDigests()
     future = digests.submit(endless)
     assert started.wait(10)
     del digests
     gc.collect()
-    assert finished.wait(10) and isinstance(future.exception(timeout=10), files.Cancelled)
+    assert finished.wait(10) and isinstance(future.exception(timeout=10), Cancelled)
 
 
 def test_glob_characters_in_a_real_file_name(sandbox: Path) -> None:

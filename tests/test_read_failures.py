@@ -17,9 +17,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from lip_cli import __version__, report
+from lip_cli import __version__
 from lip_cli.cli import app
 from lip_cli.errors import EXIT_UNCONFIRMED
+from lip_cli.render import console
 from tests.conftest import make_head, save_problem
 
 runner = CliRunner(env={"COLUMNS": "400"})
@@ -192,7 +193,7 @@ def test_chunk_rows_past_the_data_cost_only_the_data(problem, rows: int) -> None
 
 
 def test_torch_cpu_allocation_failure_is_the_out_of_memory_line(problem, monkeypatch) -> None:
-    from lip_cli import jobs
+    from lip_cli.jobs import repair as repair_job
 
     def fail(*args, **kwargs):
         raise RuntimeError(
@@ -200,7 +201,7 @@ def test_torch_cpu_allocation_failure_is_the_out_of_memory_line(problem, monkeyp
             "to allocate 8796093022208 bytes. Error code 12 (Cannot allocate memory)"
         )
 
-    monkeypatch.setattr(jobs, "statistics_pass", fail)
+    monkeypatch.setattr(repair_job, "statistics_pass", fail)
     result = run("repair", problem["model"], "-f", problem["features"], "--k", 3, "--dry-run")
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
     assert result.stderr.startswith("error: out of memory (") and result.stderr.count("\n") == 1
@@ -217,7 +218,7 @@ def test_tiny_weights_give_finite_json(tmp_path: Path) -> None:
 
 
 def test_json_documents_never_hold_nan(capsys) -> None:
-    report.print_json({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": -float("inf"), "e": 2}})
+    console.print_json({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": -float("inf"), "e": 2}})
     document = json.loads(capsys.readouterr().out)
     assert document.pop("lip_version") == __version__
     assert document == {"a": None, "b": [1.0, None], "c": {"d": None, "e": 2}}

@@ -22,8 +22,8 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from lip_cli import checkpoint as checkpoint_module
-from lip_cli import report as report_module
 from lip_cli.cli import app
+from lip_cli.render import repair as repair_view
 
 runner = CliRunner(env={"COLUMNS": "200"})
 
@@ -105,7 +105,7 @@ def test_failure_while_writing_leaves_nothing(tmp_path: Path, head, monkeypatch)
 
 def test_an_interrupt_after_the_write_names_what_was_written(tmp_path: Path, head, monkeypatch) -> None:
     result, _ = repair_failing_in(
-        tmp_path, head, monkeypatch, report_module, "render_repair", KeyboardInterrupt()
+        tmp_path, head, monkeypatch, repair_view, "render_repair", KeyboardInterrupt()
     )
     assert result.exit_code == 130
     written = [tmp_path / "model.lip.pt", tmp_path / "model.lip.pt.lip.json"]
@@ -127,7 +127,7 @@ def test_out_of_memory_is_one_line_and_leaves_nothing(tmp_path: Path, head, monk
 
 
 def test_out_of_memory_after_the_write_names_what_was_written(tmp_path: Path, head, monkeypatch) -> None:
-    result, _ = repair_failing_in(tmp_path, head, monkeypatch, report_module, "render_repair", MemoryError())
+    result, _ = repair_failing_in(tmp_path, head, monkeypatch, repair_view, "render_repair", MemoryError())
     assert result.exit_code == 1 and f"wrote only {tmp_path / 'model.lip.pt'}" in result.stderr
 
 
@@ -253,7 +253,8 @@ def test_corrupt_files_give_one_line_errors(tmp_path_factory, data) -> None:
 
 FLAKY_EXIT = """
 import sys
-from lip_cli import cli, jobs
+from lip_cli import cli
+from lip_cli.jobs import repair as repair_job
 
 
 def interrupted_run(*args, **kwargs):
@@ -267,7 +268,7 @@ def interrupted_run(*args, **kwargs):
     raise KeyboardInterrupt
 
 
-jobs.repair_checkpoint = interrupted_run
+repair_job.repair_checkpoint = interrupted_run
 sys.argv = ["lip", *sys.argv[1:]]
 cli.main()
 """

@@ -14,10 +14,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from lip_cli import __version__, jobs
+from lip_cli import __version__
 from lip_cli.cli import app
 from lip_cli.demo import DemoSettings, make_demo_series, noise_folder
 from lip_cli.errors import LipError
+from lip_cli.jobs.compare import compare_series
+from lip_cli.jobs.inspect import inspect_series, series_labels
 
 runner = CliRunner(env={"COLUMNS": "200"})
 narrow = CliRunner(env={"COLUMNS": "80"})
@@ -122,13 +124,13 @@ def test_labels_that_name_nothing_or_twice_are_usage_errors(
     ],
 )
 def test_default_labels_are_unique_stems(paths: list[str], names: list[str]) -> None:
-    assert jobs.series_labels([Path(path) for path in paths]) == names
+    assert series_labels([Path(path) for path in paths]) == names
 
 
 @given(st.lists(st.lists(st.sampled_from(["a", "b", "model"]), min_size=1, max_size=3), max_size=6))
 def test_default_labels_are_unique_path_endings(parts: list[list[str]]) -> None:
     paths = [Path(*names).with_suffix(".pt") for names in parts]
-    labels = jobs.series_labels(paths)
+    labels = series_labels(paths)
     assert len(set(labels)) == len(labels)
     for names, label in zip(parts, labels, strict=True):
         ending = label.split(" (")[0]
@@ -206,7 +208,7 @@ def test_series_figure_has_a_line_per_checkpoint(tmp_path: Path) -> None:
     from lip_cli import plots
 
     paths = write_series(tmp_path)
-    series = jobs.inspect_series(paths, "fc", ["a", "b", "c"])
+    series = inspect_series(paths, "fc", ["a", "b", "c"])
     for normalize in (False, True):
         figure = plots.series_figure(series, normalize)
         spectra, energy = figure.axes
@@ -218,7 +220,7 @@ def test_series_figure_has_a_line_per_checkpoint(tmp_path: Path) -> None:
             expected = values / values[0] if normalize else values
             np.testing.assert_allclose(line.get_ydata(), expected, rtol=1e-12)
         plots._pyplot().close(figure)
-    odd = jobs.inspect_series(paths, "fc", ["_hidden", "$\\notacommand$", "p=5$"])
+    odd = inspect_series(paths, "fc", ["_hidden", "$\\notacommand$", "p=5$"])
     figure = plots.series_figure(odd)
     assert len(figure.axes[0].get_legend().get_texts()) == 3
     figure.savefig(io.BytesIO(), format="png")  # no mathtext error
@@ -230,8 +232,8 @@ def test_comparison_figure_has_a_heatmap_per_comparison_on_one_scale(tmp_path: P
     from lip_cli import plots
 
     reference, *others = write_series(tmp_path, count=4)
-    reports = jobs.compare_series(reference, others)
-    figure = plots.comparison_series_figure(reports, jobs.series_labels([reference, *others]))
+    reports = compare_series(reference, others)
+    figure = plots.comparison_series_figure(reports, series_labels([reference, *others]))
     images = [image for axis in figure.axes for image in axis.get_images()]
     assert len(images) == 3
     assert {image.get_clim() for image in images} == {(0, 1)}

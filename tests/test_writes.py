@@ -26,7 +26,7 @@ from conftest import make_head, save_problem
 from safetensors.torch import save_file
 from test_paths import changed, hf_folder, run, sandboxed, snapshot
 
-from lip_cli import files
+from lip_cli import files, writes
 from lip_cli import lip as lip_module
 from lip_cli.demo import DemoSettings, demo_model, make_demo
 from lip_cli.errors import LipError
@@ -164,7 +164,7 @@ def test_two_writers_to_one_output_exactly_one_wins_and_nothing_mixes(tmp_path: 
     files.check_paths([], [files.Output(path) for path in pair], force=False)
     first, second = contextlib.ExitStack(), contextlib.ExitStack()
     for stack, text in ((first, "k=7"), (second, "k=3")):
-        for temporary in stack.enter_context(files.atomic_outputs(*pair)):
+        for temporary in stack.enter_context(writes.atomic_outputs(*pair)):
             temporary.write_text(text)
     first.close()  # the first run publishes its pair
     with pytest.raises(LipError, match="out.pt: appeared while lip ran"):
@@ -238,13 +238,13 @@ def test_an_interrupt_while_a_folder_is_replaced_leaves_old_or_new_and_says_whic
     work = sandbox / "work"
     lip_folder(sandbox, 1)
     (work / "out" / "extra").mkdir()
-    real = getattr(files, where)
+    real = getattr(writes, where)
 
     def interrupted(*args):  # Ctrl-C in the middle of the swap, or of removing the old folder
         signal.raise_signal(signal.SIGINT)
         return real(*args)
 
-    monkeypatch.setattr(files, where, interrupted)
+    monkeypatch.setattr(writes, where, interrupted)
     args = ["repair", work / "hf", "-f", work / "features.npy", "--k", 2, "-o", work / "out", "--force"]
     result = run(*args)
     assert result.exit_code == 130 and result.stderr == f"error: interrupted after writing {work / 'out'}\n"
@@ -275,14 +275,14 @@ def test_a_provenance_that_cannot_be_put_in_place_takes_the_checkpoint_back(
     work = sandbox / "work"
     if existing:  # an earlier output replaced with --force comes back as it was
         assert run(*repair_args(work, work / "out.pt", "--force")).exit_code == 0
-    real = files.publish
+    real = writes.publish
 
     def immutable(temporary: Path, output: Path) -> bool:
         if output.name.endswith(".lip.json"):
             raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), str(output))
         return real(temporary, output)
 
-    monkeypatch.setattr(files, "publish", immutable)
+    monkeypatch.setattr(writes, "publish", immutable)
     args = repair_args(work, work / "out.pt", "--k", 2, "--force")
     sandboxed(sandbox, args, [], 1, "out.pt.lip.json: cannot be written (Operation not permitted)")
 
@@ -452,7 +452,7 @@ def test_a_failing_file_system_is_one_line_for_every_writer(
     if fault == "ENOSPC":  # the data does not fit: fsync (or the write before it) fails
         target, name = os, "fsync"
     else:  # the file system refuses to put the file in place
-        target, name = files, "_rename_no_replace"
+        target, name = writes, "_rename_no_replace"
 
     def failing(*args, **kwargs):
         raise OSError(number, os.strerror(number), *([str(args[-1])] if name != "fsync" else []))
@@ -530,25 +530,25 @@ def _has_matplotlib() -> bool:
 def test_publication_holds_with_and_without_renameat2(tmp_path: Path, monkeypatch, renameat2: bool) -> None:
     """The portable fallback (link(2), a move aside with interrupts held) keeps the same rules."""
     if not renameat2:
-        monkeypatch.setattr(files, "_renameat2", lambda source, target, flags: False)
+        monkeypatch.setattr(writes, "_renameat2", lambda source, target, flags: False)
     file, folder = tmp_path / "out.pt", tmp_path / "out"
     file.write_text("old")
     folder.mkdir()
     (folder / "lip.json").write_text("{}")
     files.check_paths([], [files.Output(file), files.Output(folder, folder=True)], force=True)
-    with files.atomic_output(file) as temporary:
+    with writes.atomic_output(file) as temporary:
         temporary.write_text("new")
-    with files.atomic_folder(folder) as temporary:
+    with writes.atomic_folder(folder) as temporary:
         (temporary / "lip.json").write_text('{"new": 1}')
     assert file.read_text() == "new" and json.loads((folder / "lip.json").read_text()) == {"new": 1}
     assert sorted(os.listdir(tmp_path)) == ["out", "out.pt"]
     file.unlink()
     files.check_paths([], [files.Output(file)], force=True)
-    with pytest.raises(LipError, match="appeared while lip ran"), files.atomic_output(file) as temporary:
+    with pytest.raises(LipError, match="appeared while lip ran"), writes.atomic_output(file) as temporary:
         file.write_text("the user's")
         temporary.write_text("lip's")
     files.check_paths([], [files.Output(file)], force=True)
-    with pytest.raises(LipError, match="changed while lip ran"), files.atomic_output(file) as temporary:
+    with pytest.raises(LipError, match="changed while lip ran"), writes.atomic_output(file) as temporary:
         file.unlink()
         file.write_text("another program's, longer")
     assert file.read_text() == "another program's, longer" and sorted(os.listdir(tmp_path)) == [

@@ -13,8 +13,9 @@ from torch import Tensor, nn
 from lip_cli.arrays import NpyWriter
 from lip_cli.checkpoint import is_ema, is_head_name
 from lip_cli.errors import LipError, first_line
-from lip_cli.files import Output, atomic_outputs, check_paths
+from lip_cli.files import Output, check_paths
 from lip_cli.layout import labels_file
+from lip_cli.writes import atomic_outputs
 
 OUTPUT_DTYPES = {"float32": np.float32, "float16": np.float16}
 

@@ -1,0 +1,124 @@
+"""`lip inspect`: its options."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lip_cli.exits import user_errors
+from lip_cli.options import (
+    ChunkRowsOption,
+    Device,
+    DeviceOption,
+    ForceOption,
+    JsonOption,
+    PlotOption,
+    check_series_labels,
+    usage_error,
+)
+
+
+def inspect(
+    checkpoints: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Checkpoint: a torch file (.pt, .ckpt, .pth.tar...), safetensors, or a model folder. "
+            "Several: one layer of each, side by side (e.g. trained at several noise levels).",
+            readable=False,
+        ),
+    ],
+    layer: Annotated[
+        str | None,
+        typer.Option(
+            "--layer",
+            help="Show this layer's full spectrum instead of the table of all 2-D weights. With several "
+            "checkpoints: the layer to show (default: the first one's likely classifier).",
+        ),
+    ] = None,
+    top: Annotated[int, typer.Option("--top", min=1, help="Singular values listed in the layer view.")] = 20,
+    features: Annotated[
+        Path | None,
+        typer.Option(
+            "--features",
+            "-f",
+            help="Training features: adds the accuracy that each k would give after LAP.",
+            readable=False,
+        ),
+    ] = None,
+    labels: Annotated[
+        Path | None,
+        typer.Option(
+            "--labels", "-l", help="Training labels (found as in `lip repair` when left out).", readable=False
+        ),
+    ] = None,
+    names: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--label",
+            help="Name of a checkpoint of the series in the table, the figure's legend and the JSON; "
+            "repeat it, once per checkpoint, in order (default: the file stems).",
+        ),
+    ] = None,
+    normalize: Annotated[
+        bool,
+        typer.Option(
+            "--normalize",
+            help="With --plot: divide each spectrum by its largest value, so that shapes compare.",
+        ),
+    ] = False,
+    device: DeviceOption = Device.cpu,
+    chunk_rows: ChunkRowsOption = 16384,
+    plot: PlotOption = None,
+    force: ForceOption = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Show singular-value spectra: every 2-D weight, one layer in full (and the accuracy for each k),
+    or one layer across a series of checkpoints."""
+    series = len(checkpoints) > 1 or bool(names)
+    if series and (features is not None or labels is not None):
+        raise usage_error(
+            "takes one checkpoint and no --label; run lip inspect once per checkpoint", "--features"
+        )
+    check_series_labels(names, len(checkpoints))
+    with user_errors(json_output):
+        from lip_cli import files, plots
+        from lip_cli.jobs import inspect as job
+        from lip_cli.jobs.common import input_files
+        from lip_cli.render import console
+        from lip_cli.render import inspect as view
+
+        inputs = input_files(checkpoints, features, labels)
+        files.check_paths(inputs, [files.Output(plot) if plot else None], force)
+        if series:
+            with console.progress_bar(enabled=not json_output) as progress:
+                spectra = job.inspect_series(checkpoints, layer, names or (), progress)
+            if plot is not None:
+                plots.plot_series(spectra, plot, normalize)
+            if json_output:
+                console.print_json(view.series_document(spectra))
+            else:
+                view.render_series(spectra)
+            return
+        checkpoint = checkpoints[0]
+        with console.progress_bar(enabled=not json_output) as progress:
+            if layer is None and features is None and labels is None:
+                table = job.inspect_checkpoint(checkpoint, progress)
+                if json_output:
+                    console.print_json(view.inspect_document(table))
+                else:
+                    view.render_inspect(table)
+                if plot is not None:  # the classifier's spectrum, already computed for the table
+                    classifier = next(layer for layer in table.layers if layer.is_classifier)
+                    plots.plot_layer(job.LayerReport(table.checkpoint, classifier), plot, normalize)
+                return
+            result = job.inspect_layer(
+                checkpoint, layer, features, labels, device.value, chunk_rows, progress=progress
+            )
+        if plot is not None:
+            plots.plot_layer(result, plot, normalize)
+        if json_output:
+            console.print_json(view.layer_document(result))
+        else:
+            view.render_layer(result, top)
