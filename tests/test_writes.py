@@ -246,7 +246,13 @@ def test_an_interrupt_while_a_folder_is_replaced_leaves_old_or_new_and_says_whic
 
     monkeypatch.setattr(writes, where, interrupted)
     args = ["repair", work / "hf", "-f", work / "features.npy", "--k", 2, "-o", work / "out", "--force"]
-    result = run(*args)
+    # Python's own Ctrl-C handler: a shell's background job (a CI runner's, say) starts with SIGINT
+    # ignored, and Python keeps it so, which would make the raised signal a no-op
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        result = run(*args)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert result.exit_code == 130 and result.stderr == f"error: interrupted after writing {work / 'out'}\n"
     assert json.loads((work / "out" / "lip.json").read_text())["k"] == 2
     assert not (work / "out" / "extra").exists() and leftovers(work) == []
