@@ -260,11 +260,15 @@ class Decision:
         return not self.given and self.k != self.rank
 
     @property
+    def significantly_worse(self) -> bool:
+        """Whether the test rows show the head at k worse than the unrepaired layer, at alpha."""
+        return self.test.losses > self.test.gains and self.p_value_drop <= self.alpha
+
+    @property
     def outcome(self) -> str:
         """REPAIRED, UNCONFIRMED (auto), GIVEN or REFUSED (a given k the validation set shows worse)."""
         if self.given:
-            worse = self.test.losses > self.test.gains and self.p_value_drop <= self.alpha
-            return REFUSED if worse else GIVEN
+            return REFUSED if self.significantly_worse else GIVEN
         return REPAIRED if self.confirmed else UNCONFIRMED
 
     def accuracy(self, k: int) -> float:
@@ -345,7 +349,7 @@ def significance(decision: Decision) -> str:
     test, alpha = decision.test, decision.alpha
     if test.gains > test.losses and decision.p_value <= alpha:
         return f"a significant gain (p = {decision.p_value:.2g})"
-    if test.losses > test.gains and decision.p_value_drop <= alpha:
+    if decision.significantly_worse:
         return f"a significant drop (p = {decision.p_value_drop:.2g})"
     p = decision.p_value if test.gains >= test.losses else decision.p_value_drop
     return f"not significant at alpha {alpha:g} (p = {p:.2g})"
