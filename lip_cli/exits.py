@@ -78,12 +78,18 @@ def _report_failure(failure: OSError | RecursionError) -> None:
         what = "an input is nested too deeply to read (past Python's recursion limit)"
     else:
         what = f"{failure.filename}: {failure.strerror}" if failure.filename else first_line(failure)
-    done = _placed_so_far()
-    _fail(f"{what}; " + (f"wrote only {done}" if done else "nothing was written"), EXIT_BAD_INPUT)
+    _fail(f"{what}; {_so_far()}", EXIT_BAD_INPUT)
+
+
+def _so_far() -> str:
+    """What the run has put in place, for the end of its last line (`writes.so_far`)."""
+    from lip_cli import writes
+
+    return writes.so_far()
 
 
 def _placed_so_far() -> str:
-    """The outputs this run has already renamed into place, for its last line ("" for none)."""
+    """The outputs this run has already renamed into place, for an interrupt's line ("" for none)."""
     from lip_cli import writes
 
     return ", ".join(map(str, writes.placed))
@@ -92,11 +98,9 @@ def _placed_so_far() -> str:
 def _report_out_of_memory(failure: BaseException) -> None:
     """One line for a run that ran out of memory, with what it had already put in place, if any."""
     detail = f" ({first_line(failure)})" if str(failure).strip() else ""
-    done = _placed_so_far()
     _fail(
-        f"out of memory{detail}; "
-        + (f"wrote only {done}" if done else "nothing was written")
-        + ": a smaller --chunk-rows or --sample-rows (--batch-size for lip features) needs less",
+        f"out of memory{detail}; {_so_far()}: a smaller --chunk-rows or --sample-rows "
+        "(--batch-size for lip features) needs less",
         EXIT_BAD_INPUT,
     )
 

@@ -129,10 +129,10 @@ def publish(temporary: Path, output: Path) -> bool:
             if fingerprint(os.lstat(temporary)) == expected:
                 return True
             _exchange(temporary, output)
-            raise LipError(changed + _so_far())
+            raise LipError(changed + so_far())
         with contextlib.suppress(FileNotFoundError):
             if fingerprint(os.lstat(output)) != expected:
-                raise LipError(changed + _so_far())
+                raise LipError(changed + so_far())
             aside = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".old", dir=output.parent))
             os.replace(output, aside / output.name)
             os.replace(temporary, output)
@@ -144,10 +144,9 @@ def publish(temporary: Path, output: Path) -> bool:
     except FileExistsError:
         if expected is None:
             raise LipError(
-                f"{output}: appeared while lip ran (another run, or another program); it is kept, "
-                + _so_far()
+                f"{output}: appeared while lip ran (another run, or another program); it is kept, " + so_far()
             ) from None
-        raise LipError(f"{output}: already exists; pass --force to overwrite it; {_so_far()}") from None
+        raise LipError(f"{output}: already exists; pass --force to overwrite it; {so_far()}") from None
     return False
 
 
@@ -263,10 +262,10 @@ def _write_failure(error: BaseException, targets: list[Path]) -> BaseException:
         reason = os.strerror(errno.ENOSPC)
     else:
         return error
-    return LipError(f"{shown}: {what} ({reason}); {_so_far()}")
+    return LipError(f"{shown}: {what} ({reason}); {so_far()}")
 
 
-def _so_far() -> str:
+def so_far() -> str:
     """What the run has put in place, for the end of its error line."""
     done = ", ".join(map(str, placed))
     return f"wrote only {done}" if done else "nothing was written"
