@@ -1,8 +1,9 @@
 """Arrays on disk: formats, validation and chunked reading (labels: `labelled`).
 
-Formats: `.npy` (memory-mapped), `.npz`, `.pt`/`.pth` (weights_only, memory-mapped where the file
-allows) and `.safetensors` (read slice by slice). A container may hold the labels beside the
-features; otherwise the labels file beside it (`layout.beside_labels`) is used.
+Formats: `.npy` (memory-mapped), `.npz`, `.pt`/`.pth` (their pickle read without building it,
+tensors mapped from their storages: torch_pickle) and `.safetensors` (read slice by slice). A
+container may hold the labels beside the features; otherwise the labels file beside it
+(`layout.beside_labels`) is used.
 """
 
 from __future__ import annotations
@@ -10,9 +11,7 @@ from __future__ import annotations
 import glob
 import mmap
 import os
-import pickle
 import threading
-import warnings
 import weakref
 import zipfile
 from collections.abc import Callable, Iterator
@@ -27,8 +26,6 @@ from torch import Tensor
 from lip_cli import files, formats
 from lip_cli.errors import LipError, first_line
 
-# torch.load rebuilding a quantized tensor prints deprecation notices; lip refuses it in one line instead
-warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\._utils")
 
 FEATURE_KEYS = ("features", "feats", "embeddings", "x", "X")
 LABEL_KEYS = ("labels", "targets", "label", "y", "Y")
@@ -100,6 +97,9 @@ def tensor_problem(tensor: Tensor) -> str | None:
     Quantized, sparse and meta tensors have no plain values; a storage smaller than the shape needs
     (zero or overlapping strides) would make a tiny file claim any amount of work.
     """
+    problem = getattr(tensor, "lip_problem", None)  # what torch_pickle found instead of its values
+    if problem is not None:
+        return problem
     if tensor.is_quantized:
         return f"is a quantized tensor ({tensor.dtype}); save tensor.dequantize() instead"
     if tensor.layout != torch.strided:
@@ -257,102 +257,26 @@ def _npz_reader(path: Path, key: str) -> Callable[[int, int], Tensor]:
     return read
 
 
-# Types that training frameworks store beside the weights and that hold only data, so that
-# weights_only loading may build them: timm's `args` (argparse.Namespace), paths in hyper-parameters
-# (pathlib's POSIX paths) and Lightning's / Hydra's omegaconf configs (DictConfig, ListConfig, their
-# nodes and metadata, and the type markers these record: typing.Any, int, dict...). Unpickling each
-# one only allocates the object and fills its __dict__ (object.__new__ + BUILD, or omegaconf's
-# __setstate__, which copies the state in and normalises type markers) or, for a path, calls the
-# class on its parts, which touches no file; none defines a __reduce__ that calls code named by the
-# file, and calling one of them (REDUCE) only builds a value. Allowed during one load only, imported
-# only when the file names them; anything else is still refused. Lightning's AttributeDict is absent
-# on purpose: Lightning stores `hyper_parameters` as a plain dict, and torch's weights_only unpickler
-# cannot fill a dict subclass anyway.
-DATA_ONLY_GLOBALS = frozenset(
-    {
-        "argparse.Namespace",
-        "pathlib.PosixPath",
-        "pathlib.PurePosixPath",
-        "omegaconf.dictconfig.DictConfig",
-        "omegaconf.listconfig.ListConfig",
-        "omegaconf.base.ContainerMetadata",
-        "omegaconf.base.Metadata",
-        "omegaconf.nodes.AnyNode",
-        "omegaconf.nodes.StringNode",
-        "omegaconf.nodes.IntegerNode",
-        "omegaconf.nodes.FloatNode",
-        "omegaconf.nodes.BooleanNode",
-        "omegaconf.nodes.BytesNode",
-        "typing.Any",
-        "typing.Dict",
-        "typing.List",
-        "builtins.bool",
-        "builtins.bytes",
-        "builtins.dict",
-        "builtins.float",
-        "builtins.int",
-        "builtins.list",
-        "builtins.str",
-        "collections.defaultdict",
-    }
-)
-
-
-def load_torch_file(path: Path) -> object:
-    """torch.load with weights_only=True (memory-mapped where the file format allows it), with the
-    data-only types of DATA_ONLY_GLOBALS allowed for this load when the file refers to them; a value
-    the pickle only declares the size of is bounded first (pickle_scan)."""
-    import importlib
-    import re
-
-    from lip_cli import pickle_scan
-
-    path = Path(path)
-    allowed, missing = [], []
-    for name in sorted(pickle_scan.scan(path).globals & DATA_ONLY_GLOBALS):
-        module, attribute = name.rsplit(".", 1)
-        try:
-            allowed.append((getattr(importlib.import_module(module), attribute), name))
-        except (ImportError, AttributeError):
-            missing.append(name)
-    try:
-        with torch.serialization.safe_globals(allowed):
-            if path.name.endswith(".safetensors"):  # torch.load would read the file as safetensors
-                with open(path, "rb") as handle:
-                    return torch.load(handle, map_location="cpu", weights_only=True)
-            try:
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as error:
-                if "mmap" not in str(error):
-                    raise
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        named = re.search(r"GLOBAL (\S+)", str(error))
-        name = named.group(1) if named else None
-        if name in missing:
-            raise LipError(
-                f"{path}: holds `{name}`, a data-only type lip reads only when its package is installed "
-                f"here (pip install {name.split('.')[0]}); or re-save the file as described in the README"
-            ) from error
-        held = f"`{name}`" if name else "pickled objects other than tensors and plain containers"
-        raise LipError(
-            f"{path}: holds {held}; lip never runs pickled code (weights_only=True) and allows only "
-            "tensors, plain containers and a few data-only types. Re-save it from your own code as a "
-            "state dict (torch.save({'state_dict': model.state_dict()}, path)) or as .safetensors"
-        ) from error
-
-
 def _open_torch(path: Path) -> dict[str | None, ArraySource]:
-    content = load_torch_file(path)
-    if isinstance(content, Tensor):
-        return {None: _from_tensor(content, path, None)}
-    if isinstance(content, dict):
-        return {
-            str(key): _from_tensor(value, path, str(key))
-            for key, value in content.items()
-            if isinstance(value, Tensor)
-        }
-    raise LipError(f"{path}: holds a {type(content).__name__}, expected a tensor or a dict of tensors")
+    """The tensors of a torch file (a tensor, or a dict of them), mapped from their storages; the
+    pickle is read symbolically (torch_pickle), nothing in it built or run."""
+    from lip_cli import torch_pickle
+
+    try:
+        torch_file = torch_pickle.read_torch_file(path)
+    except torch_pickle.CorruptPickle as error:
+        raise LipError(f"{path}: not a readable torch file: it is corrupt ({error})") from error
+    root = torch_file.root
+    if isinstance(root, torch_pickle.TensorRef | torch_pickle.UnusableTensor):
+        root = {None: root}
+    elif not isinstance(root, dict):
+        held = "a list" if isinstance(root, list) else "a tuple" if isinstance(root, tuple) else "an object"
+        raise LipError(f"{path}: holds {held}, expected a tensor or a dict of tensors")
+    state, _ = torch_pickle.tensors_of(torch_file, root)
+    return {
+        (None if key is None else str(key)): _from_tensor(tensor, path, None if key is None else str(key))
+        for key, tensor in state.items()
+    }
 
 
 def _open_safetensors(path: Path) -> dict[str | None, ArraySource]:

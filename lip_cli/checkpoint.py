@@ -2,11 +2,13 @@
 
 Formats, recognised by content whatever the name (`.pt`, `.pth`, `.ckpt`, `.pth.tar`, `.bin`...,
 see formats.py): a torch file, zip archive or legacy pickle, holding a state dict (also nested under
-a key such as `state_dict` or `model`, with every other entry kept), loaded with weights_only=True
-only and written back in the same serialization; safetensors (metadata kept); and Hugging Face model
-folders (`model.safetensors`, `pytorch_model.bin`, or the shards listed in their `.index.json`),
-written back as a new folder in which only the shard holding the layer is rewritten. Every tensor
-that is not patched is written back bit for bit.
+a key such as `state_dict` or `model`), read symbolically (torch_pickle: nothing in its pickle is
+built or run, tensors are mapped from their storages) and written back by replacing the bytes of the
+changed tensors only, so that the pickle and every other record stay byte for byte as they were;
+safetensors (metadata kept); and Hugging Face model folders (`model.safetensors`,
+`pytorch_model.bin`, or the shards listed in their `.index.json`), written back as a new folder in
+which only the shard holding the layer is rewritten. Every tensor that is not patched is written
+back bit for bit.
 """
 
 from __future__ import annotations
@@ -19,8 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lip_cli import formats
-from lip_cli.arrays import load_torch_file
+from lip_cli import formats, torch_pickle
 from lip_cli.errors import LipError, first_line
 from lip_cli.files import LIP_RECORD, copy_folder, member
 from lip_cli.writes import atomic_folder, atomic_outputs
@@ -40,8 +41,9 @@ class Checkpoint:
     format: str  # "pt" (a torch file), "safetensors" or "hf" (a Hugging Face model folder)
     state: dict[str, Tensor]
     legacy: bool = False  # pt: the pre-1.6 pickle serialization, kept on writing
-    container: object = None  # the whole object of a .pt file
-    nested_key: str | None = None  # where `state` sits inside `container`
+    nested_key: str | None = None  # pt: the key of the file's top dict that holds `state`
+    torch_files: dict[str, torch_pickle.TorchFile] = field(default_factory=dict)  # "" or hf: per shard
+    refs: dict[str, torch_pickle.TensorRef] = field(default_factory=dict)  # tensors of torch files
     metadata: dict[str, str] = field(default_factory=dict)  # safetensors header metadata
     shard_of: dict[str, str] = field(default_factory=dict)  # hf: tensor name -> shard file
     shard_metadata: dict[str, dict[str, str]] = field(default_factory=dict)  # hf: per shard
@@ -65,7 +67,8 @@ class LinearLayer:
 
 
 def _is_state_dict(value: object) -> bool:
-    return isinstance(value, dict) and any(isinstance(v, Tensor) for v in value.values())
+    tensors = (Tensor, torch_pickle.TensorRef, torch_pickle.UnusableTensor)
+    return isinstance(value, dict) and any(isinstance(v, tensors) for v in value.values())
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
@@ -97,6 +100,8 @@ def load_checkpoint(path: Path) -> Checkpoint:
         return _load_torch(path, legacy=kind == formats.TORCH_PICKLE)
     except LipError:
         raise
+    except torch_pickle.CorruptPickle as error:
+        raise LipError(f"{path}: not a readable {kind} checkpoint: it is corrupt ({error})") from error
     except Exception as error:  # each loader has its own error types for a corrupt file
         raise LipError(f"{path}: not a readable {kind} checkpoint ({first_line(error)})") from error
 
@@ -143,21 +148,40 @@ def _hf_layouts(path: Path) -> list[tuple[list[str], dict[str, str] | None, str]
     return found
 
 
-def _load_shard(file: Path) -> tuple[dict[str, Tensor], dict[str, str], str]:
-    """The tensors of one weight file of a model folder, its safetensors metadata, its format."""
+@dataclass
+class _Shard:
+    """One weight file of a model folder: its tensors, safetensors metadata and format; for a torch
+    file, the file as read and where each tensor lies in it."""
+
+    state: dict[str, Tensor]
+    metadata: dict[str, str]
+    kind: str
+    torch_file: torch_pickle.TorchFile | None = None
+    refs: dict[str, torch_pickle.TensorRef] = field(default_factory=dict)
+
+
+def _load_shard(file: Path) -> _Shard:
     kind = formats.detect_format(file)
     if kind == formats.SAFETENSORS:
         from safetensors import safe_open
 
         with safe_open(str(file), framework="pt") as handle:
             state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-            return state, dict(handle.metadata() or {}), kind
+            return _Shard(state, dict(handle.metadata() or {}), kind)
     if kind in formats.TORCH_FORMATS:
-        content = load_torch_file(file)
-        if not _is_state_dict(content):
+        torch_file = _read_torch(file, kind)
+        if not _is_state_dict(torch_file.root):
             raise LipError(f"{file}: holds no state dict (a dict of tensors)")
-        return content, {}, kind
+        state, refs = torch_pickle.tensors_of(torch_file, torch_file.root)  # type: ignore[arg-type]
+        return _Shard(state, {}, kind, torch_file, refs)
     raise LipError(f"{file}: is neither a safetensors file nor a torch file")
+
+
+def _read_torch(file: Path, kind: str) -> torch_pickle.TorchFile:
+    try:
+        return torch_pickle.read_torch_file(file)
+    except torch_pickle.CorruptPickle as error:
+        raise LipError(f"{file}: not a readable {kind} file: it is corrupt ({error})") from error
 
 
 def _load_hf_folder(path: Path) -> Checkpoint:
@@ -175,9 +199,15 @@ def _load_hf_folder(path: Path) -> Checkpoint:
     shard_of: dict[str, str] = {}
     shard_metadata: dict[str, dict[str, str]] = {}
     shard_format: dict[str, str] = {}
+    torch_files: dict[str, torch_pickle.TorchFile] = {}
+    refs: dict[str, torch_pickle.TensorRef] = {}
     for shard in shards:
-        tensors, shard_metadata[shard], shard_format[shard] = _load_shard(member(path, shard))
-        for key, tensor in tensors.items():
+        loaded = _load_shard(member(path, shard))
+        shard_metadata[shard], shard_format[shard] = loaded.metadata, loaded.kind
+        if loaded.torch_file is not None:
+            torch_files[shard] = loaded.torch_file
+            refs.update(loaded.refs)
+        for key, tensor in loaded.state.items():
             state[key], shard_of[key] = tensor, shard
     if weight_map is not None:
         wrong = [key for key, shard in weight_map.items() if shard_of.get(key) != shard]
@@ -190,50 +220,31 @@ def _load_hf_folder(path: Path) -> Checkpoint:
         shard_of=shard_of,
         shard_metadata=shard_metadata,
         shard_format=shard_format,
+        torch_files=torch_files,
+        refs=refs,
     )
 
 
-MAX_NESTING = 200  # levels of containers in a torch file: torch.save recurses once per level
-
-
-def _nesting(content: object) -> int:
-    """How many levels of dicts, lists and tuples a loaded value has, counted without recursion."""
-    deepest, pending = 0, [(content, 1)]
-    while pending:
-        value, depth = pending.pop()
-        if isinstance(value, dict):
-            value = value.values()
-        elif not isinstance(value, list | tuple | set | frozenset):
-            continue
-        deepest = max(deepest, depth)
-        if depth <= MAX_NESTING:
-            pending.extend((item, depth + 1) for item in value)
-    return deepest
-
-
 def _load_torch(path: Path, legacy: bool) -> Checkpoint:
-    content = load_torch_file(path)
-    if _nesting(content) > MAX_NESTING:
+    torch_file = _read_torch(path, formats.TORCH_PICKLE if legacy else formats.TORCH_ZIP)
+    root, nested_key = torch_file.root, None
+    if not _is_state_dict(root) and isinstance(root, dict):
+        nested_key = next((key for key in NESTED_KEYS if _is_state_dict(root.get(key))), None)
+        root = root.get(nested_key) if nested_key is not None else None
+    if not _is_state_dict(root):
         raise LipError(
-            f"{path}: holds values nested more than {MAX_NESTING} levels deep, which lip cannot write "
-            "back; re-save it without them"
+            f"{path}: holds no state dict (a dict of tensors, at the top or under one of "
+            f"{', '.join(NESTED_KEYS)})"
         )
-    if _is_state_dict(content):
-        return Checkpoint(path=path, format="pt", legacy=legacy, state=content, container=content)
-    if isinstance(content, dict):
-        for key in NESTED_KEYS:
-            if _is_state_dict(content.get(key)):
-                return Checkpoint(
-                    path=path,
-                    format="pt",
-                    legacy=legacy,
-                    state=content[key],
-                    container=content,
-                    nested_key=key,
-                )
-    raise LipError(
-        f"{path}: holds no state dict (a dict of tensors, at the top or under one of "
-        f"{', '.join(NESTED_KEYS)})"
+    state, refs = torch_pickle.tensors_of(torch_file, root)  # type: ignore[arg-type]
+    return Checkpoint(
+        path=path,
+        format="pt",
+        legacy=legacy,
+        state=state,
+        nested_key=nested_key,
+        torch_files={"": torch_file},
+        refs=refs,
     )
 
 
@@ -401,7 +412,7 @@ def write_checkpoint(
     `provenance` (what lip did) goes into the safetensors metadata under "lip", into `lip.json`
     inside a Hugging Face folder, or into a `<output>.lip.json` sidecar beside a .pt file.
     """
-    state = type(checkpoint.state)(checkpoint.state)
+    state = dict(checkpoint.state)
     for key, tensor in updates.items():
         old = state[key]
         if tensor.shape != old.shape or tensor.dtype != old.dtype:
@@ -416,19 +427,28 @@ def write_checkpoint(
         if checkpoint.format == "safetensors":
             from safetensors.torch import save_file
 
-            save_file(
-                dict(state), str(temporaries[0]), metadata={"format": "pt", **checkpoint.metadata, **record}
-            )
+            save_file(state, str(temporaries[0]), metadata={"format": "pt", **checkpoint.metadata, **record})
         else:
-            if hasattr(checkpoint.state, "_metadata"):
-                state._metadata = checkpoint.state._metadata  # type: ignore[attr-defined]
-            container: object = state
-            if checkpoint.nested_key is not None:
-                container = type(checkpoint.container)(checkpoint.container)  # type: ignore[call-arg]
-                container[checkpoint.nested_key] = state  # type: ignore[index]
-            _torch_save(container, temporaries[0], checkpoint.legacy)
+            _patch_torch(checkpoint, checkpoint.torch_files[""], {key: state[key] for key in updates}, temporaries[0])
         if sidecar:  # written before either is put in place: both land, or neither
             temporaries[1].write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+
+
+def _patch_torch(
+    checkpoint: Checkpoint, torch_file: torch_pickle.TorchFile, updates: dict[str, Tensor], target: Path
+) -> None:
+    """A copy of a torch file in which only the storage bytes of the updated tensors change; refused
+    when another tensor of the file shares those bytes (tied weights), which would change with them."""
+    refs = [checkpoint.refs[key] for key in updates]
+    for key, ref in zip(updates, refs, strict=True):
+        other = torch_pickle.sharing(torch_file, ref, refs)
+        if other is not None:
+            raise LipError(
+                f"{checkpoint.path}: `{key}` shares its storage with another tensor of the file ({other}: tied "
+                "weights), which would change with it; save the checkpoint with the layer cloned "
+                "(untied), or as .safetensors, then repair again"
+            )
+    torch_pickle.patch_storages(torch_file, list(zip(refs, updates.values(), strict=True)), target)
 
 
 def _write_hf_folder(
@@ -446,20 +466,32 @@ def _write_hf_folder(
     with atomic_folder(output) as folder:
         copy_folder(checkpoint.path, folder)
         for shard in sorted({checkpoint.shard_of[key] for key in changed}):
-            tensors = {key: state[key] for key, owner in checkpoint.shard_of.items() if owner == shard}
-            metadata = {**checkpoint.shard_metadata[shard], **record}
-            _save_shard(tensors, member(folder, shard), checkpoint.shard_format[shard], metadata)
+            target = member(folder, shard)
+            target.unlink()
+            if checkpoint.shard_format[shard] == formats.SAFETENSORS:
+                tensors = {key: state[key] for key, owner in checkpoint.shard_of.items() if owner == shard}
+                _save_safetensors(tensors, target, {**checkpoint.shard_metadata[shard], **record})
+            else:
+                held = {key: state[key] for key in changed if checkpoint.shard_of[key] == shard}
+                _patch_torch(checkpoint, checkpoint.torch_files[shard], held, target)
         for shards, _, name in _hf_layouts(checkpoint.path)[1:]:
             remaining = {key: state[key] for key in changed}
             for shard in shards:
-                tensors, metadata, kind = _load_shard(member(checkpoint.path, shard))
-                held = [key for key in remaining if key in tensors]
-                for key in held:
-                    if tensors[key].shape != remaining[key].shape:
+                loaded = _load_shard(member(checkpoint.path, shard))
+                held = {}
+                for key in [key for key in remaining if key in loaded.state]:
+                    if loaded.state[key].shape != remaining[key].shape:
                         raise LipError(f"{checkpoint.path}: `{key}` has another shape in {name}")
-                    tensors[key] = remaining.pop(key).to(tensors[key].dtype)
-                if held:
-                    _save_shard(tensors, member(folder, shard), kind, {**metadata, **record})
+                    held[key] = remaining.pop(key).to(loaded.state[key].dtype)
+                if not held:
+                    continue
+                target = member(folder, shard)
+                target.unlink()
+                if loaded.torch_file is None:
+                    _save_safetensors({**loaded.state, **held}, target, {**loaded.metadata, **record})
+                else:
+                    other = Checkpoint(path=checkpoint.path / shard, format="pt", state=loaded.state, refs=loaded.refs)
+                    _patch_torch(other, loaded.torch_file, held, target)
             if remaining:
                 raise LipError(
                     f"{checkpoint.path}: {name} holds the model too, but not `{next(iter(remaining))}`; "
@@ -471,24 +503,10 @@ def _write_hf_folder(
             )
 
 
-def _save_shard(tensors: dict[str, Tensor], target: Path, kind: str, metadata: dict[str, str]) -> None:
-    """One weight file of a model folder, replaced in its own format (safetensors or torch)."""
-    target.unlink(missing_ok=True)
-    if kind == formats.SAFETENSORS:
-        from safetensors.torch import save_file
+def _save_safetensors(tensors: dict[str, Tensor], target: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
 
-        save_file(tensors, str(target), metadata={"format": "pt", **metadata})
-    else:
-        _torch_save(tensors, target, legacy=kind == formats.TORCH_PICKLE)
-
-
-def _torch_save(content: object, path: Path, legacy: bool) -> None:
-    """torch.save in the serialization the input had: zip archive, or the legacy pickle format."""
-    with open(path, "wb") as handle:
-        if legacy:
-            torch.save(content, handle, _use_new_zipfile_serialization=False)
-        else:
-            torch.save(content, handle)
+    save_file(tensors, str(target), metadata={"format": "pt", **metadata})
 
 
 def sidecar_path(output: Path) -> Path:

@@ -258,7 +258,8 @@ def test_omegaconf_config_round_trips(tmp_path: Path) -> None:
     assert close_to(written["state_dict"]["fc.weight"], reference_head(head, 2))
 
 
-def test_a_listed_type_whose_package_is_missing_says_what_to_install(tmp_path: Path, monkeypatch) -> None:
+def test_a_listed_type_is_read_without_its_package(tmp_path: Path, monkeypatch) -> None:
+    """The walk never builds what the pickle names, so omegaconf need not even be importable."""
     omegaconf = pytest.importorskip("omegaconf")
     state, _ = problem(tmp_path)
     torch.save({"state_dict": state, "cfg": omegaconf.OmegaConf.create({"a": 1})}, tmp_path / "run.ckpt")
@@ -270,9 +271,18 @@ def test_a_listed_type_whose_package_is_missing_says_what_to_install(tmp_path: P
         return real_import(name, *args)
 
     monkeypatch.setattr(importlib, "import_module", without_omegaconf)
+    monkeypatch.setattr("builtins.__import__", _refusing_import(__import__, "omegaconf"))
     result = run("repair", tmp_path / "run.ckpt", "-f", tmp_path / "features.npy", "--k", 1)
-    assert result.exit_code == 1 and result.stderr.count("\n") == 1
-    assert "`omegaconf." in result.stderr and "pip install omegaconf" in result.stderr
+    assert result.exit_code == 0, result.output
+
+
+def _refusing_import(real, refused: str):
+    def guarded(name, *args, **kwargs):
+        if name.startswith(refused):
+            raise ImportError(f"No module named '{name}'")
+        return real(name, *args, **kwargs)
+
+    return guarded
 
 
 def bin_folder(model, folder: Path, sharded: bool) -> None:

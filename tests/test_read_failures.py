@@ -148,7 +148,11 @@ def test_deeply_nested_json_anywhere_lip_reads_json(tmp_path: Path, problem) -> 
     assert "unknown array format" in result.stderr
 
 
-def test_a_state_dict_nested_past_the_bound_is_refused_at_load(tmp_path: Path, problem) -> None:
+def test_values_nested_deep_are_kept_as_they_were(tmp_path: Path, problem) -> None:
+    """The walk holds nesting on its own stack and lip never pickles again: 300 levels come back
+    byte for byte (the old design refused them, as torch.save could not write them back)."""
+    import zipfile
+
     state = torch.load(problem["model"], weights_only=True)
     deep: dict = {}
     level = deep
@@ -157,11 +161,10 @@ def test_a_state_dict_nested_past_the_bound_is_refused_at_load(tmp_path: Path, p
         level = level["n"]
     torch.save({"state_dict": state, "deep": deep}, tmp_path / "deep.pt")
     result = run("repair", tmp_path / "deep.pt", "-f", problem["features"], "--k", 3, "-o", tmp_path / "o.pt")
-    one_line(
-        result,
-        f"{tmp_path / 'deep.pt'}: holds values nested more than 200 levels deep, which lip cannot write "
-        "back; re-save it without them",
-    )
+    assert result.exit_code == 0, result.output
+    with zipfile.ZipFile(tmp_path / "deep.pt") as before, zipfile.ZipFile(tmp_path / "o.pt") as after:
+        assert before.read("deep/data.pkl") == after.read("o/data.pkl".replace("o/", "deep/"))
+    assert torch.load(tmp_path / "o.pt", weights_only=True)["deep"] == deep
 
 
 def test_non_string_state_dict_keys_are_kept_and_skipped(tmp_path: Path, problem) -> None:

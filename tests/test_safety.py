@@ -82,13 +82,14 @@ def test_unwritable_output_folder(tmp_path: Path, head, monkeypatch) -> None:
 
 def repair_failing_in(tmp_path: Path, head, monkeypatch, module, name: str, error: BaseException):
     """`lip repair --k 1` with `module.name` raising `error` (after writing a few bytes, when it is
-    torch.save): the result, and the folder's entries before the run."""
+    the torch file writer, torch_pickle.patch_storages): the result, and the folder's entries before
+    the run."""
     paths = save_problem(tmp_path, head)
     before = sorted(os.listdir(tmp_path))
 
     def failing(*args) -> None:
-        if len(args) == 2 and hasattr(args[1], "write"):
-            args[1].write(b"partial bytes")
+        if len(args) == 3 and isinstance(args[2], Path):
+            args[2].write_bytes(b"partial bytes")
         raise error
 
     monkeypatch.setattr(module, name, failing)
@@ -97,7 +98,7 @@ def repair_failing_in(tmp_path: Path, head, monkeypatch, module, name: str, erro
 
 def test_failure_while_writing_leaves_nothing(tmp_path: Path, head, monkeypatch) -> None:
     result, before = repair_failing_in(
-        tmp_path, head, monkeypatch, checkpoint_module.torch, "save", KeyboardInterrupt()
+        tmp_path, head, monkeypatch, checkpoint_module.torch_pickle, "patch_storages", KeyboardInterrupt()
     )
     assert result.exit_code == 130 and "interrupted" in result.stderr
     assert sorted(os.listdir(tmp_path)) == before
@@ -119,7 +120,7 @@ def test_an_interrupt_after_the_write_names_what_was_written(tmp_path: Path, hea
     "error", [MemoryError(), MemoryError("cannot allocate"), torch.OutOfMemoryError("CUDA out of memory")]
 )
 def test_out_of_memory_is_one_line_and_leaves_nothing(tmp_path: Path, head, monkeypatch, error) -> None:
-    result, before = repair_failing_in(tmp_path, head, monkeypatch, checkpoint_module.torch, "save", error)
+    result, before = repair_failing_in(tmp_path, head, monkeypatch, checkpoint_module.torch_pickle, "patch_storages", error)
     assert result.exit_code == 1 and result.stdout == ""
     assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("error: out of memory")
     assert "nothing was written: a smaller --chunk-rows" in result.stderr
@@ -133,7 +134,7 @@ def test_out_of_memory_after_the_write_names_what_was_written(tmp_path: Path, he
 
 def test_other_runtime_errors_are_not_taken_for_memory(tmp_path: Path, head, monkeypatch) -> None:
     result, _ = repair_failing_in(
-        tmp_path, head, monkeypatch, checkpoint_module.torch, "save", RuntimeError("a bug")
+        tmp_path, head, monkeypatch, checkpoint_module.torch_pickle, "patch_storages", RuntimeError("a bug")
     )
     assert result.exit_code != 0 and isinstance(result.exception, RuntimeError)
 

@@ -320,18 +320,21 @@ def test_dry_run_with_a_plot_is_refused_before_any_work(sandbox: Path) -> None:
 # D2: an interrupt while torch writes a zip archive
 
 
-def test_an_interrupt_inside_torch_save_stays_an_interrupt(sandbox: Path, monkeypatch) -> None:
-    """torch's zip writer raises its own RuntimeError from __exit__ while the interrupt unwinds."""
+def test_an_interrupt_inside_the_torch_writer_stays_an_interrupt(sandbox: Path, monkeypatch) -> None:
+    """A library's clean-up that raises its own RuntimeError while the interrupt unwinds (as torch's
+    zip writer did from __exit__): still an interrupt."""
+    from lip_cli import torch_pickle
+
     work = sandbox / "work"
 
-    def save(content, handle, **kwargs) -> None:
-        handle.write(b"PK\x03\x04partial")
+    def save(source, updates, destination) -> None:
+        destination.write_bytes(b"PK\x03\x04partial")
         try:
             raise KeyboardInterrupt
         finally:
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 896 vs 790")
 
-    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(torch_pickle, "patch_storages", save)
     before = snapshot(sandbox)
     result = run(*repair_args(work, work / "out.pt"))
     assert result.exit_code == 130 and result.stderr == "error: interrupted; nothing was written\n"
