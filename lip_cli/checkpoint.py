@@ -228,9 +228,11 @@ def _load_hf_folder(path: Path) -> Checkpoint:
 def _load_torch(path: Path, legacy: bool) -> Checkpoint:
     torch_file = _read_torch(path, formats.TORCH_PICKLE if legacy else formats.TORCH_ZIP)
     root, nested_key = torch_file.root, None
-    if not _is_state_dict(root) and isinstance(root, dict):
+    tensors = (torch_pickle.TensorRef, torch_pickle.UnusableTensor)
+    if isinstance(root, dict) and not all(isinstance(value, tensors) for value in root.values()):
+        # a training state beside its tensors (an RNG state...): the state dict under its key first
         nested_key = next((key for key in NESTED_KEYS if _is_state_dict(root.get(key))), None)
-        root = root.get(nested_key) if nested_key is not None else None
+        root = root[nested_key] if nested_key is not None else root
     if not _is_state_dict(root):
         raise LipError(
             f"{path}: holds no state dict (a dict of tensors, at the top or under one of "

@@ -26,6 +26,7 @@ LIP_RECORD = "lip.json"  # what lip writes into every folder it makes
 # what the path policy found at each output (its `fingerprint`, None for nothing), and whether
 # --force lets it be replaced: `publish` replaces that entry only, never one that came later
 checked: dict[Path, tuple[tuple[int, ...] | None, bool]] = {}
+checked_at: dict[Path, Path] = {}  # each output path as given, and where it led at check time
 
 
 @dataclass(frozen=True)
@@ -92,12 +93,13 @@ def resolved(path: Path) -> Path:
 
 
 def write_location(path: Path) -> Path:
-    """Where a write to `path` lands: its folder resolved, the last name kept (a link there is
+    """Where a write to `path` lands: its folder resolved as the system resolves it (`lnk/..` is the
+    folder above the link's target, as for every other call), the last name kept (a link there is
     replaced, never written through)."""
-    absolute = Path(os.path.abspath(path))
-    if absolute.name in ("", ".", ".."):
-        return resolved(absolute)
-    return resolved(absolute.parent) / absolute.name
+    path = Path(path)
+    if path.name in ("", ".", ".."):
+        return resolved(path)
+    return resolved(path.parent) / path.name
 
 
 def _within(path: Path, folder: Path) -> bool:
@@ -128,7 +130,7 @@ def check_paths(inputs: Iterable[Path | None], outputs: Iterable[Output | None],
         places = {_identity(os.stat(place)) for place in (location, target) if os.path.exists(place)}
         if output.suffixes and path.suffix.lower() not in output.suffixes:
             raise LipError(
-                f"{path}: the output is written as {' or '.join(filter(None, output.suffixes))}; "
+                f"{path}: the output is written as {' or '.join(dict.fromkeys(filter(None, output.suffixes)))}; "
                 "give it that ending"
             )
         for source, real in real_sources:
@@ -199,6 +201,7 @@ def _check_replaceable(
     if not os.access(parent, os.W_OK):
         raise LipError(f"{path}: folder {parent} is not writable")
     checked[location] = (None if found is None else fingerprint(found), force)
+    checked_at[Path(path)] = location
 
 
 def _identity(found: os.stat_result) -> tuple[int, int]:
@@ -222,47 +225,82 @@ def _identities_up(path: Path) -> set[tuple[int, int]]:
 
 
 def _missing_folders(path: Path) -> list[Path]:
-    """The folders above `path` that do not exist yet, outermost first."""
+    """The folders above `path` that do not exist yet, outermost first (each named as the system
+    resolves it: `lnk/../new` is `new` beside the link's target)."""
     missing = []
-    for folder in Path(os.path.abspath(path)).parents:
-        if os.path.lexists(folder):
-            break
+    folder = Path(path).parent
+    while not os.path.lexists(folder) and folder != folder.parent:
         missing.append(folder)
+        folder = folder.parent
     return missing[::-1]
+
+
+# the existing folder found at check time above an output's missing folders, by (device, inode)
+nearest_found: dict[Path, tuple[Path, tuple[int, int], list[Path]]] = {}
 
 
 def _nearest_folder(path: Path) -> Path:
     """The existing folder that `new_folders(path)` would make its folders in, refused when a file
-    or a dangling link stands where a folder should be."""
+    or a dangling link stands where a folder should be; recorded, so that the folders are made in
+    that very folder."""
     missing = _missing_folders(path)
-    above = (missing[0] if missing else Path(os.path.abspath(path))).parent
+    above = (missing[0] if missing else Path(path)).parent
     if os.path.islink(above) and not above.exists():
         raise LipError(f"{path}: {above} is a dangling link (to {os.readlink(above)}), not a folder")
     if not above.is_dir():
         raise LipError(f"{path}: {above} is a file, not a folder")
+    nearest_found[Path(path)] = (above, _identity(os.stat(above)), missing)
     return above.resolve()
+
+
+def _open_folder(name: str | Path, dir_fd: int | None = None, follow: bool = True) -> int:
+    flags = os.O_RDONLY | os.O_DIRECTORY | (0 if follow else os.O_NOFOLLOW)
+    return os.open(name, flags, dir_fd=dir_fd)
 
 
 @contextlib.contextmanager
 def new_folders(path: Path) -> Iterator[list[Path]]:
-    """Make the missing folders above `path` (checked by `check_paths` with `Output.parents`);
-    those still empty are removed again when the block fails, so a failed run leaves none behind."""
-    made = []
+    """Make the missing folders above `path` (checked by `check_paths` with `Output.parents`), each
+    inside the one made before it, starting from the folder found at check time (mkdirat/openat,
+    no link followed): a folder replaced by a link meanwhile is refused, never written through.
+    Those still empty are removed again when the block fails, so a failed run leaves none behind."""
+    path = Path(path)
+    above, identity, missing = nearest_found.get(path, (None, None, _missing_folders(path)))
+    made: list[Path] = []
+    descriptors: list[int] = []
+    changed = f"{path}: a folder above it changed while lip ran (another program put a link or folder there); "
     try:
-        for folder in _missing_folders(path):
+        if missing:
+            descriptors.append(_open_folder(missing[0].parent if above is None else above))
+            if identity is not None and _identity(os.fstat(descriptors[0])) != identity:
+                raise LipError(changed + "nothing was written")
+            for folder in missing:
+                try:
+                    os.mkdir(folder.name, dir_fd=descriptors[-1])
+                    made.append(folder)
+                except FileExistsError:
+                    raise LipError(changed + "nothing was written") from None
+                except OSError as error:
+                    raise LipError(f"{path}: cannot make the folder {folder} ({error.strerror})") from error
+                try:
+                    descriptors.append(_open_folder(folder.name, descriptors[-1], follow=False))
+                except OSError:  # ELOOP: a link stands where lip just made a folder
+                    raise LipError(changed + "nothing was written") from None
             try:
-                folder.mkdir()
-            except FileExistsError:  # made meanwhile by someone else: theirs, never removed
-                continue
-            except OSError as error:
-                raise LipError(f"{path}: cannot make the folder {folder} ({error.strerror})") from error
-            made.append(folder)
+                same = _identity(os.stat(path.parent)) == _identity(os.fstat(descriptors[-1]))
+            except OSError:
+                same = False
+            if not same:
+                raise LipError(changed + "nothing was written")
         yield made
     except BaseException:
-        for folder in reversed(made):
+        for folder, descriptor in reversed(list(zip(missing[: len(made)], descriptors, strict=False))):
             with contextlib.suppress(OSError):
-                folder.rmdir()
+                os.rmdir(folder.name, dir_fd=descriptor)
         raise
+    finally:
+        for descriptor in descriptors:
+            os.close(descriptor)
 
 
 def _roots(folder: Path) -> list[Path]:

@@ -42,7 +42,7 @@ from torch import Tensor
 from lip_cli.errors import LipError
 
 MAX_PICKLE_BYTES = 64 * 2**20  # a pickle holds metadata; real checkpoints' are under a few MB
-MAX_VALUES = 4_000_000  # values kept by the walk (containers' entries, numbers, short strings)
+MAX_VALUES = 2_000_000  # values the walk holds (containers' entries, numbers, strings, stack entries)
 MAX_KEPT_TEXT = 4096  # a longer string or bytes value is a placeholder, never copied
 MAX_COMPRESSED_BYTES = 64 * 2**20  # a compressed zip record, once inflated (torch.save never compresses)
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -364,6 +364,8 @@ class _Walk:
                 need(1)
                 stack.append(memo[data[pos]]) if data[pos] in memo else _missing(data[pos])
                 pos += 1
+                if len(stack) > MAX_VALUES:  # references held before any container counts them
+                    keep(len(stack))
             elif op == 0x71:  # BINPUT
                 need(1)
                 if not stack:
@@ -382,6 +384,7 @@ class _Walk:
                 index = unpack("<I", data, pos)[0]
                 stack.append(memo[index]) if index in memo else _missing(index)
                 pos += 4
+                keep()
             elif op == 0x94:  # MEMOIZE
                 if not stack:
                     raise CorruptPickle("it memoizes from an empty stack")
@@ -390,10 +393,13 @@ class _Walk:
             elif op == 0x28:  # MARK
                 marks.append(stack)
                 stack = []
+                keep()
             elif op == 0x4B:  # BININT1
                 need(1)
                 stack.append(data[pos])
                 pos += 1
+                if len(stack) > MAX_VALUES:
+                    keep(len(stack))
             elif op == 0x4D:  # BININT2
                 need(2)
                 stack.append(unpack("<H", data, pos)[0])
@@ -525,12 +531,9 @@ class _Walk:
                 del stack[-(count - 1) :]
                 stack[-1] = Opaque(getattr(stack[-1], "name", "object"))
                 keep()
-            elif op == 0x4E:  # NONE
-                stack.append(None)
-            elif op == 0x88:  # NEWTRUE
-                stack.append(True)
-            elif op == 0x89:  # NEWFALSE
-                stack.append(False)
+            elif op in (0x4E, 0x88, 0x89):  # NONE, NEWTRUE, NEWFALSE
+                stack.append(None if op == 0x4E else op == 0x88)
+                keep()
             elif op == 0x47:  # BINFLOAT
                 need(8)
                 stack.append(unpack(">d", data, pos)[0])
@@ -566,6 +569,7 @@ class _Walk:
                 if not stack:
                     raise CorruptPickle("it duplicates from an empty stack")
                 stack.append(stack[-1])
+                keep()
             elif op == 0x2E:  # STOP
                 if len(stack) != 1 or marks:
                     raise CorruptPickle("it stops with a stack it has not emptied")

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from lip_cli.errors import LipError, first_line
-from lip_cli.files import checked, fingerprint, write_location
+from lip_cli.files import checked, checked_at, fingerprint, write_location
 
 placed: list[Path] = []  # outputs put in place since the command began, for an interrupt's message
 
@@ -30,7 +30,7 @@ def atomic_outputs(*outputs: Path) -> Iterator[list[Path]]:
     A link at an output is replaced by the file, never written through. A write that fails for
     lack of room or permission is a LipError naming the output.
     """
-    targets = [write_location(Path(output)) for output in outputs]
+    targets = [_checked_location(Path(output)) for output in outputs]
     temporaries: list[Path] = []
     try:
         for target in targets:
@@ -72,7 +72,7 @@ def atomic_folder(output: Path) -> Iterator[Path]:
     (renameat2), else moved aside with interrupts held back; either way an interrupt leaves the
     old or the new output in place, and no copy of the old one behind.
     """
-    output = write_location(Path(output))
+    output = _checked_location(Path(output))
     temporary = None
     try:
         with signals_held():
@@ -94,6 +94,19 @@ def atomic_folder(output: Path) -> Iterator[Path]:
         if temporary is not None and os.path.lexists(temporary):
             with signals_held():
                 _remove(temporary)
+
+
+def _checked_location(output: Path) -> Path:
+    """Where `output` lands now, refused when the path policy found it leading elsewhere (a folder
+    on the way replaced by a link meanwhile): lip writes only where it checked."""
+    location = write_location(output)
+    expected = checked_at.get(output)
+    if expected is not None and expected != location:
+        raise LipError(
+            f"{output}: now leads to {location}, not to {expected} where lip checked it (a folder on the "
+            f"way was replaced meanwhile); {so_far()}"
+        )
+    return location
 
 
 def _publish_all(pairs: list[tuple[Path, Path]]) -> None:

@@ -13,6 +13,7 @@ import resource
 import struct
 import subprocess
 import sys
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from lip_cli import checkpoint, labelled, pickle_scan
+from lip_cli import checkpoint, labelled, torch_pickle
 from lip_cli.cli import app
 from lip_cli.errors import LipError
 from tests.conftest import make_head, save_problem
@@ -110,54 +111,115 @@ def run_measured(script: str, *arguments: object, cwd: Path) -> tuple[int, str, 
     return process.returncode, "\n".join(lines[:-1]), int(lines[-1].split()[1]) * 1024
 
 
-class _Sized:
-    """Pickles as a call `kind(size)`: what a 3 KB file needs to make 3 GB."""
+class _Call:
+    """Pickles as a call `function(*arguments)`: what a 3 KB file needs to ask for gigabytes."""
 
-    def __init__(self, kind: type, size: int) -> None:
-        self.kind, self.size = kind, size
+    def __init__(self, function: object, *arguments: object) -> None:
+        self.function, self.arguments = function, arguments
 
     def __reduce__(self):
-        return (self.kind, (self.size,))
+        return (self.function, self.arguments)
 
 
-def _declared_bomb(path: Path, model: Path, kind: type, **serialization: object) -> None:
+def _sized(kind: type, size: int) -> _Call:
+    return _Call(kind, size)
+
+
+def _bombs() -> dict[str, object]:
+    """E1-E5 of the adversarial pass (faults-2026-12-02.md) and variations: each small, each asking
+    torch.load for gigabytes or for exponential work; lip builds none of it."""
+    import _codecs
+    import collections
+
+    hexed = _sized(bytearray, 32 * 2**20)
+    for _ in range(8):
+        hexed = _Call(_codecs.encode, hexed, "hex")
+    shared: list = [1]
+    for _ in range(60):
+        shared = [shared, shared]
+    shared_dict: dict = {"leaf": 1}
+    for _ in range(200):
+        shared_dict = {"a": shared_dict, "b": shared_dict, "c": [shared_dict] * 3}
+    return {
+        "e1": _Call(bytearray, _Call(int, "2500000000")),
+        "e1b": _Call(bytes, _Call(int, "25000000000")),
+        "e1c": _Call(bytearray, _Call(int, 2.5e9)),
+        "e2": [_sized(bytearray, 64 * 2**20) for _ in range(60)],
+        "e3": hexed,
+        "e4": _Call(list, _sized(bytearray, 64 * 2**20)),
+        "e4b": _Call(collections.Counter, _sized(bytearray, 2**31)),
+        "e4c": _Call(set, _Call(list, _sized(bytes, 2**31))),
+        "e5": shared,
+        "e5b": shared_dict,
+        "e6": _Call(complex, _Call(int, "9" * 4000)),
+    }
+
+
+def _save_bombs(folder: Path, model: Path) -> list[str]:
     state = torch.load(model, weights_only=True)
-    payload = {"x": _Sized(kind, 3 * 10**9), "again": _Sized(kind, 3 * 10**9)}  # the second from the memo
-    torch.save({"state_dict": state, "hyper_parameters": payload}, path, **serialization)
+    names = []
+    for name, payload in _bombs().items():
+        for legacy in (False, True) if name in ("e1", "e2") else (False,):
+            file = f"{name}{'-legacy' if legacy else ''}.pt"
+            torch.save({"state_dict": state, "h": payload}, folder / file, _use_new_zipfile_serialization=not legacy)
+            assert (folder / file).stat().st_size < 200_000, file
+            names.append(file)
+    return names
 
 
-def _declared_message(path: object, kind: type) -> str:
-    return (
-        f"{path}: builds a {kind.__name__} of 3,000,000,000 bytes, past lip's bound of "
-        f"{pickle_scan.MAX_VALUE_BYTES:,} bytes for a value that is not a tensor; re-save the file without it"
+def _memo_list(path: Path, items: int) -> None:
+    """A torch archive whose (deflated) pickle is one list of `items` memo references: a few KB
+    that the old design expanded into a tuple per element."""
+    pickle = b"\x80\x02]q\x00(" + b"h\x00" * items + b"e."
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("archive/data.pkl", pickle)
+
+
+def test_small_files_asking_for_gigabytes_cost_only_what_they_hold(tmp_path: Path, problem) -> None:
+    """E1-E5 and variations, through inspect, repair and compare in one real process: each is read
+    (its payload never built, and kept byte for byte in the repaired copy) or refused in one line,
+    all of them within seconds and the memory bound."""
+    names = _save_bombs(tmp_path, problem["model"])
+    _memo_list(tmp_path / "memo.pt", torch_pickle.MAX_VALUES + 10)
+    assert (tmp_path / "memo.pt").stat().st_size < 200_000
+    runs = [["inspect", name, "--json"] for name in names]
+    for name in ("e1.pt", "e2-legacy.pt", "e3.pt", "e4.pt", "e5.pt", "e5b.pt"):
+        runs.append(["compare", name, problem["model"], "--json"])
+        runs.append(["repair", name, "-f", problem["features"], "--k", 3, "-o", f"out-{name}"])
+    runs.append(["inspect", "memo.pt"])
+    script = (
+        "import json, sys, contextlib, io\nfrom lip_cli.cli import app\n"
+        "for arguments in json.loads(sys.argv[1]):\n"
+        "    with contextlib.redirect_stdout(io.StringIO()):\n"
+        "        code = app(arguments, standalone_mode=False)\n"
+        "    print(f'exit {code}', file=sys.stderr)\n"
     )
-
-
-@pytest.mark.parametrize(
-    ("kind", "serialization"),
-    [
-        (bytearray, {}),
-        (bytes, {"_use_new_zipfile_serialization": False}),  # legacy pickle
-        (bytes, {"pickle_protocol": 4}),  # STACK_GLOBAL names the callable from two strings
-    ],
-)
-def test_a_value_the_pickle_only_declares_is_refused(tmp_path: Path, problem, kind, serialization) -> None:
-    _declared_bomb(tmp_path / "bomb.pt", problem["model"], kind, **serialization)
-    assert (tmp_path / "bomb.pt").stat().st_size < 10_000
-    with pytest.raises(LipError) as refused:
-        checkpoint.load_checkpoint(tmp_path / "bomb.pt")
-    assert str(refused.value) == _declared_message(tmp_path / "bomb.pt", kind)
+    commands = json.dumps([[str(part) for part in arguments] for arguments in runs])
+    code, stderr, rss = run_measured(script, commands, cwd=tmp_path)
+    assert code == 0, stderr
+    lines = [line for line in stderr.strip().splitlines() if line.startswith(("exit", "error"))]
+    assert set(lines[:-2]) <= {"exit 0", "exit None"} and len(lines) == len(runs) + 1, stderr
+    assert lines[-2:] == [
+        f"error: memo.pt: its pickle holds more than {torch_pickle.MAX_VALUES:,} values besides its tensors, "
+        "past lip's bound; re-save the file with the state dict alone",
+        "exit 1",
+    ]
+    assert rss < RSS_BOUND, rss
+    for name in ("e1.pt", "e3.pt", "e5.pt"):
+        with zipfile.ZipFile(tmp_path / name) as archive, zipfile.ZipFile(tmp_path / f"out-{name}") as written:
+            pickled = next(entry for entry in archive.namelist() if entry.endswith("data.pkl"))
+            assert written.read(pickled) == archive.read(pickled)  # the payload kept as it was
 
 
 def test_a_features_file_that_is_one_declared_value_is_refused(tmp_path: Path) -> None:
-    torch.save(_Sized(bytearray, 3 * 10**9), tmp_path / "features.pt")
-    with pytest.raises(LipError, match="builds a bytearray of 3,000,000,000 bytes"):
+    torch.save(_sized(bytearray, 3 * 10**9), tmp_path / "features.pt")
+    with pytest.raises(LipError, match="holds an object, expected a tensor or a dict of tensors"):
         labelled.open_features(tmp_path / "features.pt")
 
 
 def test_small_bytes_values_are_kept(tmp_path: Path, problem) -> None:
     state = torch.load(problem["model"], weights_only=True)
-    extra = {"blob": _Sized(bytes, 1000), "buffer": _Sized(bytearray, 10)}
+    extra = {"blob": _sized(bytes, 1000), "buffer": _sized(bytearray, 10)}
     torch.save({"state_dict": state, "extra": extra}, tmp_path / "small.pt")
     result = runner.invoke(
         app, ["repair", str(tmp_path / "small.pt"), "-f", str(problem["features"]), "--k", "3"]
@@ -168,11 +230,10 @@ def test_small_bytes_values_are_kept(tmp_path: Path, problem) -> None:
 
 
 def test_bombs_are_refused_within_the_memory_bound(tmp_path: Path, problem) -> None:
-    """One real lip process per kind of bomb: a 3 KB checkpoint declaring bytes(3e9), a torch archive
-    whose pickle inflates past its bound, a 2 MB .npz of 250 million labels (the row counts
-    disagree, as its header tells). Each is refused in one line, none near its size in memory."""
-    _declared_bomb(tmp_path / "bytes.pt", problem["model"], bytes)
-    size = pickle_scan.MAX_PICKLE_BYTES + 2**20
+    """One real lip process per kind of bomb: a torch archive whose pickle inflates past its bound,
+    a 2 MB .npz of 250 million labels (the row counts disagree, as its header tells). Each is
+    refused in one line, none near its size in memory."""
+    size = torch_pickle.MAX_PICKLE_BYTES + 2**20
     prefix = b"\x80\x04\x8e" + struct.pack("<Q", size - 12)  # PROTO 4, BINBYTES8 of the rest
     write_zip_bomb(tmp_path / "pickle.pt", [("archive/data.pkl", prefix, size - 12, b".")], crc=False)
     rows = 250_000_000
@@ -181,7 +242,6 @@ def test_bombs_are_refused_within_the_memory_bound(tmp_path: Path, problem) -> N
     assert all((tmp_path / name).stat().st_size < 3 * 2**20 for name in ("pickle.pt", "labels.npz"))
     features = problem["features"]
     runs = [
-        ["repair", "bytes.pt", "-f", features, "--k", 3, "-o", "out.pt"],
         ["inspect", "pickle.pt"],
         ["repair", problem["model"], "-f", features, "--labels", "labels.npz", "--k", 3, "--dry-run"],
     ]
@@ -195,15 +255,13 @@ def test_bombs_are_refused_within_the_memory_bound(tmp_path: Path, problem) -> N
     assert code == 0, stderr
     rows_held = np.load(features, mmap_mode="r").shape[0]
     assert stderr.strip().splitlines() == [
-        f"error: {_declared_message('bytes.pt', bytes)}",
-        "exit 1",
         f"error: pickle.pt: its pickle (archive/data.pkl) inflates to {size:,} bytes, past lip's bound of "
-        f"{pickle_scan.MAX_PICKLE_BYTES:,} bytes; the tensors of a torch file are stored apart",
+        f"{torch_pickle.MAX_PICKLE_BYTES:,} bytes; the tensors of a torch file are stored apart",
         "exit 1",
         f"error: labels.npz[labels]: {rows} labels but {rows_held} feature rows in {features}",
         "exit 1",
     ]
-    assert rss < RSS_BOUND and not (tmp_path / "out.pt").exists()
+    assert rss < RSS_BOUND
 
 
 def test_npz_features_are_read_chunk_by_chunk(tmp_path: Path) -> None:
@@ -228,25 +286,9 @@ def test_npz_features_are_read_chunk_by_chunk(tmp_path: Path) -> None:
     assert rss < 500_000_000, rss  # torch and numpy: about 250 MB; the member alone is 537 MB
 
 
-@pytest.mark.parametrize(
-    "serialization",
-    [{}, {"pickle_protocol": 4}, {"pickle_protocol": 5}, {"_use_new_zipfile_serialization": False}],
-    ids=["zip", "protocol-4", "protocol-5", "legacy"],
-)
-def test_the_walk_follows_ordinary_checkpoints_to_the_end(tmp_path: Path, serialization) -> None:
-    import argparse
-    from collections import OrderedDict
-
-    state = OrderedDict(fc=torch.zeros(2, 3), bias=torch.zeros(2))
-    content = {"state_dict": state, "args": argparse.Namespace(lr=0.1, tags=["a"]), "epoch": 3, "blob": b"x"}
-    torch.save(content, tmp_path / "model.pt", **serialization)
-    scan = pickle_scan.scan(tmp_path / "model.pt")
-    assert scan.complete
-    assert {"argparse.Namespace", "collections.OrderedDict"} <= scan.globals
-
-
-def test_a_sized_call_the_walk_cannot_follow_is_refused(tmp_path: Path) -> None:
-    """A REDUCE with nothing on the stack cannot be followed; naming `bytes` makes that a refusal."""
-    (tmp_path / "odd.pt").write_bytes(b"\x80\x02cbuiltins\nbytes\nR.")
-    with pytest.raises(LipError, match="names `builtins.bytes` in a form lip cannot bound"):
-        pickle_scan.scan(tmp_path / "odd.pt")
+def test_a_tensor_that_claims_more_than_its_storage(tmp_path: Path) -> None:
+    """Zero strides let a 4-byte storage claim 10^12 values: mapped as it is, and refused by what
+    the values would cost, never allocated."""
+    torch.save({"fc.weight": torch.zeros(1).expand(10**6, 10**6)}, tmp_path / "wide.pt")
+    result = runner.invoke(app, ["inspect", str(tmp_path / "wide.pt")])
+    assert result.exit_code == 1 and "zero or overlapping strides" in result.stderr

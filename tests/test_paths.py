@@ -7,6 +7,7 @@ after: only the declared outputs may change, and a refusal is one line with exit
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import json
@@ -480,3 +481,88 @@ def test_a_folder_named_like_lip_record_inside_a_model_folder_is_refused(hf_sand
     (hf_sandbox / "work" / "hf" / "lip.json").mkdir()
     (hf_sandbox / "work" / "hf" / "lip.json" / "notes.txt").write_text("mine\n")
     sandboxed(hf_sandbox, repair_hf(hf_sandbox), [], 1, "lip.json: is a folder")
+
+
+# E6, E7 of the adversarial pass of 2026-12-02 (faults-2026-12-02.md)
+
+
+def test_dot_dot_after_a_link_means_what_the_system_means(tmp_path: Path, monkeypatch) -> None:
+    """E7: `lnk/../x` is the file beside the link's target, for the check and for the write."""
+    from lip_cli import files, writes
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "elsewhere" / "sub").mkdir(parents=True)
+    (tmp_path / "lnk").symlink_to("elsewhere/sub")
+    (tmp_path / "elsewhere" / "x.npy").write_text("old")
+    with pytest.raises(LipError, match="already exists; pass --force"):
+        files.check_paths([], [files.Output(Path("lnk/../x.npy"))], force=False)
+    files.check_paths([], [files.Output(Path("lnk/../x.npy"))], force=True)
+    with writes.atomic_output(Path("lnk/../x.npy")) as temporary:
+        temporary.write_text("new")
+    assert (tmp_path / "elsewhere" / "x.npy").read_text() == "new" and not (tmp_path / "x.npy").exists()
+    (tmp_path / "user.pt").write_text("user file")  # lexically lnk/../user.pt, physically not
+    files.check_paths([], [files.Output(Path("lnk/../user.pt"))], force=False)
+    with writes.atomic_output(Path("lnk/../user.pt")) as temporary:
+        temporary.write_text("lip")
+    assert (tmp_path / "user.pt").read_text() == "user file"
+    assert (tmp_path / "elsewhere" / "user.pt").read_text() == "lip"
+
+
+def _swap_race(tmp_path: Path, delay: float) -> tuple[str, list[str]]:
+    """`ra/rb/x.npy` checked, then made and written while another thread puts a link to a victim
+    folder where `ra` is missing: what happened, and what the victim folder holds."""
+    import threading
+    import time
+
+    from lip_cli import files, writes
+
+    work, victim = tmp_path / "work", tmp_path / "victim"
+    work.mkdir()
+    victim.mkdir()
+    output = work / "ra" / "rb" / "x.npy"
+    files.check_paths([], [files.Output(output, parents=True)], force=False)
+
+    def swap() -> None:
+        time.sleep(delay)
+        with contextlib.suppress(OSError):
+            (work / "ra").symlink_to(victim)
+
+    thread = threading.Thread(target=swap)
+    thread.start()
+    outcome = "wrote"
+    try:
+        with files.new_folders(output), writes.atomic_output(output) as temporary:
+            temporary.write_bytes(b"x" * 1000)
+    except LipError as error:
+        outcome = str(error)
+    thread.join()
+    return outcome, sorted(os.listdir(victim))
+
+
+def test_a_folder_swapped_for_a_link_after_the_check_is_never_written_through(tmp_path: Path) -> None:
+    """E6: in 30 races (the link put before, between and after the folders are made), nothing ever
+    lands in the victim folder: lip writes where it checked, or refuses in one line."""
+    import shutil
+
+    outcomes = set()
+    for trial in range(30):
+        folder = tmp_path / str(trial)
+        folder.mkdir()
+        outcome, in_victim = _swap_race(folder, delay=(trial % 10) * 0.0002)
+        assert in_victim == [], (trial, outcome)
+        assert outcome == "wrote" or "changed while lip ran" in outcome or "where lip checked it" in outcome
+        outcomes.add(outcome.split(":")[-1][:20])
+        shutil.rmtree(folder)
+
+
+
+def test_a_link_put_after_the_check_is_refused(tmp_path: Path) -> None:
+    from lip_cli import files
+
+    (tmp_path / "victim").mkdir()
+    output = tmp_path / "ra" / "rb" / "x.npy"
+    files.check_paths([], [files.Output(output, parents=True)], force=False)
+    (tmp_path / "ra").symlink_to(tmp_path / "victim")
+    with pytest.raises(LipError, match="a folder above it changed while lip ran"), files.new_folders(output):
+        pass
+    assert os.listdir(tmp_path / "victim") == []
