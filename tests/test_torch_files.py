@@ -165,6 +165,8 @@ def test_views_and_strides_are_read_and_written_where_they_lie(tmp_path: Path) -
     result = run("repair", tmp_path / "view.pt", "-f", features, "--k", 2, "-o", tmp_path / "out.pt")
     assert result.exit_code == 1 and "shares its storage" in result.stderr  # `whole` would change too
     torch.save({"fc.weight": weight_view, "fc.bias": state["fc.bias"]}, tmp_path / "view.pt")
+    read = torch_pickle.read_torch_file(tmp_path / "view.pt")
+    assert torch.equal(read.tensor(read.root["fc.weight"]), weight_view)
     _repair(tmp_path / "view.pt", features, tmp_path / "out.pt")
     loaded = torch.load(tmp_path / "out.pt", weights_only=True)
     base = loaded["fc.weight"].untyped_storage()
@@ -210,3 +212,45 @@ def test_a_legacy_storage_that_lies_about_its_size(tmp_path: Path) -> None:
         result = run("inspect", tmp_path / name)
         assert result.exit_code == 1 and result.stderr.count("\n") == 1
         assert "the file is truncated or lies about its size" in result.stderr, result.stderr
+
+
+def _compare(found: object, expected: object, read: torch_pickle.TorchFile, where: str = "") -> None:
+    if isinstance(found, torch_pickle.TensorRef):
+        tensor = read.tensor(found)
+        assert tensor.dtype == expected.dtype and torch.equal(tensor, expected), where
+        assert tensor.stride() == expected.stride(), where
+    elif isinstance(found, dict):
+        assert list(found) == list(expected), where
+        for key in found:
+            _compare(found[key], expected[key], read, f"{where}/{key}")
+    elif isinstance(found, list | tuple):
+        assert len(found) == len(expected), where
+        for index, (a, b) in enumerate(zip(found, expected, strict=True)):
+            _compare(a, b, read, f"{where}[{index}]")
+    elif not isinstance(found, torch_pickle.Opaque):
+        assert found == expected, where
+
+
+@pytest.mark.parametrize("serialization", [{}, {"_use_new_zipfile_serialization": False}, {"pickle_protocol": 4}])
+def test_the_walk_reads_what_torch_load_reads(tmp_path: Path, serialization: dict) -> None:
+    """Every tensor (dtypes, views with offsets and strides, parameters, empty ones), container and
+    plain value, against torch.load of the same file."""
+    generator = torch.Generator().manual_seed(2)
+    base = torch.randn(20, 8, generator=generator)
+    state = OrderedDict(
+        weight=torch.randn(10, 32, generator=generator),
+        transposed=base.T,
+        window=base[3:7, 2:5],
+        longs=torch.arange(5),
+        parameter=torch.nn.Parameter(torch.ones(2, 2)),
+        empty=torch.zeros(0, 4),
+        half=base.half(),
+        bfloat=base[1].bfloat16(),
+        flags=base[0] > 0,
+    )
+    if not serialization:  # no typed storage for these: torch writes them through _rebuild_tensor_v3
+        state["unsigned"] = torch.arange(3).to(torch.uint16)
+    content = {"state_dict": state, "epoch": 3, "lr": 0.5, "tags": ["a", "b"], "pair": (1, None), "big": 2**70}
+    torch.save(content, tmp_path / "all.pt", **serialization)
+    read = torch_pickle.read_torch_file(tmp_path / "all.pt")
+    _compare(read.root, torch.load(tmp_path / "all.pt", weights_only=False), read)
