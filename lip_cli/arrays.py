@@ -26,7 +26,6 @@ from torch import Tensor
 from lip_cli import files, formats
 from lip_cli.errors import LipError, first_line
 
-
 FEATURE_KEYS = ("features", "feats", "embeddings", "x", "X")
 LABEL_KEYS = ("labels", "targets", "label", "y", "Y")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -431,7 +431,9 @@ def write_checkpoint(
 
             save_file(state, str(temporaries[0]), metadata={"format": "pt", **checkpoint.metadata, **record})
         else:
-            _patch_torch(checkpoint, checkpoint.torch_files[""], {key: state[key] for key in updates}, temporaries[0])
+            _patch_torch(
+                checkpoint, checkpoint.torch_files[""], {key: state[key] for key in updates}, temporaries[0]
+            )
         if sidecar:  # written before either is put in place: both land, or neither
             temporaries[1].write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
 
@@ -446,8 +448,8 @@ def _patch_torch(
         other = torch_pickle.sharing(torch_file, ref, refs)
         if other is not None:
             raise LipError(
-                f"{checkpoint.path}: `{key}` shares its storage with another tensor of the file ({other}: tied "
-                "weights), which would change with it; save the checkpoint with the layer cloned "
+                f"{checkpoint.path}: `{key}` shares its storage with another tensor of the file ({other}: "
+                "tied weights), which would change with it; save the checkpoint with the layer cloned "
                 "(untied), or as .safetensors, then repair again"
             )
     torch_pickle.patch_storages(torch_file, list(zip(refs, updates.values(), strict=True)), target)
@@ -492,7 +494,9 @@ def _write_hf_folder(
                 if loaded.torch_file is None:
                     _save_safetensors({**loaded.state, **held}, target, {**loaded.metadata, **record})
                 else:
-                    other = Checkpoint(path=checkpoint.path / shard, format="pt", state=loaded.state, refs=loaded.refs)
+                    other = Checkpoint(
+                        path=checkpoint.path / shard, format="pt", state=loaded.state, refs=loaded.refs
+                    )
                     _patch_torch(other, loaded.torch_file, held, target)
             if remaining:
                 raise LipError(

@@ -130,7 +130,8 @@ def check_paths(inputs: Iterable[Path | None], outputs: Iterable[Output | None],
         places = {_identity(os.stat(place)) for place in (location, target) if os.path.exists(place)}
         if output.suffixes and path.suffix.lower() not in output.suffixes:
             raise LipError(
-                f"{path}: the output is written as {' or '.join(dict.fromkeys(filter(None, output.suffixes)))}; "
+                f"{path}: the output is written as "
+                f"{' or '.join(dict.fromkeys(filter(None, output.suffixes)))}; "
                 "give it that ending"
             )
         for source, real in real_sources:
@@ -268,7 +269,9 @@ def new_folders(path: Path) -> Iterator[list[Path]]:
     above, identity, missing = nearest_found.get(path, (None, None, _missing_folders(path)))
     made: list[Path] = []
     descriptors: list[int] = []
-    changed = f"{path}: a folder above it changed while lip ran (another program put a link or folder there); "
+    changed = (
+        f"{path}: a folder above it changed while lip ran (another program put a link or folder there); "
+    )
     try:
         if missing:
             descriptors.append(_open_folder(missing[0].parent if above is None else above))

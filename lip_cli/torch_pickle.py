@@ -606,12 +606,16 @@ class _Walk:
                 stack.append(Opaque("object"))
                 keep()
             else:  # EXT1/2/4, out-of-band buffers (protocol 5), or no opcode at all
-                raise CorruptPickle(f"opcode 0x{op:02x} at byte {pos - 1}, which torch's loader does not read")
+                raise CorruptPickle(
+                    f"opcode 0x{op:02x} at byte {pos - 1}, which torch's loader does not read"
+                )
 
     def text_opcode(self, op: int, argument: bytes, stack: list[object], memo: dict[int, object]) -> object:
         try:
             if op == 0x49:  # INT
-                return {b"00": False, b"01": True}.get(argument) if argument in (b"00", b"01") else int(argument)
+                return (
+                    {b"00": False, b"01": True}.get(argument) if argument in (b"00", b"01") else int(argument)
+                )
             if op == 0x4C:  # LONG
                 return int(argument.rstrip(b"L"))
             if op == 0x46:  # FLOAT
@@ -732,7 +736,12 @@ class _Walk:
             dtype = arguments[0].dtype if isinstance(arguments[0], StorageRef) else None
         elif kind == "meta" and len(arguments) > 1:
             dtype, size = _dtype_of(arguments[0]), _ints(arguments[1])
-        elif kind == "sparse" and len(arguments) > 1 and isinstance(arguments[1], tuple) and len(arguments[1]) > 2:
+        elif (
+            kind == "sparse"
+            and len(arguments) > 1
+            and isinstance(arguments[1], tuple)
+            and len(arguments[1]) > 2
+        ):
             size = _ints(arguments[1][2])
             values = arguments[1][1]
             dtype = values.dtype if isinstance(values, TensorRef) else None
@@ -790,8 +799,9 @@ def _read_zip(path: Path, handle: BinaryIO) -> TorchFile:
         prefix = pickled.filename[: -len("data.pkl")]
         if pickled.file_size > MAX_PICKLE_BYTES:
             raise LipError(
-                f"{path}: its pickle ({pickled.filename}) inflates to {pickled.file_size:,} bytes, past lip's "
-                f"bound of {MAX_PICKLE_BYTES:,} bytes; the tensors of a torch file are stored apart"
+                f"{path}: its pickle ({pickled.filename}) inflates to {pickled.file_size:,} bytes, "
+                f"past lip's bound of {MAX_PICKLE_BYTES:,} bytes; the tensors of a torch file are stored "
+                "apart"
             )
         if pickled.compress_type == zipfile.ZIP_STORED:
             start = _data_offset(handle, pickled)
@@ -812,7 +822,9 @@ def _read_zip(path: Path, handle: BinaryIO) -> TorchFile:
         for key, storage in walk.storages.items():
             info = by_name.get(f"{prefix}data/{key}")
             if info is None:
-                raise LipError(f"{path}: its pickle names storage {key}, which the archive does not hold; it is corrupt")
+                raise LipError(
+                    f"{path}: its pickle names storage {key}, which the archive does not hold; it is corrupt"
+                )
             if info.file_size < storage.nbytes:
                 raise LipError(
                     f"{path}: storage {key} holds {info.file_size:,} bytes but its pickle says "
@@ -829,7 +841,9 @@ def _read_zip(path: Path, handle: BinaryIO) -> TorchFile:
     return _finish(path, False, root, records, big, walk)
 
 
-def _finish(path: Path, legacy: bool, root: object, records: dict[str, Record], big: bool, walk: _Walk) -> TorchFile:
+def _finish(
+    path: Path, legacy: bool, root: object, records: dict[str, Record], big: bool, walk: _Walk
+) -> TorchFile:
     uses: dict[str, list[TensorRef]] = {}
     for ref in walk.tensors:
         uses.setdefault(ref.storage.key, []).append(ref)
@@ -965,7 +979,9 @@ def _problem(unusable: UnusableTensor) -> str:
 def placeholder(unusable: UnusableTensor) -> Tensor:
     """A meta tensor of the shape the pickle gives (no values), carrying why lip cannot read it in
     `lip_problem` (arrays.tensor_problem reports it)."""
-    dtype = unusable.dtype if unusable.dtype is not None and unusable.dtype not in QUANTIZED else torch.float32
+    dtype = (
+        unusable.dtype if unusable.dtype is not None and unusable.dtype not in QUANTIZED else torch.float32
+    )
     tensor = torch.empty(unusable.size or (0,), dtype=dtype, device="meta")
     tensor.lip_problem = _problem(unusable)  # type: ignore[attr-defined]
     return tensor

@@ -22,7 +22,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from lip_cli import checkpoint, labelled, torch_pickle
+from lip_cli import labelled, torch_pickle
 from lip_cli.cli import app
 from lip_cli.errors import LipError
 from tests.conftest import make_head, save_problem
@@ -161,7 +161,9 @@ def _save_bombs(folder: Path, model: Path) -> list[str]:
     for name, payload in _bombs().items():
         for legacy in (False, True) if name in ("e1", "e2") else (False,):
             file = f"{name}{'-legacy' if legacy else ''}.pt"
-            torch.save({"state_dict": state, "h": payload}, folder / file, _use_new_zipfile_serialization=not legacy)
+            torch.save(
+                {"state_dict": state, "h": payload}, folder / file, _use_new_zipfile_serialization=not legacy
+            )
             assert (folder / file).stat().st_size < 200_000, file
             names.append(file)
     return names
@@ -206,7 +208,10 @@ def test_small_files_asking_for_gigabytes_cost_only_what_they_hold(tmp_path: Pat
     ]
     assert rss < RSS_BOUND, rss
     for name in ("e1.pt", "e3.pt", "e5.pt"):
-        with zipfile.ZipFile(tmp_path / name) as archive, zipfile.ZipFile(tmp_path / f"out-{name}") as written:
+        with (
+            zipfile.ZipFile(tmp_path / name) as archive,
+            zipfile.ZipFile(tmp_path / f"out-{name}") as written,
+        ):
             pickled = next(entry for entry in archive.namelist() if entry.endswith("data.pkl"))
             assert written.read(pickled) == archive.read(pickled)  # the payload kept as it was
 

@@ -555,7 +555,6 @@ def test_a_folder_swapped_for_a_link_after_the_check_is_never_written_through(tm
         shutil.rmtree(folder)
 
 
-
 def test_a_link_put_after_the_check_is_refused(tmp_path: Path) -> None:
     from lip_cli import files
 

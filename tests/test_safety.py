@@ -120,7 +120,9 @@ def test_an_interrupt_after_the_write_names_what_was_written(tmp_path: Path, hea
     "error", [MemoryError(), MemoryError("cannot allocate"), torch.OutOfMemoryError("CUDA out of memory")]
 )
 def test_out_of_memory_is_one_line_and_leaves_nothing(tmp_path: Path, head, monkeypatch, error) -> None:
-    result, before = repair_failing_in(tmp_path, head, monkeypatch, checkpoint_module.torch_pickle, "patch_storages", error)
+    result, before = repair_failing_in(
+        tmp_path, head, monkeypatch, checkpoint_module.torch_pickle, "patch_storages", error
+    )
     assert result.exit_code == 1 and result.stdout == ""
     assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("error: out of memory")
     assert "nothing was written: a smaller --chunk-rows" in result.stderr

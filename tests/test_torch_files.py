@@ -33,7 +33,9 @@ def _head_spans(path: Path, keys: list[str]) -> tuple[list[tuple[int, int]], set
     dicts = [read.root, *(value for value in read.root.values() if isinstance(value, dict))]
     state = next(value for value in dicts if keys[0] in value)
     storages = {state[key].storage.key for key in keys}
-    spans = [(read.records[key].offset, read.records[key].offset + read.records[key].nbytes) for key in storages]
+    spans = [
+        (read.records[key].offset, read.records[key].offset + read.records[key].nbytes) for key in storages
+    ]
     return spans, storages
 
 
@@ -61,7 +63,9 @@ def _crc_fields(path: Path, spans: list[tuple[int, int]]) -> list[tuple[int, int
     return fields
 
 
-def assert_only_head_bytes_differ(before: Path, after: Path, keys: tuple[str, ...] = ("fc.weight", "fc.bias")) -> None:
+def assert_only_head_bytes_differ(
+    before: Path, after: Path, keys: tuple[str, ...] = ("fc.weight", "fc.bias")
+) -> None:
     """The output is the input byte for byte but in the head's storages (and their CRCs); for a zip,
     every record (names, order, pickle) compares equal but those storages, and the archive checks out."""
     old, new = np.fromfile(before, dtype=np.uint8), np.fromfile(after, dtype=np.uint8)
@@ -79,7 +83,9 @@ def assert_only_head_bytes_differ(before: Path, after: Path, keys: tuple[str, ..
             assert b.testzip() is None  # every CRC-32 matches its record
             for info in a.infolist():
                 if a.read(info) != b.read(info.filename):
-                    assert info.filename.rsplit("/", 2)[-2:] in [["data", key] for key in storages], info.filename
+                    assert info.filename.rsplit("/", 2)[-2:] in [["data", key] for key in storages], (
+                        info.filename
+                    )
 
 
 def _problem(tmp_path: Path, classes: int = 4, width: int = 6) -> tuple[OrderedDict, Path]:
@@ -105,7 +111,13 @@ def _repair(source: Path, features: Path, output: Path) -> None:
 def test_a_training_state_keeps_every_byte_but_the_head(tmp_path: Path) -> None:
     state, features = _problem(tmp_path)
     model = torch.nn.Sequential(OrderedDict(body=torch.nn.Linear(5, 6), fc=torch.nn.Linear(6, 4)))
-    model.load_state_dict({"body.weight": state["body.weight"], "body.bias": torch.zeros(6), **{k: v for k, v in state.items() if k.startswith("fc")}})
+    model.load_state_dict(
+        {
+            "body.weight": state["body.weight"],
+            "body.bias": torch.zeros(6),
+            **{k: v for k, v in state.items() if k.startswith("fc")},
+        }
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2)
     model(torch.randn(3, 5)).sum().backward()
@@ -146,7 +158,12 @@ def test_a_timm_checkpoint_keeps_its_args_unbuilt(tmp_path: Path) -> None:
 @pytest.mark.parametrize("protocol", [2])
 def test_a_legacy_file_keeps_every_byte_but_the_head(tmp_path: Path, protocol: int) -> None:
     state, features = _problem(tmp_path)
-    torch.save({"state_dict": state, "step": 9}, tmp_path / "old.pt", _use_new_zipfile_serialization=False, pickle_protocol=protocol)
+    torch.save(
+        {"state_dict": state, "step": 9},
+        tmp_path / "old.pt",
+        _use_new_zipfile_serialization=False,
+        pickle_protocol=protocol,
+    )
     _repair(tmp_path / "old.pt", features, tmp_path / "out.pt")
     assert_only_head_bytes_differ(tmp_path / "old.pt", tmp_path / "out.pt")
     loaded = torch.load(tmp_path / "out.pt", weights_only=True)
@@ -181,7 +198,9 @@ def test_views_and_strides_are_read_and_written_where_they_lie(tmp_path: Path) -
 def test_a_name_that_is_not_utf8_is_read(tmp_path: Path) -> None:
     """E9: torch's zip reader wants a str that encodes to UTF-8; lip opens the file itself."""
     state, _ = _problem(tmp_path)
-    name = Path(tmp_path.as_posix().encode().decode() + "/" + b"\xff\xfe_model.pt".decode("utf-8", "surrogateescape"))
+    name = Path(
+        tmp_path.as_posix().encode().decode() + "/" + b"\xff\xfe_model.pt".decode("utf-8", "surrogateescape")
+    )
     torch.save({"state_dict": state}, tmp_path / "plain.pt")
     name.write_bytes((tmp_path / "plain.pt").read_bytes())
     result = run("inspect", name, "--json")
@@ -231,7 +250,9 @@ def _compare(found: object, expected: object, read: torch_pickle.TorchFile, wher
         assert found == expected, where
 
 
-@pytest.mark.parametrize("serialization", [{}, {"_use_new_zipfile_serialization": False}, {"pickle_protocol": 4}])
+@pytest.mark.parametrize(
+    "serialization", [{}, {"_use_new_zipfile_serialization": False}, {"pickle_protocol": 4}]
+)
 def test_the_walk_reads_what_torch_load_reads(tmp_path: Path, serialization: dict) -> None:
     """Every tensor (dtypes, views with offsets and strides, parameters, empty ones), container and
     plain value, against torch.load of the same file."""
@@ -250,7 +271,14 @@ def test_the_walk_reads_what_torch_load_reads(tmp_path: Path, serialization: dic
     )
     if not serialization:  # no typed storage for these: torch writes them through _rebuild_tensor_v3
         state["unsigned"] = torch.arange(3).to(torch.uint16)
-    content = {"state_dict": state, "epoch": 3, "lr": 0.5, "tags": ["a", "b"], "pair": (1, None), "big": 2**70}
+    content = {
+        "state_dict": state,
+        "epoch": 3,
+        "lr": 0.5,
+        "tags": ["a", "b"],
+        "pair": (1, None),
+        "big": 2**70,
+    }
     torch.save(content, tmp_path / "all.pt", **serialization)
     read = torch_pickle.read_torch_file(tmp_path / "all.pt")
     _compare(read.root, torch.load(tmp_path / "all.pt", weights_only=False), read)
