@@ -336,7 +336,7 @@ def _one_sided(decision: Decision, end: str) -> str:
     """One end of the interval in words: the one-sided (1 - level) bound it is."""
     low, high = decision.interval
     bound = low if end == "lower" else high
-    return f"{end} bound {_points(bound)} at {100 * (1 - decision.level):.0f}% confidence (one-sided)"
+    return f"one-sided {100 * (1 - decision.level):.0f}% {end} bound {_points(bound)}"
 
 
 def decide(

@@ -219,15 +219,13 @@ def repair(
             plot=plot,
         )
         leader = distributed.is_leader()
-        if leader and k != "auto" and val_features is None:
-            console.warning(view.unchecked_notice(int(k)))
         for path in job.outputs_in_the_way(request) if leader else []:
             console.warning(
-                f"{path}: already exists; without --force the run stops there if it "
-                + ("confirms a k" if k == "auto" else "validation does not refuse the k")
+                f"{path}: already exists; without --force the run stops there if "
+                + ("it confirms a k" if k == "auto" else "validation does not refuse the k")
             )
         with console.progress_bar(enabled=not json_output and distributed.is_leader()) as progress:
-            result = job.repair_checkpoint(request, progress)
+            result = job.repair_checkpoint(request, progress, console.warning if leader else None)
         if distributed.is_leader():
             if plot is not None:
                 plots.plot_k_curve(

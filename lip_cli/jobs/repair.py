@@ -5,6 +5,7 @@ new file.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -116,7 +117,9 @@ class RepairReport:
         return spectra.effective_rank(torch.tensor(self.singular_values_after).abs())
 
 
-def repair_checkpoint(request: RepairRequest, progress: Progress = no_progress) -> RepairReport:
+def repair_checkpoint(
+    request: RepairRequest, progress: Progress = no_progress, note: Callable[[str], None] | None = None
+) -> RepairReport:
     """`lip repair`: PSP + LAP on the classifier layer of a checkpoint, written to a new file.
 
     With k = "auto" the rows that judge k (the validation set, or a seeded held-out share of the
@@ -140,7 +143,7 @@ def repair_checkpoint(request: RepairRequest, progress: Progress = no_progress) 
     device = resolve_device(request.device)
     group = distributed.from_environment(device)
     try:
-        return _repair(request, compute_dtype, device, group, progress)
+        return _repair(request, compute_dtype, device, group, progress, note)
     finally:
         group.close()
 
@@ -197,9 +200,15 @@ def _repair(
     device: torch.device,
     group: distributed.Group,
     progress: Progress,
+    note: Callable[[str], None] | None = None,
 ) -> RepairReport:
-    """The steps of a repair, as its summary reads: check and load, fit, decide, write, report."""
+    """The steps of a repair, as its summary reads: check and load, fit, decide, write, report.
+
+    `note` gets, once the inputs are checked and before the pass, what the run will not check.
+    """
     loaded = _check_and_load(request, compute_dtype, device, group)
+    if note is not None and request.k != AUTO and request.val_features is None:
+        note(unchecked_notice(int(request.k)))
     fitted = _fit(request, loaded, group, progress)
     total = _counts_total(group, device)
     decided = _decide(request, loaded, fitted, total, progress, group)
@@ -419,6 +428,14 @@ def _write(
         checkpoint.write_checkpoint(loaded.model, updates, output, provenance)
     loaded.hashing.shutdown(cancel_futures=True)
     return output
+
+
+def unchecked_notice(k: int) -> str:
+    """The note before a given k with no validation set runs: nothing will check it."""
+    return (
+        f"--k {k} without --val-features: nothing will check this k; it is written as asked, and the "
+        "summary says what it changes on the training rows (which cannot show whether it helps)"
+    )
 
 
 def unchecked_text(k: int) -> str:

@@ -267,10 +267,3 @@ def repair_document(report: RepairReport) -> dict[str, Any]:
         "warnings": report.warnings,
     }
 
-
-def unchecked_notice(k: int) -> str:
-    """The note before a given k with no validation set runs: nothing will check it."""
-    return (
-        f"--k {k} without --val-features: nothing will check this k; it is written as asked, and the "
-        "summary says what it changes on the training rows (which cannot show whether it helps)"
-    )
