@@ -329,14 +329,14 @@ class Decision:
 
 def _interval_text(decision: Decision) -> str:
     low, high = decision.interval
-    return f"{100 * decision.interval_level:.0f}% CI {100 * low:+.1f} to {_points(high)}"
+    return f"{100 * decision.interval_level:.4g}% CI {100 * low:+.1f} to {_points(high)}"
 
 
 def _one_sided(decision: Decision, end: str) -> str:
     """One end of the interval in words: the one-sided (1 - level) bound it is."""
     low, high = decision.interval
     bound = low if end == "lower" else high
-    return f"one-sided {100 * (1 - decision.level):.0f}% {end} bound {_points(bound)}"
+    return f"one-sided {100 * (1 - decision.level):.4g}% {end} bound {_points(bound)}"
 
 
 def decide(

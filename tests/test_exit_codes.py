@@ -324,3 +324,27 @@ def test_every_exit_code_is_in_the_table() -> None:
         assert f"| {code} |" in table, code
     for outcome in errors.OUTCOME_EXIT_CODES:
         assert f"`{outcome}`" in table and errors.outcome_exit_code(outcome, forced=True) == 0
+
+
+def test_usage_and_evidence_errors_come_before_already_exists(tmp_path: Path) -> None:
+    """A leftover output and no --force: a k that validation refuses still exits 4, a k beyond the
+    rank still names the rank, a given k with nothing to check it stops before the pass, and --k
+    auto stops only when it comes to write a k it confirmed."""
+    paths = helped(tmp_path)
+    leftover = tmp_path / "model.lip.pt"
+    leftover.write_bytes(b"an older run's output")
+    refused = run(*repair_args(paths, "--k", 1, "--json"))  # k = 1 is lower on this validation set
+    assert refused.exit_code == errors.EXIT_REFUSED == 4, refused.output
+    assert outcome_of(refused)["outcome"] == "refused" and "already exists" not in refused.stdout
+    beyond = run(*repair_args(paths, "--k", 99))
+    error = beyond.stderr.strip().splitlines()[-1]
+    assert beyond.exit_code == 1 and "must be between 0 and the rank of `fc.weight`, 8" in error
+    beyond = run(*repair_args(paths, "--k", 99, val=False))
+    assert beyond.exit_code == 1 and beyond.stderr.startswith("error: --k 99: must be between 0 and the rank")
+    unchecked = run(*repair_args(paths, "--k", 2, val=False))
+    assert unchecked.exit_code == 1 and "already exists; pass --force" in unchecked.stderr
+    assert "nothing will check" not in unchecked.stderr  # refused before the pass and its note
+    confirmed = run(*repair_args(paths, "--k", "auto", *PAPER))
+    assert confirmed.exit_code == 1 and "already exists; pass --force" in confirmed.stderr
+    assert "without --force the run stops there if it confirms a k" in confirmed.stderr
+    assert leftover.read_bytes() == b"an older run's output"

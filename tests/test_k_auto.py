@@ -481,3 +481,44 @@ def test_the_held_out_fit_in_float32_leaves_alone_directions_only_held_rows_exci
     assert not expected_excited[6:].any()
     assert torch.equal(excited, expected_excited)
     torch.testing.assert_close(sigma, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_provenance_records_what_judged_k(tmp_path: Path) -> None:
+    """The sidecar names the validation files with their sha256, the seed, alpha, the split's sizes,
+    the test's counts and p; `lip inspect` shows them."""
+    import hashlib
+
+    head = make_head(n=400, q=16, l=8, seed=21)
+    paths = save_problem(tmp_path, head)
+    val = write_val(tmp_path, head)
+    args = ["repair", paths["model"], "-f", paths["features"], "--val-features", val, "--k", "auto"]
+    document = json.loads(run(*args, "--targets", "paper", "--seed", "2", "--alpha", "0.04", "--json").stdout)
+    assert document["outcome"] == "repaired", document["decision"]
+    record = json.loads((tmp_path / "model.lip.pt.lip.json").read_text())
+    test = document["test"]
+    assert record["val_features"] == str(val) and record["val_labels"] == document["val_labels_source"]
+    assert record["val_features_sha256"] == hashlib.sha256(val.read_bytes()).hexdigest()
+    assert record["val_labels_sha256"] is None  # the labels are inside the features file
+    assert (record["seed"], record["alpha"], record["outcome"], record["checked"]) == (2, 0.04, "repaired", True)
+    assert (record["selection_rows"], record["confirmation_rows"]) == (100, 100)
+    assert record["p_value"] == test["p_value"] and record["p_value_drop"] == test["p_value_drop"]
+    assert (record["discordant_gains"], record["discordant_losses"]) == (
+        test["discordant_gains"],
+        test["discordant_losses"],
+    )
+    assert record["ci_accuracy_change"] == test["ci_accuracy_change"] and record["targets"] == "paper"
+    shown = " ".join(run("inspect", tmp_path / "model.lip.pt").stderr.split())
+    assert f"validation {val} (sha256 {record['val_features_sha256'][:12]}" in shown
+    assert "100 selection / 100 test rows" in shown and "seed 2, alpha 0.04" in shown
+    # a given k with its labels apart, and one that nothing checked
+    np.save(tmp_path / "vx.npy", np.load(val)["features"])
+    np.save(tmp_path / "vy.npy", np.load(val)["labels"])
+    given = ["repair", paths["model"], "-f", paths["features"], "--k", "0", "--force"]
+    assert run(*given, "--val-features", tmp_path / "vx.npy", "--val-labels", tmp_path / "vy.npy").exit_code == 0
+    record = json.loads((tmp_path / "model.lip.pt.lip.json").read_text())
+    assert record["val_labels_sha256"] == hashlib.sha256((tmp_path / "vy.npy").read_bytes()).hexdigest()
+    assert record["outcome"] == "given" and record["selection_rows"] == 0 and record["confirmation_rows"] == 200
+    assert run(*given).exit_code == 0
+    record = json.loads((tmp_path / "model.lip.pt.lip.json").read_text())
+    assert record["outcome"] == "unchecked" and record["checked"] is False and record["val_features"] is None
+    assert "not checked by any validation rows" in " ".join(run("inspect", tmp_path / "model.lip.pt").stderr.split())

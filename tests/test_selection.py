@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 from fractions import Fraction
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -421,3 +422,57 @@ def test_targets_chosen_with_k_on_the_selection_part() -> None:
     assert (chosen.best_k, chosen.test) == (best.best_k, best.test)
     assert chosen.confirmed and "(logit-scale targets)" in chosen.reason
     assert not each["paper"].targets_chosen and "targets)" not in each["paper"].reason
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    counts=st.tuples(st.integers(0, 500), st.integers(0, 80), st.integers(0, 80), st.integers(0, 200)),
+    alpha=LEVELS,
+)
+def test_a_given_k_is_refused_on_any_drop_and_never_called_a_significant_gain(counts, alpha: float) -> None:
+    """Checked for harm only: refused exactly when validation shows it lower, by any amount (not only
+    a significant drop), with its one-sided bound; never "a significant gain" (it may have been
+    chosen on these rows)."""
+    test = PairedCounts(*counts)
+    if test.rows == 0:
+        return
+    with mock.patch.object(selection, "decision_power", lambda decision: None):
+        decision = selection.assess_given_k(test, 3, 10, alpha)
+    lower = test.losses > test.gains
+    assert (decision.outcome == selection.REFUSED) == lower
+    assert decision.outcome in (selection.REFUSED, selection.GIVEN)
+    assert "significant gain" not in decision.reason and "significantly better" not in decision.reason
+    low, high = decision.interval
+    if lower:
+        assert f"one-sided {100 * (1 - alpha):.4g}% upper bound {100 * high:+.1f} pt" in decision.reason
+        significant = float(direct_tail(test.losses, test.gains)) <= alpha
+        assert (", significantly (p = " in decision.reason) == significant
+    else:
+        assert f"one-sided {100 * (1 - alpha):.4g}% lower bound {100 * low:+.1f} pt" in decision.reason
+        assert "no evidence of a gain" in decision.reason
+
+
+def test_the_selection_and_confirmation_rows_of_a_validation_set_are_disjoint(tmp_path) -> None:
+    """The real data path: project_rows gives the selection part exactly the rows outside the
+    confirmation mask, the confirmation part exactly those inside, each once, in order."""
+    from lip_cli.labelled import open_labelled_features
+    from lip_cli.statistics_pass import project_rows
+
+    head = make_head(n=230, q=7, l=4, seed=12)
+    rows = torch.arange(230, dtype=torch.float64)[:, None]
+    features = torch.cat([rows, head.features[:, 1:].double()], 1)  # column 0 names each row
+    np.savez(tmp_path / "val.npz", features=features.numpy(), labels=head.labels.numpy())
+    data = open_labelled_features(tmp_path / "val.npz", None)
+    stats = LapStatistics(torch.eye(4, 7, dtype=torch.float64), compute_dtype=torch.float64)
+    u = stats.svd.u  # (7, r): invertible on the first columns of these projections
+    confirm = selection.split_rows(torch.ones(230, dtype=torch.bool), 5)
+    chooses, confirms = project_rows(data, stats, 64, confirm)
+
+    def names(part: selection.Rows) -> list[int]:
+        z = torch.cat([block for block, _ in part])
+        recovered = torch.linalg.lstsq(u.T, z.T).solution.T  # the rows' own features, within u's span
+        return recovered[:, 0].round().long().tolist()
+
+    assert names(chooses) == torch.nonzero(~confirm).flatten().tolist()
+    assert names(confirms) == torch.nonzero(confirm).flatten().tolist()
+    assert sum(int(z.shape[0]) for z, _ in chooses + confirms) == 230

@@ -147,8 +147,8 @@ def _decision_table(decision: Any) -> Table:
     )
     table.add_row(
         "accuracy change",
-        f"{100 * test.change:+.2f} pt ({100 * decision.interval_level:.0f}% CI {100 * low:+.2f} to "
-        f"{100 * high:+.2f}: each end a one-sided {100 * (1 - decision.level):.0f}% bound, as the test)",
+        f"{100 * test.change:+.2f} pt ({100 * decision.interval_level:.4g}% CI {100 * low:+.2f} to "
+        f"{100 * high:+.2f}: each end a one-sided {100 * (1 - decision.level):.4g}% bound, as the test)",
     )
     table.add_row(
         "p-value",
