@@ -21,6 +21,7 @@ LEVEL = 0.8  # the detection probability the figures are stated at
 ONE_POINT = 0.01  # the accuracy gain whose rows needed are stated
 _NEGLIGIBLE = 1e-18  # a tail sum stops once its terms fall below this share of the sum
 _RECHECK = 1e-9  # a running tail this close to alpha is recomputed from its terms
+_LOG_HALF = math.log(0.5)
 
 
 def _pmf(trials: int, successes: int, p: float) -> float:
@@ -85,6 +86,9 @@ class _Walk:
         self.alpha, self.q = alpha, q
         self.first = 0
         self.tails: list[float] = []
+        self._point = not 0.0 < q < 1.0
+        self._log_miss = _log(1.0 - q)
+        self._log_odds = 0.0 if self._point else math.log(q) - math.log(1.0 - q)
 
     def _start(self, discordant: int) -> None:
         """The walk's state at D from sums of terms (the one place it costs more than O(1))."""
@@ -100,20 +104,20 @@ class _Walk:
         d, c, q = self._d, self._c, self.q  # c >= 1 and c - 1 <= d throughout
         self._null += 0.5 * math.exp(self._log_half)
         self._alt += q * math.exp(self._log_q)
-        grow = math.log(d + 1) - math.log(d + 2 - c)  # P(Bin(D + 1, p) = c - 1) / P(Bin(D, p) = c - 1)
-        self._log_half += grow + math.log(0.5)  # ... is (D + 1) / (D + 2 - c) (1 - p)
-        self._log_q += grow + _log(1.0 - q)
+        grow = math.log((d + 1) / (d + 2 - c))  # P(Bin(D + 1, p) = c - 1) / P(Bin(D, p) = c - 1)
+        self._log_half += grow + _LOG_HALF  # ... is (D + 1) / (D + 2 - c) (1 - p)
+        self._log_q += grow + self._log_miss
         d += 1
         if abs(self._null - self.alpha) <= _RECHECK * self.alpha:
             self._null = tail(d, c, 0.5)
         if self._null > self.alpha:  # c(D + 1) = c(D) + 1: drop the term P(Bin(D + 1, p) = c)
-            ratio = math.log(d - c + 1) - math.log(c)  # ... = P(Bin(D + 1, p) = c - 1) (D + 2 - c) / c p / (1 - p)
+            ratio = math.log((d - c + 1) / c)  # ... = P(Bin(D + 1, p) = c - 1) (D + 2 - c) / c p / (1 - p)
             self._log_half += ratio
-            self._log_q += ratio + _log(q) - _log(1.0 - q) if 0.0 < q < 1.0 else 0.0
+            self._log_q += ratio + self._log_odds
             self._null -= math.exp(self._log_half)
             self._alt -= math.exp(self._log_q)
             c += 1
-        if not 0.0 < q < 1.0:  # every discordant row a gain (q = 1) or a loss (q = 0)
+        if self._point:  # every discordant row a gain (q = 1) or a loss (q = 0)
             self._alt = float(q >= 1.0 and c <= d)
         self._d, self._c = d, c
         self.tails.append(min(max(self._alt, 0.0), 1.0))
@@ -167,15 +171,13 @@ def _over_discordance(rows: int, discordance: float, walk: _Walk) -> float:
         return min(confirming[rows - low], 1.0)
     mode = min(max(int(mean), low), high)
     odds = discordance / (1.0 - discordance)
-    total, weight = 0.0, _pmf(rows, mode, discordance)
-    for d in range(mode, high + 1):  # P(D + 1) = P(D) (rows - D) / (D + 1) odds
-        total += weight * confirming[d - low]
-        weight *= (rows - d) / (d + 1) * odds
-    weight = _pmf(rows, mode, discordance)
-    for d in range(mode - 1, low - 1, -1):  # P(D - 1) = P(D) D / (rows - D + 1) / odds
-        weight *= (d + 1) / (rows - d) / odds
-        total += weight * confirming[d - low]
-    return min(total, 1.0)
+    weights = {mode: 1.0}  # relative to the mode's term, then normalised: the range holds all but
+    for d in range(mode, high):  # < 1e-15 of the mass, and no lgamma rounding enters the sum
+        weights[d + 1] = weights[d] * (rows - d) / (d + 1) * odds  # P(D + 1) / P(D)
+    for d in range(mode, low, -1):
+        weights[d - 1] = weights[d] * d / (rows - d + 1) / odds
+    total = sum(weights[d] * confirming[d - low] for d in range(low, high + 1))
+    return min(total / sum(weights.values()), 1.0)
 
 
 def power(rows: int, discordance: float, gain: float, alpha: float) -> float:

@@ -464,15 +464,36 @@ def test_the_selection_and_confirmation_rows_of_a_validation_set_are_disjoint(tm
     np.savez(tmp_path / "val.npz", features=features.numpy(), labels=head.labels.numpy())
     data = open_labelled_features(tmp_path / "val.npz", None)
     stats = LapStatistics(torch.eye(4, 7, dtype=torch.float64), compute_dtype=torch.float64)
-    u = stats.svd.u  # (7, r): invertible on the first columns of these projections
+    u = stats.svd.u  # (7, 4): orthonormal, spanning the first 4 feature columns
     confirm = selection.split_rows(torch.ones(230, dtype=torch.bool), 5)
     chooses, confirms = project_rows(data, stats, 64, confirm)
 
     def names(part: selection.Rows) -> list[int]:
         z = torch.cat([block for block, _ in part])
-        recovered = torch.linalg.lstsq(u.T, z.T).solution.T  # the rows' own features, within u's span
+        recovered = z @ u.T  # the rows' features projected on u's span, which holds column 0
         return recovered[:, 0].round().long().tolist()
 
     assert names(chooses) == torch.nonzero(~confirm).flatten().tolist()
     assert names(confirms) == torch.nonzero(confirm).flatten().tolist()
     assert sum(int(z.shape[0]) for z, _ in chooses + confirms) == 230
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    counts=st.tuples(st.integers(0, 400), st.integers(0, 90), st.integers(0, 90), st.integers(0, 100)),
+    alpha=LEVELS,
+    tests=st.sampled_from([1, 2]),
+)
+def test_a_decision_is_confirmed_exactly_when_its_interval_excludes_zero(counts, alpha: float, tests: int) -> None:
+    """What the decision says (text and JSON figures) never disagrees with its test: confirmed exactly
+    when the interval it shows lies above 0, at the two-sided level 1 - 2 alpha / tests."""
+    test = PairedCounts(*counts)
+    if test.rows == 0:
+        return
+    with mock.patch.object(selection, "decision_power", lambda decision: None):
+        decision = selection.decide([0, 1, 2], [0.5, 0.6, 0.5], 100, test, 1, 2, alpha, "val", tests=tests)
+    low, high = decision.interval
+    assert decision.interval_level == pytest.approx(1 - 2 * alpha / tests)
+    assert decision.confirmed == (low > 0)
+    if decision.confirmed:
+        assert f"{100 * decision.interval_level:.4g}% CI {100 * low:+.1f} to {100 * high:+.1f} pt" in decision.reason
