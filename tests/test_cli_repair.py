@@ -126,9 +126,12 @@ def test_json_document(tmp_path: Path, head) -> None:
         "--val-features",
         tmp_path / "val.npz",
         "--json",
+        "--force-write",  # k = 2 is lower on these 50 rows: refused without it
     )
     assert result.exit_code == 0, result.output
     document = json.loads(result.stdout)
+    assert document["outcome"] == "refused" and document["forced"] and document["checked"]
+    assert document["test"]["ci_level"] == pytest.approx(0.9)
     for key in (
         "layer",
         "k",
@@ -375,6 +378,9 @@ def test_bad_input_fails_with_one_line_and_leaves_nothing(tmp_path: Path, head, 
     assert result.exit_code == 1, result.output
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
+    if case == "nan features":  # found in the pass, after the note that nothing will check --k 1
+        assert lines[0].startswith("warning: --k 1 without --val-features: nothing will check")
+        lines = lines[1:]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert message in lines[0]
     assert "Traceback" not in result.output
@@ -439,7 +445,7 @@ def test_validation_labels_source_names_the_option_given(tmp_path: Path, head) -
     paths = save_problem(tmp_path, head)
     np.save(tmp_path / "val_features.npy", head.features.numpy()[:60])
     np.save(tmp_path / "val_targets.npy", head.labels.numpy()[:60])
-    args = ["repair", paths["model"], "-f", paths["features"], "--k", 2, "--dry-run"]
+    args = ["repair", paths["model"], "-f", paths["features"], "--k", 2, "--dry-run", "--force-write"]
     args += ["--val-features", tmp_path / "val_features.npy", "--val-labels", tmp_path / "val_targets.npy"]
     result = run(*args, "--json")
     assert result.exit_code == 0, result.output

@@ -157,15 +157,35 @@ def test_a_given_k_is_written_as_asked_and_says_what_checked_it(tmp_path: Path) 
     unchecked = run(*repair_args(paths, "--k", 2, "--json", val=False))
     assert unchecked.exit_code == 0
     document = outcome_of(unchecked)
-    assert document["outcome"] == "unchecked" and document["test"] is None
+    assert document["outcome"] == "unchecked" and document["test"] is None and document["checked"] is False
     assert "nothing checked it" in document["decision"]
-    assert "nothing checked it" in " ".join(
-        run(*repair_args(paths, "--k", 2, "--dry-run", val=False)).stderr.split()
+    # what it can measure: the share of training rows whose predicted class changes, recomputed here
+    features = torch.from_numpy(np.load(paths["features"])).double()
+    bias = torch.load(paths["model"], weights_only=True)["fc.bias"].double()
+    before, after = (features @ weight(path).double().T + bias for path in (paths["model"], tmp_path / "model.lip.pt"))
+    changed = float((before.argmax(1) != after.argmax(1)).double().mean())
+    assert document["train_prediction_rows"] == 400
+    assert document["train_predictions_changed"] == pytest.approx(changed) and 0 < changed < 1
+    # said before the run (the first line, ahead of the pass) and after it, with the figures
+    dry = " ".join(run(*repair_args(paths, "--k", 2, "--dry-run", val=False)).stderr.split())
+    assert dry.startswith("warning: --k 2 without --val-features: nothing will check this k")
+    train = document["accuracy"]
+    assert (
+        f"nothing checked k = 2 (no --val-features): it changes the predicted class of {100 * changed:.1f}% "
+        f"of 400 training rows, training accuracy {100 * train['train_before']:.2f}% -> "
+        f"{100 * train['train_after']:.2f}%" in dry
     )
-    checked = run(*repair_args(paths, "--k", 2, "--json", "--force"))
+    assert "nothing checked it" in dry
+    checked = run(*repair_args(paths, "--k", 0, "--json", "--force"))  # k = 0 gains on validation
     assert checked.exit_code == 0 and outcome_of(checked)["outcome"] == "given"
+    assert outcome_of(checked)["checked"] is True
     test = outcome_of(checked)["test"]
     assert test["smallest_detectable_gain"] > 0 and test["discordance"] > 0
+    # checked for harm only: never "a significant gain", even where the one-sided p is below alpha
+    assert test["p_value"] <= 0.05
+    decision = outcome_of(checked)["decision"]
+    assert "significant gain" not in decision and "no evidence of a gain" in decision
+    assert "not lower on validation (one-sided 95% lower bound" in decision
 
 
 def test_power_is_stated_for_auto_and_for_the_rank(tmp_path: Path) -> None:
@@ -304,3 +324,27 @@ def test_every_exit_code_is_in_the_table() -> None:
         assert f"| {code} |" in table, code
     for outcome in errors.OUTCOME_EXIT_CODES:
         assert f"`{outcome}`" in table and errors.outcome_exit_code(outcome, forced=True) == 0
+
+
+def test_usage_and_evidence_errors_come_before_already_exists(tmp_path: Path) -> None:
+    """A leftover output and no --force: a k that validation refuses still exits 4, a k beyond the
+    rank still names the rank, a given k with nothing to check it stops before the pass, and --k
+    auto stops only when it comes to write a k it confirmed."""
+    paths = helped(tmp_path)
+    leftover = tmp_path / "model.lip.pt"
+    leftover.write_bytes(b"an older run's output")
+    refused = run(*repair_args(paths, "--k", 1, "--json"))  # k = 1 is lower on this validation set
+    assert refused.exit_code == errors.EXIT_REFUSED == 4, refused.output
+    assert outcome_of(refused)["outcome"] == "refused" and "already exists" not in refused.stdout
+    beyond = run(*repair_args(paths, "--k", 99))
+    error = beyond.stderr.strip().splitlines()[-1]
+    assert beyond.exit_code == 1 and "must be between 0 and the rank of `fc.weight`, 8" in error
+    beyond = run(*repair_args(paths, "--k", 99, val=False))
+    assert beyond.exit_code == 1 and beyond.stderr.startswith("error: --k 99: must be between 0 and the rank")
+    unchecked = run(*repair_args(paths, "--k", 2, val=False))
+    assert unchecked.exit_code == 1 and "already exists; pass --force" in unchecked.stderr
+    assert "nothing will check" not in unchecked.stderr  # refused before the pass and its note
+    confirmed = run(*repair_args(paths, "--k", "auto", *PAPER))
+    assert confirmed.exit_code == 1 and "already exists; pass --force" in confirmed.stderr
+    assert "without --force the run stops there if it confirms a k" in confirmed.stderr
+    assert leftover.read_bytes() == b"an older run's output"

@@ -53,12 +53,13 @@ def test_auto_on_validation_chooses_on_one_part_and_confirms_on_the_other(tmp_pa
     assert test["confirmed"] and test["p_value"] <= test["alpha"] == 0.05
     assert document["k_chosen"] == test["best_k"]
     assert document["accuracy"]["val_after"] > document["accuracy"]["val_before"]
-    low, high = test["ci95_accuracy_change"]
-    assert 0 < low <= test["accuracy_change"] <= high
+    low, high = test["ci_accuracy_change"]
+    assert 0 < low <= test["accuracy_change"] <= high and test["ci_level"] == pytest.approx(0.9)
     assert document["decision"] == (
         f"k = {test['best_k']}: {100 * test['accuracy_change']:+.1f} pt on 100 confirmation rows "
-        f"(95% CI {100 * low:+.1f} to {100 * high:+.1f} pt), p = {test['p_value']:.2g}, repaired"
+        f"(90% CI {100 * low:+.1f} to {100 * high:+.1f} pt), p = {test['p_value']:.2g}, repaired"
     )
+    assert document["checked"] is True
     # the discordant counts, recomputed in float64 from the written weight on the confirmation rows
     written = torch.load(document["output"], weights_only=True)["fc.weight"].double()
     data = np.load(val)
@@ -152,7 +153,7 @@ def test_explicit_k_that_validation_shows_worse_is_refused(tmp_path: Path) -> No
     result = run(
         "repair", paths["model"], "-f", paths["features"], "--val-features", tmp_path / "val.npz", "--k", 1
     )
-    assert result.exit_code == 4, result.output  # significantly worse: not written
+    assert result.exit_code == 4, result.output  # lower (here significantly): not written
     assert not (tmp_path / "model.lip.pt").exists()
     document = json.loads(
         run(
@@ -181,7 +182,8 @@ def test_explicit_k_that_validation_shows_worse_is_refused(tmp_path: Path) -> No
     assert test["p_value_drop"] <= 0.05
     assert document["outcome"] == "refused" and document["exit_code"] == 4 and document["output"] is None
     warning = " ".join(result.stderr.split())
-    assert "LOWERS validation accuracy" in warning and "a significant drop (p = " in warning
+    assert "LOWERS validation accuracy" in warning and "significantly (p = " in warning
+    assert "one-sided 95% upper bound" in warning and "significant gain" not in warning
     assert "on 300 rows" in warning and "not written (--force-write writes it" in warning
     forced = run(*result_args(paths, tmp_path), "--k", 1, "--force-write")
     assert forced.exit_code == 0 and "written anyway (--force-write)" in " ".join(forced.stderr.split())
@@ -322,7 +324,8 @@ def test_a_validation_set_too_small_to_split(tmp_path: Path, head) -> None:
     assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1
     assert "6 validation rows are too few" in result.stderr and "at least 10" in result.stderr
     assert not (tmp_path / "model.lip.pt").exists()
-    assert run(*args, "--k", "2", "--dry-run").exit_code == 0  # a given k needs no split
+    given = run(*args, "--k", "2", "--dry-run")  # a given k needs no split: checked on all 6 rows
+    assert given.exit_code in (0, 4) and "too few" not in given.stderr
 
 
 def test_a_holdout_too_small_to_split(tmp_path: Path) -> None:
@@ -355,9 +358,11 @@ def test_a_best_k_that_is_not_confirmed_writes_nothing(tmp_path: Path) -> None:
         document["decision"].startswith(f"best k = {test['best_k']} (")
         and "not confirmed" in document["decision"]
     )
-    assert "weights unchanged, nothing written (--force-write writes a copy)" in " ".join(
-        result.stderr.split()
-    )
+    warning = " ".join(result.stderr.split())
+    assert "nothing written (--force-write writes a copy)" in warning
+    # the follow-up trap: re-running that k on these rows is not evidence, and what would settle it
+    assert f"these rows chose k = {test['best_k']}, so --k {test['best_k']} on them is no evidence" in warning
+    assert "--k auto on more validation rows can settle it" in warning
     assert not (tmp_path / "model.lip.pt").exists()
 
 
@@ -476,3 +481,44 @@ def test_the_held_out_fit_in_float32_leaves_alone_directions_only_held_rows_exci
     assert not expected_excited[6:].any()
     assert torch.equal(excited, expected_excited)
     torch.testing.assert_close(sigma, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_provenance_records_what_judged_k(tmp_path: Path) -> None:
+    """The sidecar names the validation files with their sha256, the seed, alpha, the split's sizes,
+    the test's counts and p; `lip inspect` shows them."""
+    import hashlib
+
+    head = make_head(n=400, q=16, l=8, seed=21)
+    paths = save_problem(tmp_path, head)
+    val = write_val(tmp_path, head)
+    args = ["repair", paths["model"], "-f", paths["features"], "--val-features", val, "--k", "auto"]
+    document = json.loads(run(*args, "--targets", "paper", "--seed", "2", "--alpha", "0.04", "--json").stdout)
+    assert document["outcome"] == "repaired", document["decision"]
+    record = json.loads((tmp_path / "model.lip.pt.lip.json").read_text())
+    test = document["test"]
+    assert record["val_features"] == str(val) and record["val_labels"] == document["val_labels_source"]
+    assert record["val_features_sha256"] == hashlib.sha256(val.read_bytes()).hexdigest()
+    assert record["val_labels_sha256"] is None  # the labels are inside the features file
+    assert (record["seed"], record["alpha"], record["outcome"], record["checked"]) == (2, 0.04, "repaired", True)
+    assert (record["selection_rows"], record["confirmation_rows"]) == (100, 100)
+    assert record["p_value"] == test["p_value"] and record["p_value_drop"] == test["p_value_drop"]
+    assert (record["discordant_gains"], record["discordant_losses"]) == (
+        test["discordant_gains"],
+        test["discordant_losses"],
+    )
+    assert record["ci_accuracy_change"] == test["ci_accuracy_change"] and record["targets"] == "paper"
+    shown = " ".join(run("inspect", tmp_path / "model.lip.pt").stderr.split())
+    assert f"validation {val} (sha256 {record['val_features_sha256'][:12]}" in shown
+    assert "100 selection / 100 test rows" in shown and "seed 2, alpha 0.04" in shown
+    # a given k with its labels apart, and one that nothing checked
+    np.save(tmp_path / "vx.npy", np.load(val)["features"])
+    np.save(tmp_path / "vy.npy", np.load(val)["labels"])
+    given = ["repair", paths["model"], "-f", paths["features"], "--k", "0", "--force"]
+    assert run(*given, "--val-features", tmp_path / "vx.npy", "--val-labels", tmp_path / "vy.npy").exit_code == 0
+    record = json.loads((tmp_path / "model.lip.pt.lip.json").read_text())
+    assert record["val_labels_sha256"] == hashlib.sha256((tmp_path / "vy.npy").read_bytes()).hexdigest()
+    assert record["outcome"] == "given" and record["selection_rows"] == 0 and record["confirmation_rows"] == 200
+    assert run(*given).exit_code == 0
+    record = json.loads((tmp_path / "model.lip.pt.lip.json").read_text())
+    assert record["outcome"] == "unchecked" and record["checked"] is False and record["val_features"] is None
+    assert "not checked by any validation rows" in " ".join(run("inspect", tmp_path / "model.lip.pt").stderr.split())

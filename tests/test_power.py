@@ -145,3 +145,17 @@ def test_assess_states_what_a_test_could_detect() -> None:
     assert nothing.smallest_detectable_gain is None and nothing.validation_rows_for_one_point is None
     with pytest.raises(ValueError):
         power.power(100, 0.1, 0.2, 0.05)  # a gain larger than the discordance is impossible
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    rows=st.integers(1, 90), discordance=st.floats(0.01, 1.0), share=st.floats(0, 1), alpha=ALPHAS
+)
+def test_the_recurrence_matches_the_direct_sum_anywhere(
+    rows: int, discordance: float, share: float, alpha: float
+) -> None:
+    """The walk over D (critical counts and tails by their recurrences) against every term summed."""
+    gain = (2 * share - 1) * discordance
+    assert power.power(rows, discordance, gain, alpha) == pytest.approx(
+        reference_power(rows, discordance, gain, alpha), abs=1e-10
+    )

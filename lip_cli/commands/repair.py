@@ -101,7 +101,8 @@ def repair(
         Path | None,
         typer.Option(
             "--val-features",
-            help="Validation features, to measure accuracy before and after.",
+            help="Validation features, rows the network never trained on: --k auto chooses k on one "
+            "part and confirms it on the other; a given k is refused when they show it lower by any amount.",
             readable=False,
         ),
     ] = None,
@@ -161,8 +162,8 @@ def repair(
         typer.Option(
             "--alpha",
             parser=parse_alpha,
-            help="Level of the one-sided exact McNemar test that confirms a k (--k auto) or says "
-            "whether a given k's change on the validation set is significant.",
+            help="Level of the one-sided exact McNemar test that confirms a k (--k auto); the "
+            "intervals shown are two-sided at 1 - 2 alpha, each end a one-sided bound at 1 - alpha.",
         ),
     ] = 0.05,
     force_write: Annotated[
@@ -170,7 +171,7 @@ def repair(
         typer.Option(
             "--force-write",
             help="Write what the evidence withholds, and exit 0: with --k auto an unchanged copy when no "
-            "k is confirmed; a given k that the validation set shows significantly worse.",
+            "k is confirmed; a given k that the validation set shows lower by any amount.",
         ),
     ] = False,
     plot: PlotOption = None,
@@ -217,10 +218,14 @@ def repair(
             alpha=alpha,
             plot=plot,
         )
-        for path in job.outputs_in_the_way(request) if distributed.is_leader() else []:
-            console.warning(f"{path}: already exists; without --force the run stops there if it confirms a k")
+        leader = distributed.is_leader()
+        for path in job.outputs_in_the_way(request) if leader else []:
+            console.warning(
+                f"{path}: already exists; without --force the run stops there if "
+                + ("it confirms a k" if k == "auto" else "validation does not refuse the k")
+            )
         with console.progress_bar(enabled=not json_output and distributed.is_leader()) as progress:
-            result = job.repair_checkpoint(request, progress)
+            result = job.repair_checkpoint(request, progress, console.warning if leader else None)
         if distributed.is_leader():
             if plot is not None:
                 plots.plot_k_curve(

@@ -4,6 +4,8 @@ new file.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -82,6 +84,14 @@ class RepairReport:
     decision: selection.Decision | None = None  # the test that decided k (None: no rows to test on)
     outcome: str = selection.UNCHECKED  # what the evidence says (`selection.outcome`)
     forced: bool = False  # --force-write asked for a write that the outcome withholds
+    predictions_changed: tuple[int, int] | None = None  # a given k: (training rows whose predicted
+    # class it changes, rows measured on: the accuracy sample)
+
+    @property
+    def checked(self) -> bool:
+        """Whether rows the network never trained on (a validation set) judged the k written or
+        withheld: false for a given k without --val-features and for --k auto without it."""
+        return self.decision is not None and self.decision.data == "val"
 
     @property
     def exit_code(self) -> int:
@@ -92,7 +102,7 @@ class RepairReport:
         """The decision in one sentence; for a given k with no validation set, that nothing checked it."""
         if self.decision is not None:
             return self.decision.reason
-        return f"k = {self.k} as given; nothing checked it (no validation set: --val-features)"
+        return unchecked_text(self.k)
 
     @property
     def energy_kept(self) -> float:
@@ -107,14 +117,18 @@ class RepairReport:
         return spectra.effective_rank(torch.tensor(self.singular_values_after).abs())
 
 
-def repair_checkpoint(request: RepairRequest, progress: Progress = no_progress) -> RepairReport:
+def repair_checkpoint(
+    request: RepairRequest, progress: Progress = no_progress, note: Callable[[str], None] | None = None
+) -> RepairReport:
     """`lip repair`: PSP + LAP on the classifier layer of a checkpoint, written to a new file.
 
     With k = "auto" the rows that judge k (the validation set, or a seeded held-out share of the
     training rows, left out of the fit used to choose) are split in two: k is chosen on one part
     and applied only when it beats the unrepaired layer on the other by an exact one-sided McNemar
     test at `alpha` (`selection.auto_k`); otherwise the weights stay as they are and nothing is
-    written unless `force_write`. A given k is tested the same way on the whole validation set.
+    written unless `force_write`. A given k is checked for harm on the whole validation set: any
+    drop refuses it (`selection.assess_given_k`); with no validation set it is written as asked,
+    and the report says that nothing checked it and what it changes on the training rows.
     """
     if request.val_labels is not None and request.val_features is None:
         raise LipError("--val-labels needs --val-features")
@@ -129,7 +143,7 @@ def repair_checkpoint(request: RepairRequest, progress: Progress = no_progress) 
     device = resolve_device(request.device)
     group = distributed.from_environment(device)
     try:
-        return _repair(request, compute_dtype, device, group, progress)
+        return _repair(request, compute_dtype, device, group, progress, note)
     finally:
         group.close()
 
@@ -149,7 +163,7 @@ def repair_outputs(request: RepairRequest, output: Path | None) -> list[files.Ou
     if output is None:
         return outputs
     source = Path(request.checkpoint)
-    deferred = request.k == AUTO  # may write nothing: an existing output is refused when written
+    deferred = True  # an existing output is refused when written: after every usage and evidence error
     if source.is_dir():
         return [files.Output(output, folder=True, deferred=deferred), *outputs]
     content = formats.detect_format(source) if source.is_file() and request.output else None
@@ -165,13 +179,19 @@ def repair_outputs(request: RepairRequest, output: Path | None) -> list[files.Ou
 
 
 def outputs_in_the_way(request: RepairRequest) -> list[Path]:
-    """Outputs of a --k auto run that exist already, for a note before the work: without --force,
-    the run stops with one line when it comes to write them (it may write nothing)."""
-    if request.k != AUTO or request.force or request.dry_run:
+    """Outputs of a run that may write nothing (--k auto, or a given k that validation checks) that
+    exist already, for a note before the work: without --force, the run stops with one line when it
+    comes to write them."""
+    if request.force or request.dry_run or not _may_withhold(request):
         return []
     output = Path(request.output or files.sibling_output(request.checkpoint))
     found = repair_outputs(request, output)
     return [out.path for out in found if out.deferred and (out.path.exists() or out.path.is_symlink())]
+
+
+def _may_withhold(request: RepairRequest) -> bool:
+    """Whether the evidence may withhold the write: --k auto, or a given k with a validation set."""
+    return request.k == AUTO or request.val_features is not None
 
 
 def _repair(
@@ -180,9 +200,15 @@ def _repair(
     device: torch.device,
     group: distributed.Group,
     progress: Progress,
+    note: Callable[[str], None] | None = None,
 ) -> RepairReport:
-    """The steps of a repair, as its summary reads: check and load, fit, decide, write, report."""
+    """The steps of a repair, as its summary reads: check and load, fit, decide, write, report.
+
+    `note` gets, once the inputs are checked and before the pass, what the run will not check.
+    """
     loaded = _check_and_load(request, compute_dtype, device, group)
+    if note is not None and request.k != AUTO and request.val_features is None:
+        note(unchecked_notice(int(request.k)))
     fitted = _fit(request, loaded, group, progress)
     total = _counts_total(group, device)
     decided = _decide(request, loaded, fitted, total, progress, group)
@@ -224,6 +250,7 @@ class _Decided:
     outcome: str
     withheld: bool  # the outcome withholds the write (unconfirmed, refused)
     warnings: list[str]
+    predictions_changed: tuple[int, int] | None  # a given k: (training rows whose prediction changes, rows)
 
 
 def _check_and_load(
@@ -259,6 +286,8 @@ def _load(
     val = None
     if request.val_features is not None:
         val = open_labelled_features(request.val_features, request.val_labels, "--val-labels")
+        if output is not None and group.leader:
+            _digest_validation(request, val, hashing, digests)
         if val.features.shape[1] != train.features.shape[1]:
             raise LipError(
                 f"{val.features.name}: validation features have {val.features.shape[1]} columns, "
@@ -274,6 +303,8 @@ def _load(
     rank = stats.svd.rank
     if not auto and not 0 <= int(request.k) <= rank:
         raise LipError(f"--k {request.k}: must be between 0 and the rank of `{layer.weight_key}`, {rank}")
+    if output is not None and not _may_withhold(request) and not request.force:
+        _check_not_there(repair_outputs(request, output))  # it will be written: say so before the pass
     if not auto and request.targets == "paper":  # the fit needs the tail only, the accuracies a sample
         stats = lip.LapStatistics(
             weight,
@@ -284,6 +315,19 @@ def _load(
             svd=stats.svd,
         )
     return _Loaded(output, hashing, digests, train, val, model, layer, weight, bias, stats)
+
+
+def _digest_validation(
+    request: RepairRequest, val: LabelledFeatures, hashing: BackgroundDigests, digests: dict[str, Future[str]]
+) -> None:
+    """sha256 of the validation features and of their labels file (when apart), for the provenance."""
+    features = Path(request.val_features)  # type: ignore[arg-type]
+    digests["val_features"] = hashing.submit(sha256_of, features, arrays.shard_paths(features))
+    labels = Path(request.val_labels) if request.val_labels is not None else Path(val.labels.path)
+    shards = arrays.shard_paths(labels) if request.val_labels is not None else None
+    embedded = features.is_file() and labels.is_file() and os.path.samefile(labels, features)
+    if shards is not None or (labels.is_file() and not embedded):
+        digests["val_labels"] = hashing.submit(sha256_of, labels, shards)
 
 
 def _fit(request: RepairRequest, loaded: _Loaded, group: distributed.Group, progress: Progress) -> FittedPass:
@@ -326,8 +370,25 @@ def _decide(
     without_class = int(total(torch.tensor([float(fitted.rows_without_class)], dtype=torch.float64))[0])
     outcome = selection.outcome(decision)
     withheld = outcome in (selection.UNCONFIRMED, selection.REFUSED)
+    changed = None if auto else selection.prediction_changes(fitted.stats, k, targets, fitted.sample, total)
     warnings = _repair_warnings(request, decision, repaired, loaded.output is not None, scale, without_class)
-    return _Decided(decision, k, targets, repaired, ks, train_curve, scale, outcome, withheld, warnings)
+    if decision is None and not auto:
+        before, after = train_curve[ks.index(rank)], train_curve[ks.index(k)]
+        warnings.append(_unchecked_warning(k, changed, before, after))
+    return _Decided(
+        decision, k, targets, repaired, ks, train_curve, scale, outcome, withheld, warnings, changed
+    )
+
+
+def _unchecked_warning(k: int, changed: tuple[int, int] | None, before: float, after: float) -> str:
+    """What a given k with no validation set changes, since nothing checked it."""
+    moved, rows = changed or (0, 0)
+    share = f"{100 * moved / rows:.1f}% of {rows:,}" if rows else "none of the"
+    return (
+        f"nothing checked k = {k} (no --val-features): it changes the predicted class of {share} "
+        f"training rows, training accuracy {100 * before:.2f}% -> {100 * after:.2f}%; the network "
+        "trained on these rows, so they cannot show whether it helps: --val-features checks it for harm"
+    )
 
 
 def _write(
@@ -351,8 +412,10 @@ def _write(
             "weight_key": layer.weight_key,
             "k": decided.k,
             "k_selection": decision.data if auto and decision is not None else "given",
-            "decision": None if decision is None else decision.reason,
+            "decision": unchecked_text(decided.k) if decision is None else decision.reason,
             "outcome": decided.outcome,
+            "checked": decision is not None and decision.data == "val",
+            "forced": decided.withheld,
             "rank": loaded.rank,
             "targets": decided.targets,
             "input": str(request.checkpoint),
@@ -360,10 +423,57 @@ def _write(
             "features": str(request.features),
             "features_sha256": loaded.digests[str(request.features)].result(),
             "labels": loaded.train.labels_origin,
+            **_evidence_provenance(request, loaded, decision),
         }
         checkpoint.write_checkpoint(loaded.model, updates, output, provenance)
     loaded.hashing.shutdown(cancel_futures=True)
     return output
+
+
+def unchecked_notice(k: int) -> str:
+    """The note before a given k with no validation set runs: nothing will check it."""
+    return (
+        f"--k {k} without --val-features: nothing will check this k; it is written as asked, and the "
+        "summary says what it changes on the training rows (which cannot show whether it helps)"
+    )
+
+
+def unchecked_text(k: int) -> str:
+    """The decision sentence of a given k with no validation set."""
+    return f"k = {k} as given; nothing checked it (no validation set: --val-features)"
+
+
+def _evidence_provenance(
+    request: RepairRequest, loaded: _Loaded, decision: selection.Decision | None
+) -> dict[str, object]:
+    """What judged k, for the provenance record: the validation files and their digests, the seed
+    and level, the split's sizes, the test's counts, p-values and interval (None where none)."""
+    val, digests = loaded.val, loaded.digests
+    record: dict[str, object] = {
+        "val_features": None if request.val_features is None else str(request.val_features),
+        "val_features_sha256": digests["val_features"].result() if "val_features" in digests else None,
+        "val_labels": None if val is None else val.labels_origin,
+        "val_labels_sha256": digests["val_labels"].result() if "val_labels" in digests else None,
+        "seed": request.seed,
+        "alpha": request.alpha,
+        "holdout": request.holdout if request.k == AUTO and val is None else None,
+    }
+    if decision is None:
+        return record
+    test = decision.test
+    return {
+        **record,
+        "selection_rows": decision.selection_rows,
+        "confirmation_rows": test.rows,
+        "discordant_gains": test.gains,
+        "discordant_losses": test.losses,
+        "p_value": decision.p_value,
+        "p_value_drop": decision.p_value_drop,
+        "accuracy_change": test.change,
+        "ci_accuracy_change": list(decision.interval),
+        "ci_level": decision.interval_level,
+        "tests": decision.tests,
+    }
 
 
 def _report(
@@ -403,6 +513,7 @@ def _report(
         decision=decision,
         outcome=decided.outcome,
         forced=decided.withheld and request.force_write,
+        predictions_changed=decided.predictions_changed,
     )
 
 
@@ -423,6 +534,14 @@ def _check_repaired(repaired: lip.RepairedHead, where: str) -> None:
             f"{where}: the repaired weight overflows {dtype} (singular values up to "
             f"{float(repaired.singular_values_after.abs().max()):.3g}); rescale the features"
         )
+
+
+def _check_not_there(outputs: list[files.Output]) -> None:
+    """An existing output of a run sure to write, refused before the work (after the usage errors)."""
+    for out in outputs:
+        if out.deferred and os.path.lexists(out.path):
+            what = "is a dangling link" if not out.path.exists() else "already exists"
+            raise LipError(f"{out.path}: {what}; pass --force to overwrite it")
 
 
 def _check_split_size(val: LabelledFeatures, alpha: float) -> None:
@@ -479,21 +598,16 @@ def _repair_warnings(
             f"the head's logits do not rise with the labels (c = {target_scale:.3g}): logit-scale targets "
             "point away from the labels; --targets paper fits the labels themselves"
         )
-    if decision is not None and decision.given and decision.test.change < 0:
+    if decision is not None and decision.given and decision.lower:  # refused: any drop
         before, after = decision.accuracy(decision.rank), decision.accuracy(decision.k)
-        refused = decision.outcome == selection.REFUSED
-        advice = "consider --k auto"
-        if refused:
-            advice = (
-                "written anyway (--force-write)"
-                if request.force_write and writing
-                else "not written (--force-write writes it; --k auto writes only a k it confirms)"
-            )
+        advice = (
+            "written anyway (--force-write)"
+            if request.force_write and writing
+            else "not written (--force-write writes it; --k auto writes only a k it confirms)"
+        )
         warnings.append(
             f"k = {decision.k} LOWERS validation accuracy from {100 * before:.2f}% to {100 * after:.2f}% "
-            f"on {decision.test.rows:,} rows, {selection.significance(decision)}"
-            + (f" at --alpha {decision.alpha:g}" if refused else "")
-            + f"; {advice}"
+            f"on {decision.test.rows:,} rows, {selection.significance(decision)}; {advice}"
         )
     if repaired.unexcited:
         warnings.append(

@@ -113,6 +113,31 @@ def render_provenance(record: dict | None) -> None:
         f"(sha256 {str(record.get('features_sha256'))[:12]}…)",
         soft_wrap=True,
     )
+    if "outcome" in record:
+        stderr().print(f"[bold]judged[/]: {_evidence_text(record)}", soft_wrap=True)
+
+
+def _evidence_text(record: dict) -> str:
+    """What judged k, from a provenance record: the outcome, the validation files, split and test."""
+    parts = [f"outcome {record.get('outcome')}"]
+    if record.get("checked") is False:
+        parts.append("not checked by any validation rows")
+    if record.get("val_features"):
+        parts.append(
+            f"validation {record['val_features']} (sha256 {str(record.get('val_features_sha256'))[:12]}…), "
+            f"labels {record.get('val_labels')}"
+            + (f" (sha256 {str(record['val_labels_sha256'])[:12]}…)" if record.get("val_labels_sha256") else "")
+        )
+    if record.get("confirmation_rows") is not None:
+        parts.append(
+            f"{record.get('selection_rows', 0):,} selection / {record['confirmation_rows']:,} test rows, "
+            f"{record.get('discordant_gains')} gains / {record.get('discordant_losses')} losses, "
+            f"p = {record.get('p_value', float('nan')):.2g} (better), {record.get('p_value_drop', float('nan')):.2g} (worse)"
+        )
+    parts.append(f"seed {record.get('seed')}, alpha {record.get('alpha')}")
+    if record.get("forced"):
+        parts.append("written by --force-write")
+    return "; ".join(parts)
 
 
 def spectrum_document(spectrum: Any, full: bool) -> dict[str, Any]:

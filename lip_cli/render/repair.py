@@ -77,7 +77,15 @@ def render_repair(report: RepairReport) -> None:
     accuracy = Table(title="accuracy of the layer's predictions", title_justify="left")
     for column in ("data", "before", "after", "change"):
         accuracy.add_column(column, justify="left" if column == "data" else "right")
-    for name, label in (("train", "training (given labels)"), ("val", "validation")):
+    decision = report.decision
+    val_label = "validation"
+    if decision is not None and decision.data == "val":
+        val_label = (
+            f"validation ({decision.test.rows:,} rows)"
+            if decision.given
+            else f"validation ({decision.test.rows:,} confirmation rows)"
+        )
+    for name, label in (("train", "training (given labels)"), ("val", val_label)):
         if f"{name}_before" in report.accuracy:
             before, after = report.accuracy[f"{name}_before"], report.accuracy[f"{name}_after"]
             accuracy.add_row(label, percent(before), percent(after), _change(before, after))
@@ -87,7 +95,6 @@ def render_repair(report: RepairReport) -> None:
             f"[dim]training accuracies measured on a seeded random sample of {report.accuracy_rows:,} "
             f"of {report.samples:,} rows (--sample-rows)[/]"
         )
-    decision = report.decision
     holdout = report.k_selection == "holdout"
     if report.k_selection and decision is not None:
         render_k_curve(report.k_curve, report.samples, report.labels_origin, chosen=decision.best_k)
@@ -104,7 +111,7 @@ def render_repair(report: RepairReport) -> None:
         console.print(f"[bold]power[/]  {_power_text(decision.power)}")
     warned = decision is not None and (
         any(decision.reason in message for message in report.warnings)
-        or (decision.given and decision.test.change < 0)  # the LOWERS warning says it
+        or (decision.given and decision.lower)  # the LOWERS warning says it
     )
     if not warned:
         console.print(f"[bold]decision[/]: {report.decision_text}")
@@ -140,12 +147,16 @@ def _decision_table(decision: Any) -> Table:
     )
     table.add_row(
         "accuracy change",
-        f"{100 * test.change:+.2f} pt (95% CI {100 * low:+.2f} to {100 * high:+.2f}, Newcombe)",
+        f"{100 * test.change:+.2f} pt ({100 * decision.interval_level:.4g}% CI {100 * low:+.2f} to "
+        f"{100 * high:+.2f}: each end a one-sided {100 * (1 - decision.level):.4g}% bound, as the test)",
     )
     table.add_row(
         "p-value",
-        f"{decision.p_value:.3g} that it is better"
-        + (f", {decision.p_value_drop:.3g} that it is worse" if decision.given else "")
+        (
+            f"{decision.p_value_drop:.3g} that it is worse (checked for harm only)"
+            if decision.given
+            else f"{decision.p_value:.3g} that it is better"
+        )
         + f" (exact one-sided McNemar; alpha {decision.alpha:g})",
     )
     if decision.power is not None:
@@ -158,7 +169,7 @@ def _power_text(power: Any) -> str:
     1-point gain needs."""
     rows, level = f"{power.rows:,} rows", f"{power.level:.0%}"
     gain = power.smallest_detectable_gain
-    text = (
+    text = "the test alone: " + (
         f"{rows} detect a gain of {100 * gain:.1f} points or more {level} of the time"
         if gain is not None
         else f"on {rows} no gain is detected {level} of the time, even one on every discordant row"
@@ -199,7 +210,8 @@ def decision_document(decision: Any) -> dict[str, Any] | None:
         "both_right": test.both,
         "both_wrong": test.neither,
         "accuracy_change": test.change,
-        "ci95_accuracy_change": [low, high],
+        "ci_accuracy_change": [low, high],
+        "ci_level": decision.interval_level,
         "p_value": decision.p_value,
         "p_value_drop": decision.p_value_drop,
         "alpha": decision.alpha,
@@ -215,6 +227,7 @@ def repair_document(report: RepairReport) -> dict[str, Any]:
     from lip_cli import __version__
 
     layer = report.layer
+    changed = report.predictions_changed
     return {
         "lip_version": __version__,
         "checkpoint": str(report.checkpoint),
@@ -245,8 +258,12 @@ def repair_document(report: RepairReport) -> dict[str, Any]:
         "test": decision_document(report.decision),
         "decision": report.decision_text,
         "outcome": report.outcome,
+        "checked": report.checked,
+        "train_predictions_changed": None if changed is None or not changed[1] else changed[0] / changed[1],
+        "train_prediction_rows": None if changed is None else changed[1],
         "forced": report.forced,
         "exit_code": report.exit_code,
         "output": None if report.output is None else str(report.output),
         "warnings": report.warnings,
     }
+
