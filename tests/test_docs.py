@@ -302,3 +302,13 @@ def test_options_check_names_a_stale_page(tmp_path: Path, monkeypatch: pytest.Mo
     assert options.main([]) == 0
     assert "`--val-features`" in page.read_text()
     assert options.main(["--check"]) == 0
+
+
+def test_readme_and_evidence_figures_are_what_the_runs_generated() -> None:
+    """README's "What to expect" and docs/evidence.md are written by benchmarks/evidence.py from
+    benchmarks/RESULTS.md and benchmarks/DEFAULTS.md: no figure there is typed by hand."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import evidence
+
+    for path, text in evidence.generated().items():
+        assert path.read_text() == text, f"{path.name} is stale: run python benchmarks/evidence.py"
