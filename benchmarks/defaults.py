@@ -275,7 +275,8 @@ def splits_text(results: dict, null: list[dict], args: argparse.Namespace) -> li
         f"0-{args.splits - 1}), p-values aggregated at gamma 0.5, the k chosen most often among the splits",
         "that count. `real` / `lost`: confirmed changes that raised / lowered clean test accuracy.",
         "",
-        "| targets | single real | single lost | repeated real | repeated lost | splits confirming (repeated confirmed / not) |",
+        "| targets | single real | single lost | repeated real | repeated lost | splits confirming "
+        "(repeated confirmed / not) |",
         "|---|---|---|---|---|---|",
     ]
     verdict = {}
@@ -300,7 +301,7 @@ def splits_text(results: dict, null: list[dict], args: argparse.Namespace) -> li
         "",
         f"Null: {runs} problems with labels independent of the features (400 training and 1,000",
         "validation rows, 10 classes, a random 32-input head with LAP fitted on the training rows), so",
-        f"no k can help; share of problems in which the head was changed (± one standard error). The",
+        "no k can help; share of problems in which the head was changed (± one standard error). The",
         "exact size of the single split's test at the median discordance it measured is its rate had",
         "every problem proposed a k.",
         "",
@@ -328,7 +329,8 @@ def splits_text(results: dict, null: list[dict], args: argparse.Namespace) -> li
     )
     text += [
         "",
-        f"Repeated splits as the default: **{'yes' if keep else 'no'}** <!-- repeated: {'yes' if keep else 'no'} -->"
+        f"Repeated splits as the default: **{'yes' if keep else 'no'}** <!-- repeated: "
+        f"{'yes' if keep else 'no'} -->"
         " (at least as many real gains, no more losses and no higher null rate, for both rules).",
     ]
     return text

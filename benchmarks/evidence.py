@@ -9,7 +9,6 @@ tests/test_docs.py checks that both are what this script writes. Usage: python b
 from __future__ import annotations
 
 import re
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,20 +178,28 @@ def expect_text(results: dict, defaults: dict) -> str:
     paper_k8 = defaults["small_k"]["digits MLP, memorise, k = 8"]
     return "\n".join(
         [
-            f"**What to expect.** Measured on {results['networks']} small networks trained with cross-entropy",
+            f"**What to expect.** Measured on {results['networks']} small networks trained with "
+            "cross-entropy",
             "on noisy labels ([benchmarks/RESULTS.md](benchmarks/RESULTS.md)), LIP rarely changes clean",
             "accuracy by much. Even the best k chosen on the clean test set itself (an oracle no real run",
-            f"has) adds at most {f['synthetic_oracle']:.1f} points on average on a 100-class synthetic problem,",
+            f"has) adds at most {f['synthetic_oracle']:.1f} points on average on a 100-class synthetic "
+            "problem,",
             "whether the network stopped early or memorised its noisy labels; on sklearn's digits it adds",
-            f"{low:.1f} to {high:.1f} points on average in {len(f['helped'])} of {f['digits_settings']} settings "
+            f"{low:.1f} to {high:.1f} points on average in {len(f['helped'])} of {f['digits_settings']} "
+            "settings "
             f"(up to {f['helped_best_seed']:.1f} on one seed),",
-            f"with `--targets logit-scale` ahead of the paper's targets in {f['helped_ls']} of them, and under 1",
-            f"point in the other {f['digits_settings'] - len(f['helped'])}. `--k auto` with a clean validation set",
+            f"with `--targets logit-scale` ahead of the paper's targets in {f['helped_ls']} of them, and "
+            "under 1",
+            f"point in the other {f['digits_settings'] - len(f['helped'])}. `--k auto` with a clean "
+            "validation set",
             "is the recommended flow: it chooses k on half of the validation rows and changes the head only",
             "when an exact test on the other half confirms the gain. On the benchmark it confirmed",
-            f"{len(f['confirmed'])} changes with `--targets logit-scale` (clean test {_points(f['confirmed'])}",
-            f"points, to one decimal), {ls_real} of them gains and {ls_lost or 'none'} a loss; with the paper's",
-            f"targets it confirmed {f['tallies']['paper'][0]} gain. Most of the oracle's gains were too small to confirm on the",
+            f"{len(f['confirmed'])} changes with `--targets logit-scale` (clean test "
+            f"{_points(f['confirmed'])}",
+            f"points, to one decimal), {ls_real} of them gains and {ls_lost or 'none'} a loss; with the "
+            "paper's",
+            f"targets it confirmed {f['tallies']['paper'][0]} gain. Most of the oracle's gains were too "
+            "small to confirm on the",
             "validation sets of this size. The figures, and where the method does not help, are in",
             "[docs/evidence.md](docs/evidence.md).",
             "",
@@ -202,11 +209,15 @@ def expect_text(results: dict, defaults: dict) -> str:
             "formula (0/1 label targets). The default was chosen on networks of its own",
             f"([benchmarks/DEFAULTS.md](benchmarks/DEFAULTS.md), {defaults['networks']} networks on seeds",
             f"{defaults['seeds']}, not those of the evidence table): averaged over every k below the rank",
-            f"and every setting, a fixed k changed clean test accuracy by {rules['paper'][1]} points with the",
-            f"paper's targets and {rules['logit-scale'][1]} with logit-scale (worst settings {rules['paper'][2].split()[0]}",
-            f"and {rules['logit-scale'][2].split()[0]}); at k = 8 on the digits MLPs that memorised their labels, "
+            f"and every setting, a fixed k changed clean test accuracy by {rules['paper'][1]} points with "
+            "the",
+            f"paper's targets and {rules['logit-scale'][1]} with logit-scale (worst settings "
+            f"{rules['paper'][2].split()[0]}",
+            f"and {rules['logit-scale'][2].split()[0]}); at k = 8 on the digits MLPs that memorised their "
+            "labels, "
             f"{paper_k8} points. A small k",
-            "costs accuracy with either rule; `--k auto` with a validation set is what finds one that does not.",
+            "costs accuracy with either rule; `--k auto` with a validation set is what finds one that "
+            "does not.",
         ]
     )
 
@@ -214,7 +225,10 @@ def expect_text(results: dict, defaults: dict) -> str:
 def evidence_text(results: dict, defaults: dict) -> str:
     f = facts(results, defaults)
     seeds = results["seeds"]
-    header = "| net | regime | noise | p | train | test | oracle best | auto paper | auto ls | auto auto | holdout real / lost |"
+    header = (
+        "| net | regime | noise | p | train | test | oracle best | auto paper | auto ls | auto auto "
+        "| holdout real / lost |"
+    )
     table = [header, "|" + "---|" * 11]
     for s in results["settings"]:
         c = s.cells
@@ -229,7 +243,8 @@ def evidence_text(results: dict, defaults: dict) -> str:
         else f"confirmed losses: {f['lost_any']} (counted per targets; {_list(f['lost_protocols'])})"
     )
     lines = [
-        f"`{results['command']}` ({results['minutes']} minutes on 2 cores; it rewrites the accuracy section of",
+        f"`{results['command']}` ({results['minutes']} minutes on 2 cores; it rewrites the accuracy "
+        "section of",
         "[benchmarks/RESULTS.md](../benchmarks/RESULTS.md), where the full tables and the set-up are)",
         f"trains {results['networks']} networks with cross-entropy on noisy labels: an MLP on a 100-class",
         "synthetic problem (20 superclasses of 5), an MLP and a small CNN on sklearn's digits, each in two",
@@ -238,7 +253,8 @@ def evidence_text(results: dict, defaults: dict) -> str:
         f"{seeds} seeds. For each",
         "network it reports the training accuracy on the noisy labels, clean test accuracy, the oracle gain",
         "(the best k judged on the clean test set: a reference only, never used to choose) and what",
-        f"`--k auto` decided on the clean validation rows. Extract (mean over {seeds} seeds; `oracle best` is",
+        f"`--k auto` decided on the clean validation rows. Extract (mean over {seeds} seeds; `oracle "
+        "best` is",
         "the better of both targets, worst to best seed; `real / lost`: seeds in which `--k auto` confirmed",
         "a change that raised / lowered clean test accuracy):",
         "",
@@ -247,7 +263,8 @@ def evidence_text(results: dict, defaults: dict) -> str:
         "What it shows, plainly:",
         "",
         "- **On the 100-class problem LIP does essentially nothing**, in either regime: the oracle gain is",
-        f"  at most {f['synthetic_oracle']:.1f} points on average ({f['synthetic_best_seed']:.1f} on the best seed),",
+        f"  at most {f['synthetic_oracle']:.1f} points on average ({f['synthetic_best_seed']:.1f} on the "
+        "best seed),",
         f"  and `--k auto` (logit-scale) confirmed {len(f['synthetic_confirmed'])} changes in "
         f"{f['synthetic_networks']} networks",
         f"  ({_points(f['synthetic_confirmed'])} points).",
@@ -263,7 +280,8 @@ def evidence_text(results: dict, defaults: dict) -> str:
         )
         + f" ({results['networks']} networks, every `--targets`), and few of the real gains:",
         f"  logit-scale {f['tallies']['logit-scale'][0]}, auto {f['tallies']['auto'][0]}, paper "
-        f"{f['tallies']['paper'][0]}: the digits' validation sets are small, and such a set rarely confirms a",
+        f"{f['tallies']['paper'][0]}: the digits' validation sets are small, and such a set rarely "
+        "confirms a",
         "  1-point change (the power figures `lip repair` prints say how much a set can detect).",
         "- **Choosing and confirming differently: "
         + ("some protocols differed" if distinct else "no protocol was distinguishable")
@@ -272,25 +290,33 @@ def evidence_text(results: dict, defaults: dict) -> str:
         '  the 50/50 split on the same rows (table "alternatives" in RESULTS.md); the real gains each',
         "  confirmed ranged "
         + "; ".join(f"{low}-{high} ({t})" for t, (low, high) in f["spread"].items())
-        + f" of {results['networks']} networks (per protocol and targets), and {lost_any}. The 50/50 split stays, cross-fitting",
+        + f" of {results['networks']} networks (per protocol and targets), and {lost_any}. The 50/50 "
+        "split stays, cross-fitting",
         "  is in the library (`selection.auto_k(..., cross_fit=True)`). Their false-change rates on the",
-        f"  table's small null problem ({100 * f['null'][0]:.1f}-{100 * f['null'][1]:.1f}% at alpha {results['alpha']}) say",
-        f"  little: at its size the test is far below its level. At a realistic size ({defaults['null_rows']} validation",
+        f"  table's small null problem ({100 * f['null'][0]:.1f}-{100 * f['null'][1]:.1f}% at alpha "
+        f"{results['alpha']}) say",
+        "  little: at its size the test is far below its level. At a realistic size "
+        f"({defaults['null_rows']} validation",
         f"  rows, {defaults['null_runs']:,} problems, benchmarks/DEFAULTS.md) one split changed the head in",
         f"  {nulls['logit-scale'][3]} (logit-scale) and {nulls['paper'][3]} (paper) of the problems, against",
         f"  an exact size of {nulls['logit-scale'][2]} and {nulls['paper'][2]} at the discordance measured.",
         "- **Targets**: with the 50/50 split, logit-scale confirmed "
         f"{split['logit-scale']['real']} real gains, auto {split['auto']['real']} and paper "
         f"{split['paper']['real']} (networks with an",
-        f"  oracle gain of at least 1 point found: {split['logit-scale']['found']}, {split['auto']['found']} and "
+        f"  oracle gain of at least 1 point found: {split['logit-scale']['found']}, "
+        f"{split['auto']['found']} and "
         f"{split['paper']['found']}); this table did not choose the",
-        f"  default. It was chosen on networks of its own (benchmarks/DEFAULTS.md, seeds {defaults['seeds']}):",
+        "  default. It was chosen on networks of its own (benchmarks/DEFAULTS.md, seeds "
+        f"{defaults['seeds']}):",
         f"  over every fixed k the mean clean test change was {rules['paper'][1]} points with the paper's",
-        f"  targets and {rules['logit-scale'][1]} with logit-scale (cells below -1 point: {rules['paper'][3]} and",
-        f"  {rules['logit-scale'][3]} of {rules['paper'][4]}), so `{defaults['rule']}` is the default for a given k,",
+        f"  targets and {rules['logit-scale'][1]} with logit-scale (cells below -1 point: "
+        f"{rules['paper'][3]} and",
+        f"  {rules['logit-scale'][3]} of {rules['paper'][4]}), so `{defaults['rule']}` is the default for "
+        "a given k,",
         "  `--k auto`, `lip inspect --features` and the Python API; `--targets paper` always runs exactly",
         "  the paper's formula.",
-        f"- **Repeated splits** (`selection.auto_k_repeated`: {defaults['splits_count']} random halvings, p-values aggregated as in",
+        f"- **Repeated splits** (`selection.auto_k_repeated`: {defaults['splits_count']} random halvings, "
+        "p-values aggregated as in",
         "  Meinshausen, Meier and Buehlmann 2009) on the memorise networks of benchmarks/DEFAULTS.md:",
         f"  real gains {splits['logit-scale'][3]} against {splits['logit-scale'][1]} for one split",
         f"  (logit-scale; paper {splits['paper'][3]} against {splits['paper'][1]}), losses "
@@ -306,7 +332,8 @@ def evidence_text(results: dict, defaults: dict) -> str:
         "**Why held-out training rows cannot confirm a change.** Without `--val-features`, `--k auto` could",
         "only judge k on training rows held out of LAP's fit, but the *network* was trained on those rows:",
         "their features carry their noisy labels, so a head that agrees more with them may simply be",
-        f"memorising more. In this benchmark the same test on {results['held_share']} held-out noisy training rows confirmed {real_held}",
+        f"memorising more. In this benchmark the same test on {results['held_share']} held-out noisy "
+        f"training rows confirmed {real_held}",
         f"changes that raised and {lost_held} that lowered clean accuracy in {runs} runs, including the",
         "networks where real repairs existed. Only rows the model never trained on (`--val-features`;",
         "their labels may be noisy) can confirm a change.",

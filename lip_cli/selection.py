@@ -527,8 +527,8 @@ class RepeatedDecision:
         stable = f"confirmed in {self.split_confirmations} of {self.splits} splits"
         if self.confirmed:
             return (
-                f"k = {self.k} ({self.targets} targets): aggregated p = {self.p_value:.2g} over {self.splits} "
-                f"splits (gamma {self.gamma:g}), {stable}, repaired"
+                f"k = {self.k} ({self.targets} targets): aggregated p = {self.p_value:.2g} over "
+                f"{self.splits} splits (gamma {self.gamma:g}), {stable}, repaired"
             )
         return f"aggregated p = {self.p_value:.2g} over {self.splits} splits, {stable}; weights unchanged"
 

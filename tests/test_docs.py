@@ -312,3 +312,15 @@ def test_readme_and_evidence_figures_are_what_the_runs_generated() -> None:
 
     for path, text in evidence.generated().items():
         assert path.read_text() == text, f"{path.name} is stale: run python benchmarks/evidence.py"
+
+
+def test_demo_page_figures_are_what_the_demo_gives(demo_folder: Path) -> None:
+    """docs/demo.md's figures of the single demo are written by docs/demo_figures.py; here they are
+    measured again on the folder `make demo` leaves and must read the same."""
+    sys.path.insert(0, str(ROOT / "docs"))
+    import demo_figures
+
+    single = demo_figures.single_figures(demo_folder)
+    page = (ROOT / "docs" / "demo.md").read_text()
+    assert demo_figures.block(page, "demo-intro") == demo_figures.intro_text(single)
+    assert demo_figures.block(page, "demo-fixed-k") == demo_figures.fixed_k_text(single)
