@@ -62,7 +62,7 @@ def head_svd(weight: Tensor) -> HeadSVD:
 
 
 TARGETS = ("paper", "logit-scale")
-DEFAULT_TARGETS = "logit-scale"  # everywhere: fewer and smaller losses at a fixed k (benchmarks/DEFAULTS.md)
+DEFAULT_TARGETS = "logit-scale"  # everywhere; chosen on benchmarks/defaults.py's criterion (DEFAULTS.md)
 
 
 def _column_squares(z: Tensor, block_rows: int = 256) -> Tensor:
@@ -265,7 +265,10 @@ class LapStatistics:
             numerator = self.numerator
         else:
             if self.first_component:
-                raise ValueError("logit-scale targets need statistics of every direction (first_component=0)")
+                raise ValueError(
+                    "logit-scale targets (the default) need statistics of every direction "
+                    "(first_component=0); targets='paper' fits the tail alone"
+                )
             ones_v, bias_v = self._ones_v.to(self.device), self._bias_v.to(self.device)
             sums = self.sums
             numerator = (
