@@ -62,6 +62,7 @@ def head_svd(weight: Tensor) -> HeadSVD:
 
 
 TARGETS = ("paper", "logit-scale")
+DEFAULT_TARGETS = "logit-scale"  # everywhere; chosen on benchmarks/defaults.py's criterion (DEFAULTS.md)
 
 
 def _column_squares(z: Tensor, block_rows: int = 256) -> Tensor:
@@ -252,7 +253,7 @@ class LapStatistics:
         spread = float(self.sums["spread"])
         return float(self.sums["cross"]) / spread if spread > 0 else 0.0
 
-    def fitted_singular_values(self, targets: str = "paper") -> tuple[Tensor, Tensor]:
+    def fitted_singular_values(self, targets: str = DEFAULT_TARGETS) -> tuple[Tensor, Tensor]:
         """LAP's closed-form sigma for every direction, and a mask of the directions excited.
 
         A direction the features never excite (||X u_i|| = 0 to rounding) has no least-squares
@@ -264,7 +265,10 @@ class LapStatistics:
             numerator = self.numerator
         else:
             if self.first_component:
-                raise ValueError("logit-scale targets need statistics of every direction (first_component=0)")
+                raise ValueError(
+                    "logit-scale targets (the default) need statistics of every direction "
+                    "(first_component=0); targets='paper' fits the tail alone"
+                )
             ones_v, bias_v = self._ones_v.to(self.device), self._bias_v.to(self.device)
             sums = self.sums
             numerator = (
@@ -296,7 +300,7 @@ class RepairedHead:
 
 
 def singular_values_for_k(
-    stats: LapStatistics, k: int, targets: str = "paper"
+    stats: LapStatistics, k: int, targets: str = DEFAULT_TARGETS
 ) -> tuple[Tensor, tuple[int, ...]]:
     """The spectrum after PSP (top k kept) + LAP (tail re-fitted), and the tail left unfitted."""
     rank = stats.svd.rank
@@ -313,7 +317,7 @@ def singular_values_for_k(
     return after, unexcited
 
 
-def repair(stats: LapStatistics, k: int, targets: str = "paper") -> RepairedHead:
+def repair(stats: LapStatistics, k: int, targets: str = DEFAULT_TARGETS) -> RepairedHead:
     """PSP + LAP for one k: keep the top-k singular triplets, re-fit the tail values."""
     svd = stats.svd
     after, unexcited = singular_values_for_k(stats, k, targets)
@@ -341,7 +345,7 @@ def lip_repair(
     *,
     compute_dtype: torch.dtype = torch.float32,
     chunk_rows: int = 16384,
-    targets: str = "paper",
+    targets: str = DEFAULT_TARGETS,
 ) -> tuple[RepairedHead, LapStatistics]:
     """Repair an in-memory head in one call: statistics over all samples, then PSP + LAP at k.
 
@@ -407,7 +411,7 @@ class KCurve:
     BLOCK_ELEMENTS = 2**19  # logits per block of rows on the CPU: 2 MB in float32, a core's L2
     GPU_BLOCK_ELEMENTS = 2**25  # 128 MB in float32
 
-    def __init__(self, stats: LapStatistics, ks: list[int], targets: str = "paper") -> None:
+    def __init__(self, stats: LapStatistics, ks: list[int], targets: str = DEFAULT_TARGETS) -> None:
         if not ks:
             raise ValueError("an accuracy curve needs at least one k")
         if min(ks) < stats.first_component:

@@ -435,7 +435,11 @@ def assess_given_k(test: PairedCounts, k: int, rank: int, alpha: float) -> Decis
 
 
 def curve(
-    stats: lip.LapStatistics, rows: Rows, ks: list[int], targets: str = "paper", total: Total = _same
+    stats: lip.LapStatistics,
+    rows: Rows,
+    ks: list[int],
+    targets: str = lip.DEFAULT_TARGETS,
+    total: Total = _same,
 ) -> list[float]:
     """Accuracy after PSP + LAP at each k on some rows, counts added by `total`."""
     accuracies = lip.KCurve(stats, ks, targets)
@@ -547,7 +551,7 @@ def auto_k(
     stats: lip.LapStatistics,
     selection: Rows,
     confirmation: Rows,
-    targets: str = "paper",
+    targets: str = lip.DEFAULT_TARGETS,
     alpha: float = 0.05,
     data: str = "val",
     total: Total = _same,
@@ -603,3 +607,113 @@ def auto_k_on(
         )
         decision = replace(decision, power=assessed)
     return decision
+
+
+AGGREGATION_GAMMA = 0.5  # the quantile of the split p-values that counts (the median)
+
+
+def aggregate_p_values(p_values: Sequence[float], gamma: float = AGGREGATION_GAMMA) -> float:
+    """Quantile aggregation of p-values from repeated splits: Q(gamma) = min(1, q_gamma(p_b / gamma)).
+
+    Meinshausen, Meier and Buehlmann (2009), JASA 104:1671. q_gamma is the empirical gamma-quantile
+    (the ceil(gamma * B)-th smallest value), so Q <= alpha exactly when at least gamma * B of the
+    p_b are <= gamma * alpha; when every p_b is valid, P(Q <= alpha) <= alpha (Markov's inequality
+    on that count), however the splits depend on each other.
+    """
+    if not p_values or not 0 < gamma <= 1:
+        raise ValueError("aggregation needs some p-values and 0 < gamma <= 1")
+    ordered = sorted(p_values)
+    return min(1.0, ordered[max(math.ceil(gamma * len(ordered) - 1e-12), 1) - 1] / gamma)
+
+
+@dataclass(frozen=True)
+class RepeatedDecision:
+    """`auto_k_repeated`: what B random selection / confirmation splits of the same rows say."""
+
+    k: int  # the k applied: the rank when the layer stays as it is
+    targets: str  # the targets of k
+    rank: int
+    alpha: float
+    gamma: float
+    p_value: float  # the aggregated p-value
+    split_ks: list[int]  # the k each split chose (the rank: it chose no change)
+    split_targets: list[str]
+    split_p_values: list[float]  # each split's own one-sided McNemar p (1 where it chose no change)
+
+    @property
+    def splits(self) -> int:
+        return len(self.split_p_values)
+
+    @property
+    def confirmed(self) -> bool:
+        return self.k != self.rank
+
+    @property
+    def split_confirmations(self) -> int:
+        """Splits that on their own would have confirmed their k at alpha."""
+        return sum(p <= self.alpha for p in self.split_p_values)
+
+    @property
+    def reason(self) -> str:
+        stable = f"confirmed in {self.split_confirmations} of {self.splits} splits"
+        if self.confirmed:
+            return (
+                f"k = {self.k} ({self.targets} targets): aggregated p = {self.p_value:.2g} over "
+                f"{self.splits} splits (gamma {self.gamma:g}), {stable}, repaired"
+            )
+        return f"aggregated p = {self.p_value:.2g} over {self.splits} splits, {stable}; weights unchanged"
+
+
+def one_split(
+    stats: lip.LapStatistics,
+    projections: Tensor,
+    labels: Tensor,
+    seed: int,
+    targets: str = lip.DEFAULT_TARGETS,
+) -> tuple[str, int, float]:
+    """What `auto_k` chooses and tests on the split of these rows seeded by `seed`: (targets, k, p),
+    p = 1 where the choice is the unrepaired layer (nothing to test)."""
+    options = lip.TARGETS if targets == AUTO_TARGETS else (targets,)
+    confirm = split_rows(torch.ones(int(labels.shape[0]), dtype=torch.bool), seed)
+    chooses, confirms = [(projections[~confirm], labels[~confirm])], [(projections[confirm], labels[confirm])]
+    option, _, _, best, _, test = _choose_and_test(stats, chooses, confirms, options, _same)
+    return option, best, 1.0 if best == stats.svd.rank else mcnemar_p_value(test.gains, test.losses)
+
+
+def auto_k_repeated(
+    stats: lip.LapStatistics,
+    projections: Tensor,
+    labels: Tensor,
+    targets: str = lip.DEFAULT_TARGETS,
+    alpha: float = 0.05,
+    splits: int = 20,
+    seed: int = 0,
+    gamma: float = AGGREGATION_GAMMA,
+) -> RepeatedDecision:
+    """`auto_k` over `splits` random halvings of the same rows (seeds seed .. seed + splits - 1),
+    the split p-values aggregated by `aggregate_p_values`; the decision no longer hinges on one split.
+
+    What it controls: under the global null (no k of the grid, with either targets, beats the
+    unrepaired layer on the population), each split's p-value is valid, since its confirmation half
+    never saw the choice, so P(aggregated p <= alpha) <= alpha: the chance of changing a head that no
+    k can help stays under alpha. The k applied is the one chosen most often among the splits that
+    count towards the aggregate (p_b <= gamma * alpha; ties: the larger k, then the paper's
+    targets); that k saw every row, so its own effect is not separately confirmed: where some k
+    helps and another does not, the test is of "some k helps", not of this k.
+    """
+    rank = stats.svd.rank
+    options = lip.TARGETS if targets == AUTO_TARGETS else (targets,)
+    ks, chosen_targets, p_values = [], [], []
+    for index in range(splits):
+        option, best, p = one_split(stats, projections, labels, seed + index, targets)
+        ks.append(best)
+        chosen_targets.append(option)
+        p_values.append(p)
+    aggregated = aggregate_p_values(p_values, gamma)
+    k, applied_targets = rank, options[0]
+    if aggregated <= alpha:
+        counted = [(b, t) for b, t, p in zip(ks, chosen_targets, p_values, strict=True) if p <= gamma * alpha]
+        k, applied_targets = max(
+            set(counted), key=lambda pair: (counted.count(pair), pair[0], pair[1] == "paper")
+        )
+    return RepeatedDecision(k, applied_targets, rank, alpha, gamma, aggregated, ks, chosen_targets, p_values)

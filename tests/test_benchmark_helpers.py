@@ -126,3 +126,64 @@ def test_the_benchmarks_protocols_are_what_auto_k_decides(
             assert ours["targets"] == decision.targets and ours["p"] == pytest.approx(
                 decision.p_value if decision.best_k != decision.rank else 1.0
             )
+
+
+def test_the_set_up_text_comes_from_the_code_and_matches_the_published_run() -> None:
+    """results_text's set-up paragraphs take sizes, epochs and shares from the code; the published
+    accuracy section (seeds 4, short epochs 8) holds them verbatim."""
+    text = "\n".join(noisy_labels.setup_text(8, 4))
+    assert text in (Path(noisy_labels.HERE) / "RESULTS.md").read_text()
+    original = noisy_labels.SETS["digits MLP"]
+    noisy_labels.SETS["digits MLP"] = (*original[:4], (8, 601))
+    try:
+        assert "601\n(digits MLP)" in "\n".join(noisy_labels.setup_text(8, 4))
+    finally:
+        noisy_labels.SETS["digits MLP"] = original
+
+
+def _row(changes: list[float], confirmed: list[bool]) -> list[dict]:
+    return [
+        {"confirmed": c, "change": x, "k": 3, "best_k": 3, "targets": "logit-scale", "p": 0.01}
+        for x, c in zip(changes, confirmed, strict=True)
+    ]
+
+
+def test_tally_counts_confirmed_gains_and_losses_only() -> None:
+    decisions = _row([2.0, -1.0, 0.0, 5.0, -3.0], [True, True, True, False, False])
+    assert noisy_labels._tally(decisions) == (1, 1, 5)  # an unconfirmed or zero change counts neither
+
+
+def test_setting_line_reports_means_oracles_and_tallies() -> None:
+    def row(original: float, paper: float, ls: float, change: float, confirmed: bool) -> dict:
+        decision = {
+            "confirmed": confirmed,
+            "change": change,
+            "k": 4,
+            "best_k": 4,
+            "targets": "logit-scale",
+            "p": 0.02,
+        }
+        unconfirmed = {"confirmed": False, "change": 0.0, "k": 10, "best_k": 7, "targets": "paper", "p": 0.4}
+        out = {
+            "original": original,
+            "train_noisy": 0.9,
+            "oracle paper": (paper, 3),
+            "oracle logit-scale": (ls, 4),
+        }
+        for targets in noisy_labels.TARGET_CHOICES:
+            out[f"{noisy_labels.DEFAULT}|{targets}"] = decision if targets == "logit-scale" else unconfirmed
+        for targets in noisy_labels.lip.TARGETS:
+            out[f"holdout|{targets}"] = unconfirmed
+        return out
+
+    rows = [row(0.80, 1.0, 3.0, 2.5, True), row(0.70, 0.0, 1.0, -1.5, True)]
+    cells = [
+        cell.strip()
+        for cell in noisy_labels.setting_line("net", "memorise", "symmetric", 0.2, rows).strip("|").split("|")
+    ]
+    assert cells[:5] == ["net", "memorise", "symmetric", "0.2", "90.0"]
+    assert cells[5] == "75.0 ± 7.1"  # mean ± sd of the clean test accuracy, in %
+    assert cells[6:9] == ["+0.5", "+2.0", "+2.0 (+1.0 to +3.0)"]  # oracle paper, ls, best (worst to best)
+    assert cells[9:12] == ["0 / 0", "1 / 1", "0 / 0"]  # real / lost per targets
+    assert cells[12] == "**4** ls p 0.02 (+2.5); **4** ls p 0.02 (-1.5)"
+    assert cells[13] == "0 / 0 of 4"

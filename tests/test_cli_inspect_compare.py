@@ -60,18 +60,33 @@ def test_inspect_layer_spectrum(tmp_path: Path, head) -> None:
 
 
 def test_inspect_k_curve_agrees_with_repair(tmp_path: Path, head) -> None:
+    """Under the default targets and under each --targets, inspect's curve is what repair measures
+    at that k, and both documents name the rule."""
+    from lip_cli.lip import DEFAULT_TARGETS
+
     paths = save_problem(tmp_path, head)
-    result = run("inspect", paths["model"], "-f", paths["features"], "--json")
-    assert result.exit_code == 0, result.output
-    document = json.loads(result.stdout)
-    curve = {point["k"]: point["train_accuracy"] for point in document["k_curve"]}
-    assert sorted(curve) == [0, 1, 2, 3, 4, 5]
-    assert document["layer"]["name"] == "fc" and document["samples"] == 300
-    for k in (1, 3, 5):
-        repaired = run("repair", paths["model"], "-f", paths["features"], "--k", k, "--dry-run", "--json")
-        accuracy = json.loads(repaired.stdout)["accuracy"]
-        assert curve[k] == pytest.approx(accuracy["train_after"], abs=1e-9)
-    assert curve[5] == pytest.approx(accuracy["train_before"], abs=1e-9)
+    curves = {}
+    for targets in (None, "paper", "logit-scale"):
+        chosen = [] if targets is None else ["--targets", targets]
+        result = run("inspect", paths["model"], "-f", paths["features"], *chosen, "--json")
+        assert result.exit_code == 0, result.output
+        document = json.loads(result.stdout)
+        assert document["targets"] == (targets or DEFAULT_TARGETS)
+        curve = {point["k"]: point["train_accuracy"] for point in document["k_curve"]}
+        assert sorted(curve) == [0, 1, 2, 3, 4, 5]
+        assert document["layer"]["name"] == "fc" and document["samples"] == 300
+        for k in (1, 3):
+            repaired = run(
+                "repair", paths["model"], "-f", paths["features"], "--k", k, *chosen, "--dry-run", "--json"
+            )
+            report = json.loads(repaired.stdout)
+            assert report["targets"] == document["targets"]
+            assert curve[k] == pytest.approx(report["accuracy"]["train_after"], abs=1e-9)
+        assert curve[5] == pytest.approx(report["accuracy"]["train_before"], abs=1e-9)
+        curves[targets] = curve
+    assert curves[None] == curves[DEFAULT_TARGETS] and curves["paper"] != curves["logit-scale"]
+    refused = run("inspect", paths["model"], "--targets", "paper")
+    assert refused.exit_code == 2 and "--features" in refused.output
 
 
 def write_pair(folder: Path) -> tuple[Path, Path]:

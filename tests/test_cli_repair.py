@@ -39,7 +39,7 @@ def assert_close_relative(actual: torch.Tensor, expected: np.ndarray, tolerance:
 def test_pt_state_dict(tmp_path: Path, head) -> None:
     paths = save_problem(tmp_path, head)
     before = paths["model"].read_bytes()
-    result = run("repair", paths["model"], "--features", paths["features"], "--k", 2)
+    result = run("repair", paths["model"], "--features", paths["features"], "--k", 2, "--targets", "paper")
     assert result.exit_code == 0, result.output
     assert result.stdout == ""
     output = tmp_path / "model.lip.pt"
@@ -68,6 +68,8 @@ def test_nested_pt_keeps_every_other_entry(tmp_path: Path, head) -> None:
         tmp_path / "features.npy",
         "--k",
         3,
+        "--targets",
+        "paper",
         "-o",
         tmp_path / "out.pth",
     )
@@ -91,7 +93,17 @@ def test_safetensors_keeps_metadata_and_dtypes(tmp_path: Path, dtype: torch.dtyp
     }
     save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt", "origin": "test"})
     np.savez(tmp_path / "train.npz", features=head.features.numpy(), labels=head.labels.numpy())
-    result = run("repair", tmp_path / "model.safetensors", "-f", tmp_path / "train.npz", "--k", 1, "--json")
+    result = run(
+        "repair",
+        tmp_path / "model.safetensors",
+        "-f",
+        tmp_path / "train.npz",
+        "--k",
+        1,
+        "--targets",
+        "paper",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     document = json.loads(result.stdout)
     assert document["layer"] == "classifier" and document["labels_source"].startswith("the features file")
@@ -172,6 +184,8 @@ def test_labels_option_and_label_matrix(tmp_path: Path, head) -> None:
         tmp_path / "targets.npy",
         "--k",
         2,
+        "--targets",
+        "paper",
         "--json",
     )
     assert result.exit_code == 0, result.output

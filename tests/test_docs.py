@@ -302,3 +302,25 @@ def test_options_check_names_a_stale_page(tmp_path: Path, monkeypatch: pytest.Mo
     assert options.main([]) == 0
     assert "`--val-features`" in page.read_text()
     assert options.main(["--check"]) == 0
+
+
+def test_readme_and_evidence_figures_are_what_the_runs_generated() -> None:
+    """README's "What to expect" and docs/evidence.md are written by benchmarks/evidence.py from
+    benchmarks/RESULTS.md and benchmarks/DEFAULTS.md: no figure there is typed by hand."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import evidence
+
+    for path, text in evidence.generated().items():
+        assert path.read_text() == text, f"{path.name} is stale: run python benchmarks/evidence.py"
+
+
+def test_demo_page_figures_are_what_the_demo_gives(demo_folder: Path) -> None:
+    """docs/demo.md's figures of the single demo are written by docs/demo_figures.py; here they are
+    measured again on the folder `make demo` leaves and must read the same."""
+    sys.path.insert(0, str(ROOT / "docs"))
+    import demo_figures
+
+    single = demo_figures.single_figures(demo_folder)
+    page = (ROOT / "docs" / "demo.md").read_text()
+    assert demo_figures.block(page, "demo-intro") == demo_figures.intro_text(single)
+    assert demo_figures.block(page, "demo-fixed-k") == demo_figures.fixed_k_text(single)

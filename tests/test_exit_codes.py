@@ -136,7 +136,7 @@ def test_a_given_k_shown_worse_exits_4_and_force_write_writes_it(tmp_path: Path)
     paths = save_problem(tmp_path, head) | {"val": tmp_path / "val.npz"}
     np.savez(paths["val"], features=head.features.numpy(), labels=head.labels.numpy())
     for extra in ([], ["--dry-run"]):
-        result = run(*repair_args(paths, "--k", 1, *extra, "--json"))
+        result = run(*repair_args(paths, "--k", 1, "--targets", "paper", *extra, "--json"))
         assert result.exit_code == errors.EXIT_REFUSED == 4, result.output
         document = outcome_of(result)
         assert document["outcome"] == "refused" and document["output"] is None
@@ -147,7 +147,7 @@ def test_a_given_k_shown_worse_exits_4_and_force_write_writes_it(tmp_path: Path)
             and f"p = {document['test']['p_value_drop']:.2g}" in line
         )
     assert not (tmp_path / "model.lip.pt").exists()
-    forced = run(*repair_args(paths, "--k", 1, "--force-write", "--json"))
+    forced = run(*repair_args(paths, "--k", 1, "--targets", "paper", "--force-write", "--json"))
     assert forced.exit_code == 0 and outcome_of(forced)["forced"]
     assert not torch.equal(weight(tmp_path / "model.lip.pt"), weight(paths["model"]))
 

@@ -13,7 +13,7 @@ from conftest import Head, make_head, save_problem
 from reference import logit_scale_lip
 from typer.testing import CliRunner
 
-from lip_cli import selection
+from lip_cli import lip, selection
 from lip_cli.cli import app
 from lip_cli.labelled import open_labelled_features
 from lip_cli.lip import LapStatistics
@@ -72,7 +72,17 @@ def test_auto_on_validation_chooses_on_one_part_and_confirms_on_the_other(tmp_pa
         int((before & ~after).sum()),
     )
     explicit = run(
-        "repair", paths["model"], "-f", paths["features"], "--k", document["k_chosen"], "--dry-run", "--json"
+        *[
+            "repair",
+            paths["model"],
+            "-f",
+            paths["features"],
+            "--k",
+            document["k_chosen"],
+            "--targets",
+            "paper",
+        ],
+        *["--dry-run", "--json"],
     )
     assert json.loads(explicit.stdout)["singular_values_after"] == document["singular_values_after"]
     human = run(*args, "--targets", "paper", "--dry-run")
@@ -151,7 +161,17 @@ def test_explicit_k_that_validation_shows_worse_is_refused(tmp_path: Path) -> No
     paths = save_problem(tmp_path, head)
     np.savez(tmp_path / "val.npz", features=head.features.numpy(), labels=head.labels.numpy())
     result = run(
-        "repair", paths["model"], "-f", paths["features"], "--val-features", tmp_path / "val.npz", "--k", 1
+        *[
+            "repair",
+            paths["model"],
+            "-f",
+            paths["features"],
+            "--val-features",
+            tmp_path / "val.npz",
+            "--k",
+            1,
+        ],
+        *["--targets", "paper"],
     )
     assert result.exit_code == 4, result.output  # lower (here significantly): not written
     assert not (tmp_path / "model.lip.pt").exists()
@@ -165,6 +185,8 @@ def test_explicit_k_that_validation_shows_worse_is_refused(tmp_path: Path) -> No
             tmp_path / "val.npz",
             "--k",
             1,
+            "--targets",
+            "paper",
             "--dry-run",
             "--json",
         ).stdout
@@ -185,7 +207,7 @@ def test_explicit_k_that_validation_shows_worse_is_refused(tmp_path: Path) -> No
     assert "LOWERS validation accuracy" in warning and "significantly (p = " in warning
     assert "one-sided 95% upper bound" in warning and "significant gain" not in warning
     assert "on 300 rows" in warning and "not written (--force-write writes it" in warning
-    forced = run(*result_args(paths, tmp_path), "--k", 1, "--force-write")
+    forced = run(*result_args(paths, tmp_path), "--k", 1, "--targets", "paper", "--force-write")
     assert forced.exit_code == 0 and "written anyway (--force-write)" in " ".join(forced.stderr.split())
     written = torch.load(tmp_path / "model.lip.pt", weights_only=True)["fc.weight"]
     assert json.loads((tmp_path / "model.lip.pt.lip.json").read_text())["outcome"] == "refused"
@@ -366,21 +388,24 @@ def test_a_best_k_that_is_not_confirmed_writes_nothing(tmp_path: Path) -> None:
     assert not (tmp_path / "model.lip.pt").exists()
 
 
-def test_targets_default_to_logit_scale_with_k_auto_and_to_the_paper_with_a_given_k(
-    tmp_path: Path,
-) -> None:
+def test_one_rule_by_default_with_k_auto_and_with_a_given_k(tmp_path: Path) -> None:
     head = make_head(n=400, q=16, l=8, seed=21)
     paths = save_problem(tmp_path, head)
     val = write_val(tmp_path, head)
     args = ["repair", paths["model"], "-f", paths["features"], "--val-features", val, "--dry-run", "--json"]
     auto = json.loads(run(*args, "--k", "auto").stdout)
-    assert auto["targets"] == auto["test"]["targets"] == "logit-scale"
+    assert auto["targets"] == auto["test"]["targets"] == lip.DEFAULT_TARGETS
     assert (
         auto["k_curve"] == json.loads(run(*args, "--k", "auto", "--targets", "logit-scale").stdout)["k_curve"]
     )
     given = json.loads(run(*args, "--k", 3).stdout)
+    ruled = json.loads(run(*args, "--k", 3, "--targets", lip.DEFAULT_TARGETS).stdout)
     paper = json.loads(run(*args, "--k", 3, "--targets", "paper").stdout)
-    assert given["targets"] == "paper" and given["singular_values_after"] == paper["singular_values_after"]
+    assert (
+        given["targets"] == lip.DEFAULT_TARGETS
+        and given["singular_values_after"] == ruled["singular_values_after"]
+    )
+    assert paper["targets"] == "paper" and paper["singular_values_after"] != given["singular_values_after"]
 
 
 def test_targets_auto_is_chosen_with_k(tmp_path: Path) -> None:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from itertools import pairwise
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_head
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lip_cli import lip
 from lip_cli.lip import KCurve, LapStatistics, correct_mask, count_correct, k_grid, singular_values_for_k
 
 
@@ -83,7 +86,7 @@ def test_the_grid_of_a_large_head_in_float64_and_float32() -> None:
     for dtype in (torch.float64, torch.float32):
         stats = fitted_statistics(head, head.labels, dtype)
         ks = k_grid(stats.svd.rank, most=9)
-        curve = KCurve(stats, ks)
+        curve = KCurve(stats, ks, "paper")
         z = stats.project(head.features)
         curve.update_projections(z, head.labels)
         assert curve.correct == direct_counts(stats, ks, z, head.labels, "paper"), dtype
@@ -100,7 +103,7 @@ def test_ties_go_to_the_first_class_as_with_argmax() -> None:
     stats = fitted_statistics(make_head(n=60, q=6, l=5, seed=12, bias=False), labels, torch.float64)
     z = stats.project(features)
     ks = list(range(stats.svd.rank + 1))
-    curve = KCurve(stats, ks)
+    curve = KCurve(stats, ks, "paper")
     curve.update_projections(z, labels)
     assert curve.correct == direct_counts(stats, ks, z, labels, "paper")
     tied = curve.row_hits(z, labels)[:, ::3]  # the zero rows
@@ -124,7 +127,7 @@ def test_a_label_tied_with_another_class_goes_to_the_first_of_them() -> None:
         stats.update(head.features, kind_labels)
         z = stats.project(features)
         ks = list(range(stats.svd.rank + 1))
-        curve = KCurve(stats, ks)
+        curve = KCurve(stats, ks, "paper")
         curve.block_rows = 17
         curve.update_projections(z, kind_labels)
         assert curve.correct == direct_counts(stats, ks, z, kind_labels, "paper"), kind
@@ -142,7 +145,7 @@ def test_a_nan_logit_is_judged_as_argmax_judges_it() -> None:
     labels = head.labels.clone()
     labels[3] = 0
     ks = [0, 2, stats.svd.rank]
-    curve = KCurve(stats, ks)
+    curve = KCurve(stats, ks, "paper")
     curve.update_projections(z, labels)
     assert curve.correct == direct_counts(stats, ks, z, labels, "paper")
     assert curve.row_hits(z, labels)[:, 3].all()
@@ -174,7 +177,7 @@ def test_tail_statistics_give_the_curve_of_full_ones() -> None:
     tail = LapStatistics(head.weight, head.bias, compute_dtype=torch.float64, first_component=4, svd=full.svd)
     tail.update(head.features, head.labels)
     ks = [9, 4, 6]
-    curves = [KCurve(stats, ks) for stats in (full, tail)]
+    curves = [KCurve(stats, ks, "paper") for stats in (full, tail)]
     for curve in curves:
         curve.update(head.features, head.labels)
     assert curves[0].correct == curves[1].correct
@@ -235,3 +238,63 @@ def test_exact_ties_are_judged_as_argmax_judges_them(n, rank, classes, seed, dty
         [correct_mask(integer_logits(curve, z, curve._steps.index(k)), labels) for k in curve.ks]
     )
     assert torch.equal(curve.row_hits(z, labels), expected)
+
+
+def same_k_accuracies(
+    model: Path, train: Path, val: Path, targets: str | None = None, ks: tuple[int, ...] = (0, 3, 8)
+) -> dict[str, dict]:
+    """Training accuracy at each k of `ks` as `lip inspect --features`, `lip repair --k auto`'s curve
+    and `lip repair --k N` report it, with the default targets or `targets`."""
+    from lip_cli.jobs import inspect as inspect_job
+    from lip_cli.jobs.repair import RepairRequest, repair_checkpoint
+
+    chosen = {} if targets is None else {"targets": targets}
+    inspected = inspect_job.inspect_layer(model, None, train, **chosen)
+    auto = repair_checkpoint(RepairRequest(model, train, "auto", val_features=val, dry_run=True, **chosen))
+    given = {
+        k: repair_checkpoint(
+            RepairRequest(model, train, k, val_features=val, dry_run=True, force_write=True, **chosen)
+        )
+        for k in ks
+    }
+    assert inspected.targets == auto.targets == given[0].targets
+    return {
+        "targets": inspected.targets,
+        "full_inspect": {point["k"]: point["train_accuracy"] for point in inspected.k_curve},
+        "inspect": {point["k"]: point["train_accuracy"] for point in inspected.k_curve if point["k"] in ks},
+        "auto": {point["k"]: point["train_accuracy"] for point in auto.k_curve if point["k"] in ks},
+        "given": {k: report.accuracy["train_after"] for k, report in given.items()},
+    }
+
+
+def test_a_memorised_head_gets_the_same_accuracy_at_a_k_everywhere(tmp_path) -> None:
+    """A linear head trained with cross-entropy until it fits its 40% noisy labels (more inputs than
+    rows): inspect's k curve, auto's curve and a given k agree at every k, under the default
+    targets and the paper's, and the two rules differ on it (so agreement is not by accident)."""
+    generator = torch.Generator().manual_seed(5)
+    classes, q, n = 10, 160, 120
+    centres = torch.randn(classes, q, generator=generator)
+    clean = torch.randint(classes, (n + 200,), generator=generator)
+    features = centres[clean] + 1.5 * torch.randn(n + 200, q, generator=generator)
+    flip = torch.rand(n, generator=generator) < 0.4
+    noisy = torch.where(flip, torch.randint(classes, (n,), generator=generator), clean[:n])
+    torch.manual_seed(5)
+    head = torch.nn.Linear(q, classes)
+    optimiser = torch.optim.Adam(head.parameters(), lr=0.01)
+    for _ in range(300):
+        optimiser.zero_grad()
+        torch.nn.functional.cross_entropy(head(features[:n]), noisy).backward()
+        optimiser.step()
+    torch.save({"fc.weight": head.weight.detach(), "fc.bias": head.bias.detach()}, tmp_path / "model.pt")
+    np.save(tmp_path / "train.npy", features[:n].numpy())
+    np.save(tmp_path / "train.labels.npy", noisy.numpy())
+    np.save(tmp_path / "val.npy", features[n:].numpy())
+    np.save(tmp_path / "val.labels.npy", clean[n:].numpy())
+    curves = {}
+    for targets in (None, "paper"):
+        seen = same_k_accuracies(tmp_path / "model.pt", tmp_path / "train.npy", tmp_path / "val.npy", targets)
+        assert seen["full_inspect"][classes] == 1.0  # it memorised its noisy labels
+        assert seen["inspect"] == seen["auto"] == seen["given"], seen
+        assert seen["targets"] == (targets or lip.DEFAULT_TARGETS)
+        curves[seen["targets"]] = seen["inspect"]
+    assert curves["paper"] != curves["logit-scale"]

@@ -48,7 +48,9 @@ def test_repair_matches_the_papers_dense_formula(
     labels = label_variants(head.labels, l)[kind]
     rank = min(q, l)
     for k in (0, 1, rank // 2, rank - 1):
-        repaired, _ = lip_repair(head.weight, head.bias, head.features, labels, k, chunk_rows=97, **compute)
+        repaired, _ = lip_repair(
+            head.weight, head.bias, head.features, labels, k, chunk_rows=97, targets="paper", **compute
+        )
         expected = paper_lip(
             head.weight.numpy(),
             None if head.bias is None else head.bias.numpy(),
@@ -150,7 +152,7 @@ def test_lap_is_the_least_squares_optimum_over_the_tail(q: int, l: int, seed: in
     head = make_head(n=60, q=q, l=l, seed=seed, bias=data.draw(st.booleans()))
     k = data.draw(st.integers(0, min(q, l) - 1))
     repaired, stats = lip_repair(
-        head.weight, head.bias, head.features, head.labels, k, compute_dtype=torch.float64
+        head.weight, head.bias, head.features, head.labels, k, compute_dtype=torch.float64, targets="paper"
     )
     bias = None if head.bias is None else head.bias.numpy()
     expected = least_squares_tail(head.weight.numpy(), bias, head.features.numpy(), head.labels.numpy(), k)
@@ -192,11 +194,11 @@ def test_tracking_only_the_tail_gives_the_same_repair() -> None:
     tail.update(head.features, head.labels)
     torch.testing.assert_close(tail.numerator, full.numerator[3:], rtol=1e-12, atol=1e-12)
     for k in (3, 5, 8):
-        assert torch.equal(repair(tail, k).weight, repair(full, k).weight)
+        assert torch.equal(repair(tail, k, "paper").weight, repair(full, k, "paper").weight)
     with pytest.raises(ValueError, match="k must be >= that"):
-        repair(tail, 2)
+        repair(tail, 2, "paper")
     with pytest.raises(ValueError, match="every k must be >= that"):
-        KCurve(tail, [2, 5])
+        KCurve(tail, [2, 5], "paper")
     with pytest.raises(ValueError, match="different heads"):
         full.merge(tail)
 

@@ -179,7 +179,7 @@ def test_row_hits_of_the_two_compared_heads() -> None:
     before, after = heads.row_hits(stats.project(head.features), head.labels)
     original = (head.features @ head.weight.T + head.bias).argmax(1) == head.labels
     assert torch.equal(before, original)
-    repaired = lip.repair(stats, 2).weight
+    repaired = lip.repair(stats, 2, "paper").weight
     expected = (head.features @ repaired.T + head.bias).argmax(1) == head.labels
     assert torch.equal(after, expected)
 
@@ -400,7 +400,7 @@ def test_refinement_evaluates_every_k_around_the_best_grid_point() -> None:
     stats.update(head.features[:200], head.labels[:200])
     z = stats.project(head.features[200:])
     labels = head.labels[200:]
-    decision = selection.auto_k(stats, [(z[:100], labels[:100])], [(z[100:], labels[100:])])
+    decision = selection.auto_k(stats, [(z[:100], labels[:100])], [(z[100:], labels[100:])], "paper")
     grid = selection.k_grid(80)
     assert set(grid) <= set(decision.ks) and decision.ks == sorted(decision.ks)
     best_on_grid = selection.best_k(grid, [decision.selection_accuracies[decision.ks.index(k)] for k in grid])

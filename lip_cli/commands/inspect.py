@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -18,6 +19,11 @@ from lip_cli.options import (
     check_series_labels,
     usage_error,
 )
+
+
+class FitTargets(StrEnum):
+    paper = "paper"
+    logit_scale = "logit-scale"
 
 
 def inspect(
@@ -53,6 +59,14 @@ def inspect(
             "--labels", "-l", help="Training labels (found as in `lip repair` when left out).", readable=False
         ),
     ] = None,
+    targets: Annotated[
+        FitTargets | None,
+        typer.Option(
+            "--targets",
+            help="With --features: what LAP fits the tail to: 'logit-scale' (the labels centred and scaled "
+            "to the head's own logit margin) or 'paper' (the paper's formula). Default: lip repair's.",
+        ),
+    ] = None,
     names: Annotated[
         list[str] | None,
         typer.Option(
@@ -77,6 +91,8 @@ def inspect(
     """Show singular-value spectra: every 2-D weight, one layer in full (and the accuracy for each k),
     or one layer across a series of checkpoints."""
     series = len(checkpoints) > 1 or bool(names)
+    if targets is not None and features is None:
+        raise usage_error("needs --features (the k curve is fitted to them)", "--targets")
     if series and (features is not None or labels is not None):
         raise usage_error(
             "takes one checkpoint and no --label; run lip inspect once per checkpoint", "--features"
@@ -114,7 +130,14 @@ def inspect(
                     plots.plot_layer(job.LayerReport(table.checkpoint, classifier), plot, normalize)
                 return
             result = job.inspect_layer(
-                checkpoint, layer, features, labels, device.value, chunk_rows, progress=progress
+                checkpoint,
+                layer,
+                features,
+                labels,
+                device.value,
+                chunk_rows,
+                progress,
+                *([targets.value] if targets else []),
             )
         if plot is not None:
             plots.plot_layer(result, plot, normalize)

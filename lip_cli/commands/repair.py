@@ -129,8 +129,8 @@ def repair(
             "--targets",
             help="What LAP fits the tail to: 'paper' (the labels, the paper's formula), 'logit-scale' "
             "(the labels centred and scaled to the head's own logit margin; see docs/repair.md), or, with "
-            "--k auto, 'auto' (both tried, chosen with k on the selection rows). Default: logit-scale "
-            "with --k auto (it confirmed the most real repairs on the benchmark), paper with a given k.",
+            "--k auto, 'auto' (both tried, chosen with k on the selection rows). Default: logit-scale, "
+            "with a given k and with --k auto alike (see benchmarks/DEFAULTS.md).",
         ),
     ] = None,
     sample_rows: Annotated[

@@ -111,6 +111,7 @@ class LayerReport:
     samples: int | None = None
     labels_origin: str | None = None
     k_curve: list[dict[str, float]] | None = None  # {k, train_accuracy} after PSP + LAP at k
+    targets: str | None = None  # the LAP targets of the k curve
     accuracy_rows: int | None = None  # training rows the accuracies are measured on
     provenance: dict | None = None  # what lip recorded when it wrote this checkpoint
 
@@ -123,10 +124,14 @@ def inspect_layer(
     device: str = "cpu",
     chunk_rows: int = 16384,
     progress: Progress = no_progress,
+    targets: str = lip.DEFAULT_TARGETS,
 ) -> LayerReport:
-    """The spectrum of one layer; with features, the training accuracy after LAP for every k."""
+    """The spectrum of one layer; with features, the training accuracy after LAP (with `targets`,
+    as `lip repair` fits) for every k."""
     if labels is not None and features is None:
         raise LipError("--labels needs --features")
+    if targets not in lip.TARGETS:
+        raise LipError(f"--targets {targets}: must be one of {', '.join(lip.TARGETS)}")
     model = checkpoint.load_checkpoint(path)
     if features is None:
         layer = (
@@ -143,13 +148,14 @@ def inspect_layer(
     fitted = statistics_pass(train, stats, chunk_rows, progress=progress)
     check_statistics(fitted.stats, train)
     ks = selection.k_grid(stats.svd.rank)
-    accuracies = selection.curve(fitted.stats, fitted.sample, ks)
+    accuracies = selection.curve(fitted.stats, fitted.sample, ks, targets)
     return LayerReport(
         checkpoint=Path(path),
         spectrum=layer_spectrum(model, layer, is_classifier=True),
         samples=train.features.rows,
         labels_origin=train.labels_origin,
         k_curve=[{"k": k, "train_accuracy": accuracy} for k, accuracy in zip(ks, accuracies, strict=True)],
+        targets=targets,
         accuracy_rows=fitted.sampled_rows,
         provenance=checkpoint.read_provenance(path),
     )

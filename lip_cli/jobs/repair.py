@@ -45,8 +45,7 @@ class RepairRequest:
     holdout: float = 0.1  # share of training samples held out to choose k when there is no val set
     sample_rows: int | None = None  # rows kept for each accuracy curve; None: SAMPLE_ROWS
     targets: str | None = None  # "paper", "logit-scale" (labels scaled to the head's logit margin), "auto"
-    # (k auto: chosen with k); None: logit-scale with k = "auto" (the most confirmed repairs on the
-    # accuracy benchmark, benchmarks/RESULTS.md), the paper's formula with a given k
+    # (k auto: chosen with k); None: lip.DEFAULT_TARGETS, with a given k and with auto
     seed: int = 0
     force_write: bool = False  # write what the evidence withholds: auto's unchanged copy, a refused k
     alpha: float = 0.05  # level of the one-sided McNemar test that confirms a k
@@ -54,7 +53,7 @@ class RepairRequest:
 
     def __post_init__(self) -> None:
         if self.targets is None:
-            object.__setattr__(self, "targets", "logit-scale" if self.k == AUTO else "paper")
+            object.__setattr__(self, "targets", lip.DEFAULT_TARGETS)
 
 
 @dataclass

@@ -76,13 +76,28 @@ def statistics_cells(spectrum: Any) -> list[str]:
     ]
 
 
+def targets_text(targets: str, target_scale: float | None = None) -> str:
+    """The fitting rule in words, for every summary that shows a fit."""
+    if targets == "paper":
+        return "paper (the labels themselves, the paper's formula)"
+    scale = f", c = {target_scale:.4g}" if target_scale is not None else ""
+    return f"{targets} (labels centred and scaled to the head's logit margin{scale})"
+
+
 def render_k_curve(
-    curve: list[dict[str, float]], samples: int | None, origin: str | None, chosen: int | None = None
+    curve: list[dict[str, float]],
+    samples: int | None,
+    origin: str | None,
+    chosen: int | None = None,
+    targets: str | None = None,
 ) -> None:
     """Accuracy after PSP + LAP against k: sparklines, and a table of about a dozen k values."""
     console = stderr()
     columns = ["train_accuracy"] + (["val_accuracy"] if "val_accuracy" in curve[0] else [])
-    console.print(f"accuracy after PSP + LAP at each k ({samples:,} training samples, labels from {origin})")
+    rule = f"{targets} targets, " if targets else ""
+    console.print(
+        f"accuracy after PSP + LAP at each k ({rule}{samples:,} training samples, labels from {origin})"
+    )
     for column in columns:
         name = "training" if column == "train_accuracy" else "validation"
         values = [point[column] for point in curve]

@@ -89,7 +89,7 @@ def render_layer(report: Any, top: int) -> None:
         )
     console.print(table)
     if report.k_curve:
-        render_k_curve(report.k_curve, report.samples, report.labels_origin)
+        render_k_curve(report.k_curve, report.samples, report.labels_origin, targets=report.targets)
 
 
 def inspect_document(report: Any) -> dict[str, Any]:
@@ -108,6 +108,7 @@ def layer_document(report: Any) -> dict[str, Any]:
         "samples": report.samples,
         "labels_source": report.labels_origin,
         "k_curve": report.k_curve,
+        "targets": report.targets,
         "provenance": report.provenance,
     }
 

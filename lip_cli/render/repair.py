@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
-from lip_cli.render.common import percent, render_k_curve, spectrum_rows
+from lip_cli.render.common import percent, render_k_curve, spectrum_rows, targets_text
 from lip_cli.render.console import bar, stderr, warning
 
 if TYPE_CHECKING:
@@ -65,8 +65,7 @@ def render_repair(report: RepairReport) -> None:
     if report.val_labels_origin:
         summary.add_row("validation labels", report.val_labels_origin)
     summary.add_row("k / rank", f"{report.k} / {report.rank}")
-    if report.targets != "paper":
-        summary.add_row("LAP targets", f"{report.targets} (labels scaled by c = {report.target_scale:.4g})")
+    summary.add_row("LAP targets", targets_text(report.targets, report.target_scale))
     summary.add_row("energy kept by top k", percent(report.energy_kept))
     summary.add_row(
         "effective rank", f"{report.effective_rank_before:.2f} -> {report.effective_rank_after:.2f}"
@@ -97,7 +96,13 @@ def render_repair(report: RepairReport) -> None:
         )
     holdout = report.k_selection == "holdout"
     if report.k_selection and decision is not None:
-        render_k_curve(report.k_curve, report.samples, report.labels_origin, chosen=decision.best_k)
+        render_k_curve(
+            report.k_curve,
+            report.samples,
+            report.labels_origin,
+            chosen=decision.best_k,
+            targets=report.targets,
+        )
         console.print(
             f"--k auto: k chosen on {decision.selection_rows:,} held-out training rows (noisy labels); "
             "nothing tested them: no validation set"
