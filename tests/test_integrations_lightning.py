@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -230,7 +232,7 @@ def test_the_spectrum_is_logged_at_each_validation_epoch_never_in_the_sanity_che
 
 def test_importing_lip_leaves_the_frameworks_alone_and_a_missing_one_is_named() -> None:
     code = (
-        "import sys, lip_cli, lip_cli.integrations, lip_cli.integrations.core\n"
+        "import sys, lip_cli, lip_cli.integrations\n"
         "assert 'lightning' not in sys.modules and 'transformers' not in sys.modules, sorted(sys.modules)\n"
         "sys.modules['lightning'] = None\n"
         "try:\n"
@@ -244,3 +246,56 @@ def test_importing_lip_leaves_the_frameworks_alone_and_a_missing_one_is_named() 
         "lip_cli.integrations.lightning needs Lightning, which is not installed: "
         "pip install 'lip-cli[lightning]'"
     )
+
+
+class HeadOfEachRank(pl.Callback):
+    """Writes each process's head and lip's record after lip's callback ran (it runs first)."""
+
+    def __init__(self, folder: Path, lip: LipCallback) -> None:
+        self.folder, self.lip = folder, lip
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        torch.save(pl_module.fc.weight.detach().clone(), self.folder / f"head-{trainer.global_rank}.pt")
+        (self.folder / f"record-{trainer.global_rank}.json").write_text(json.dumps(self.lip.record))
+
+
+@pytest.mark.skipif(
+    os.environ.get("LIP_TEST_DDP_SPAWN") != "1",
+    reason="2 processes that each import Lightning: 30-50 s here; LIP_TEST_DDP_SPAWN=1 runs it "
+    "(tests/test_integrations_ddp.py runs the same all-reduce path without Lightning, in seconds)",
+)
+def test_under_ddp_the_sums_meet_and_every_rank_holds_the_head_the_command_chooses(tmp_path: Path) -> None:
+    train, val = loaders(train_rows=1000, val_rows=1001)  # odd: DistributedSampler pads a rank by one row
+    model = collapsed_head()
+    lip = LipCallback()
+    ddp = pl.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, callbacks=[lip, HeadOfEachRank(tmp_path, lip)],
+    )  # fmt: skip
+    ddp.fit(model, train, val)
+    heads = [torch.load(tmp_path / f"head-{rank}.pt", weights_only=True) for rank in (0, 1)]
+    records = [json.loads((tmp_path / f"record-{rank}.json").read_text()) for rank in (0, 1)]
+    assert torch.equal(heads[0], heads[1]) and torch.equal(model.fc.weight, heads[0])  # rank 0's, everywhere
+    assert records[0]["test"] == records[1]["test"] and records[0]["train_rows"] == 1000
+    assert ddp.callback_metrics["lip/k"] == records[0]["k"]
+
+    # the command on the same rows, the validation rows in the ranks' order (as torchrun reads a file)
+    features = val.dataset.tensors[0]  # the head's inputs: the body is the identity
+    order = torch.cat([torch.arange(0, 1001, 2), torch.arange(1, 1001, 2)])
+    np.save(tmp_path / "train.npy", train.dataset.tensors[0].numpy())
+    np.save(tmp_path / "train.labels.npy", train.dataset.tensors[1].numpy())
+    np.save(tmp_path / "val.npy", features[order].numpy())
+    np.save(tmp_path / "val.labels.npy", val.dataset.tensors[1][order].numpy())
+    torch.save({"state_dict": collapsed_head().state_dict()}, tmp_path / "trained.pt")
+    result = runner.invoke(
+        app,
+        [
+            "repair", str(tmp_path / "trained.pt"), "--features", str(tmp_path / "train.npy"),
+            "--val-features", str(tmp_path / "val.npy"), "--k", "auto", "--json", "--dry-run",
+        ],
+    )  # fmt: skip
+    command = json.loads(result.stdout)
+    assert (records[0]["k"], records[0]["outcome"]) == (command["k"], command["outcome"]) == (8, "repaired")
+    assert records[0]["test"] == command["test"]
+    assert records[0]["val_rows"] == 1001
