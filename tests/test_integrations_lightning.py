@@ -51,12 +51,14 @@ def clusters(rows: int, seed: int, noise: float = 0.2) -> TensorDataset:
 
 
 class Classifier(pl.LightningModule):
-    """A small classifier: a body (an MLP, or nothing) and the head `fc`."""
+    """A small classifier: a body (an MLP with dropout, or nothing) and the head `fc`."""
 
     def __init__(self, hidden: int = 0, lr: float = 0.05) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.body = nn.Sequential(nn.Linear(WIDTH, hidden), nn.ReLU()) if hidden else nn.Identity()
+        # dropout: lip must run the model in eval mode, as `collect_features` does for the command
+        body = nn.Sequential(nn.Linear(WIDTH, hidden), nn.ReLU(), nn.Dropout(0.3))
+        self.body = body if hidden else nn.Identity()
         self.fc = nn.Linear(hidden or WIDTH, CLASSES)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:

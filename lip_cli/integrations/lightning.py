@@ -46,7 +46,7 @@ def inputs_and_labels(batch: Any) -> tuple[Any, torch.Tensor]:
     return batch[0], batch[1]
 
 
-def _one_loader(loaders: Any, what: str) -> Any:
+def _one_loader(loaders: Any) -> Any:
     """The loader the trainer used (the first of several)."""
     if isinstance(loaders, Mapping):
         loaders = list(loaders.values())
@@ -106,8 +106,8 @@ class LipCallback(pl.Callback):
         self.spectra.append({"epoch": trainer.current_epoch, "singular_values": values})
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        train = _one_loader(trainer.train_dataloader, "training")
-        val = _one_loader(trainer.val_dataloaders, "validation")
+        train = _one_loader(trainer.train_dataloader)
+        val = _one_loader(trainer.val_dataloaders)
 
         def run(batch: Any) -> tuple[Callable[[], object], torch.Tensor]:
             batch = trainer.strategy.batch_to_device(batch)
