@@ -267,7 +267,11 @@ def _judge(
         if kept
         else stats.full_projection(torch.zeros(0, stats.in_features))
     )
-    y = torch.cat([labels for _, labels in kept]) if kept else torch.zeros(0, dtype=torch.long)
+    y = (
+        torch.cat([labels for _, labels in kept])
+        if kept
+        else torch.zeros(0, dtype=torch.long, device=stats.device)
+    )
 
     def project(confirm: Tensor | None) -> tuple[selection.Rows, selection.Rows]:
         if confirm is None:
