@@ -38,6 +38,46 @@ def classifier_module(model: nn.Module, layer: str | None = None) -> tuple[str, 
     return (heads or linears)[-1]
 
 
+class ClassifierInputs:
+    """What a model's classifier layer receives, caught by a forward hook while the context is open.
+
+    `capture(run)` calls `run()` (the model on one batch) and returns the batch's inputs of the
+    layer, checked: one call per batch, one feature vector per sample. The hook is removed on exit,
+    also on error; the model's mode and device are the caller's.
+    """
+
+    def __init__(self, model: nn.Module, layer: str | None = None) -> None:
+        self.name, self.module = classifier_module(model, layer)
+        self._captured: list[Tensor] = []
+        self._handle: torch.utils.hooks.RemovableHandle | None = None
+
+    def __enter__(self) -> ClassifierInputs:
+        self._handle = self.module.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _hook(self, _module: nn.Module, args: tuple, _output: Tensor) -> None:
+        self._captured.append(args[0].detach())
+
+    def capture(self, run: Callable[[], object]) -> Tensor:
+        self._captured.clear()
+        run()
+        if len(self._captured) != 1:
+            raise LipError(f"`{self.name}` ran {len(self._captured)} times for one batch; expected once")
+        features = self._captured[0]
+        self._captured.clear()
+        if features.ndim != 2:
+            raise LipError(
+                f"`{self.name}` receives inputs of shape {tuple(features.shape)}; lip needs one "
+                "feature vector per sample (batch x features)"
+            )
+        return features
+
+
 def shard_name(path: Path, rank: int) -> Path:
     """`feats.npy` -> `feats.part-00003.npy`: the file of one process under torch.distributed."""
     return path.with_name(f"{path.stem}.part-{rank:05d}{path.suffix}")
@@ -76,20 +116,16 @@ def collect_features(
     """
     if dtype not in OUTPUT_DTYPES:
         raise LipError(f"dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {dtype}")
-    name, module = classifier_module(model, layer)
+    classifier = ClassifierInputs(model, layer)
+    name = classifier.name
     device = torch.device(device)
     parameter = next(model.parameters(), None)
     original_device = parameter.device if parameter is not None else device
     was_training = model.training
-    captured: list[Tensor] = []
-
-    def hook(_module: nn.Module, args: tuple, _output: Tensor) -> None:
-        captured.append(args[0].detach())
-
-    handle = module.register_forward_hook(hook)
     outputs = None if out is None else _output_paths(Path(out))
     check_paths([], [Output(path) for path in outputs or ()], force)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(classifier)
         writers: list[NpyWriter] = []
         temporaries = stack.enter_context(atomic_outputs(*outputs)) if outputs else []
         parts: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
@@ -98,9 +134,8 @@ def collect_features(
             with torch.inference_mode():
                 for batch in batches:
                     inputs, labels = batch[0], batch[1]
-                    captured.clear()
                     try:
-                        model(inputs.to(device))
+                        features = classifier.capture(lambda inputs=inputs: model(inputs.to(device)))
                     except (RuntimeError, ValueError, TypeError, IndexError) as error:
                         if inputs_name is None:
                             raise
@@ -108,14 +143,6 @@ def collect_features(
                             f"{inputs_name}: the model cannot run on a batch of shape "
                             f"{tuple(inputs.shape)} ({first_line(error)}); are these the model's inputs?"
                         ) from error
-                    if len(captured) != 1:
-                        raise LipError(f"`{name}` ran {len(captured)} times for one batch; expected once")
-                    features = captured[0]
-                    if features.ndim != 2:
-                        raise LipError(
-                            f"`{name}` receives inputs of shape {tuple(features.shape)}; lip needs one "
-                            "feature vector per sample (batch x features)"
-                        )
                     block = _finite_block(features, dtype, name)
                     label_block = torch.as_tensor(labels).cpu().numpy()
                     if len(label_block) != len(block):
@@ -134,7 +161,6 @@ def collect_features(
                     if progress is not None:
                         progress(len(block))
         finally:
-            handle.remove()
             model.train(was_training)
             model.to(original_device)
             for writer in writers:

@@ -107,7 +107,12 @@ def refuse_empty(model: checkpoint.Checkpoint, layer: checkpoint.LinearLayer) ->
 
 
 def check_statistics(stats: lip.LapStatistics, data: LabelledFeatures) -> None:
-    """Refuse LAP sums that overflowed, naming the input that is too large.
+    """Refuse LAP sums that overflowed, naming the input that is too large (`check_sums`)."""
+    check_sums(stats, data.features.name, data.labels.name)
+
+
+def check_sums(stats: lip.LapStatistics, features_name: str, labels_name: str) -> None:
+    """Refuse LAP sums that overflowed, naming the features or labels that are too large.
 
     An overflowed sum would otherwise pass for a direction the features never excite, or give NaN.
     """
@@ -115,14 +120,12 @@ def check_statistics(stats: lip.LapStatistics, data: LabelledFeatures) -> None:
         if stats.compute_dtype != torch.float64:
             dtype = str(stats.compute_dtype).removeprefix("torch.")
             raise LipError(
-                f"{data.features.name}: the features overflow {dtype} in the LAP sums; "
-                "use --compute-dtype float64"
+                f"{features_name}: the features overflow {dtype} in the LAP sums; use --compute-dtype float64"
             )
-        raise LipError(f"{data.features.name}: the features are too large: their LAP sums overflow float64")
+        raise LipError(f"{features_name}: the features are too large: their LAP sums overflow float64")
     if not all(bool(torch.isfinite(value).all()) for value in stats.sums.values()):
         raise LipError(
-            f"{data.labels.name}: the labels are too large: their LAP sums overflow; "
-            "use class ids or 0/1 targets"
+            f"{labels_name}: the labels are too large: their LAP sums overflow; use class ids or 0/1 targets"
         )
 
 

@@ -129,15 +129,7 @@ def repair_checkpoint(
     drop refuses it (`selection.assess_given_k`); with no validation set it is written as asked,
     and the report says that nothing checked it and what it changes on the training rows.
     """
-    if request.val_labels is not None and request.val_features is None:
-        raise LipError("--val-labels needs --val-features")
-    auto = request.k == AUTO
-    if auto and request.val_features is None and not 0.0 < request.holdout < 1.0:
-        raise LipError(f"--holdout {request.holdout}: must be a fraction between 0 and 1")
-    if not 0.0 < request.alpha < 1.0:
-        raise LipError(f"--alpha {request.alpha}: must be between 0 and 1")
-    if request.targets == selection.AUTO_TARGETS and not auto:
-        raise LipError("--targets auto chooses the targets together with k: it needs --k auto")
+    check_options(request)
     compute_dtype = lip.COMPUTE_DTYPES[request.compute_dtype]
     device = resolve_device(request.device)
     group = distributed.from_environment(device)
@@ -145,6 +137,36 @@ def repair_checkpoint(
         return _repair(request, compute_dtype, device, group, progress, note)
     finally:
         group.close()
+
+
+def check_options(request: RepairRequest) -> None:
+    """The checks of the options on their own, before any file is read (the callbacks of
+    `lip_cli.integrations` run them when they are built)."""
+    k = request.k
+    if k != AUTO and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+        raise LipError(f"--k {k!r}: is neither a non-negative whole number nor 'auto'")
+    if request.targets not in (*lip.TARGETS, selection.AUTO_TARGETS):
+        choices = ", ".join((*lip.TARGETS, selection.AUTO_TARGETS))
+        raise LipError(f"--targets {request.targets!r}: must be one of {choices}")
+    if request.compute_dtype not in lip.COMPUTE_DTYPES:
+        dtypes = ", ".join(lip.COMPUTE_DTYPES)
+        raise LipError(f"--compute-dtype {request.compute_dtype!r}: must be one of {dtypes}")
+    if request.val_labels is not None and request.val_features is None:
+        raise LipError("--val-labels needs --val-features")
+    auto = k == AUTO
+    if auto and request.val_features is None and not 0.0 < request.holdout < 1.0:
+        raise LipError(f"--holdout {request.holdout}: must be a fraction between 0 and 1")
+    number = isinstance(request.alpha, int | float) and not isinstance(request.alpha, bool)
+    if not number or not 0.0 < request.alpha < 1.0:
+        raise LipError(f"--alpha {request.alpha}: must be between 0 and 1")
+    if request.targets == selection.AUTO_TARGETS and not auto:
+        raise LipError("--targets auto chooses the targets together with k: it needs --k auto")
+
+
+def check_k(k: int | str, rank: int, weight_key: str) -> None:
+    """A given k must lie between 0 and the layer's rank."""
+    if k != AUTO and not 0 <= int(k) <= rank:
+        raise LipError(f"--k {k}: must be between 0 and the rank of `{weight_key}`, {rank}")
 
 
 def repair_inputs(request: RepairRequest) -> list[Path]:
@@ -300,8 +322,7 @@ def _load(
 
     stats = lip.LapStatistics(weight, bias, compute_dtype=compute_dtype, device=device)
     rank = stats.svd.rank
-    if not auto and not 0 <= int(request.k) <= rank:
-        raise LipError(f"--k {request.k}: must be between 0 and the rank of `{layer.weight_key}`, {rank}")
+    check_k(request.k, rank, layer.weight_key)
     if output is not None and not _may_withhold(request) and not request.force:
         _check_not_there(repair_outputs(request, output))  # it will be written: say so before the pass
     if not auto and request.targets == "paper":  # the fit needs the tail only, the accuracies a sample
@@ -359,16 +380,15 @@ def _decide(
     auto = request.k == AUTO
     rank = loaded.rank
     decision = _judge_k(request, fitted, loaded.val, total, progress, group)
-    k = int(request.k) if decision is None else decision.k
-    targets = decision.targets if auto and decision is not None else request.targets
-    repaired = lip.repair(fitted.stats, k, targets)
-    _check_repaired(repaired, f"{request.checkpoint}: `{loaded.layer.weight_key}`")
+    k, targets, repaired = decided_head(
+        request, decision, fitted.stats, f"{request.checkpoint}: `{loaded.layer.weight_key}`"
+    )
     ks = decision.ks if auto and decision is not None else sorted({k, rank})
     train_curve = selection.curve(fitted.stats, fitted.sample, ks, targets, total)
     scale = fitted.stats.target_scale() if targets == "logit-scale" else None
     without_class = int(total(torch.tensor([float(fitted.rows_without_class)], dtype=torch.float64))[0])
     outcome = selection.outcome(decision)
-    withheld = outcome in (selection.UNCONFIRMED, selection.REFUSED)
+    withheld = withholds(outcome)
     changed = None if auto else selection.prediction_changes(fitted.stats, k, targets, fitted.sample, total)
     warnings = _repair_warnings(request, decision, repaired, loaded.output is not None, scale, without_class)
     if decision is None and not auto:
@@ -388,6 +408,23 @@ def _unchecked_warning(k: int, changed: tuple[int, int] | None, before: float, a
         f"training rows, training accuracy {100 * before:.2f}% -> {100 * after:.2f}%; the network "
         "trained on these rows, so they cannot show whether it helps: --val-features checks it for harm"
     )
+
+
+def decided_head(
+    request: RepairRequest, decision: selection.Decision | None, stats: lip.LapStatistics, where: str
+) -> tuple[int, str, lip.RepairedHead]:
+    """The k and targets the decision applies (a given k as given), and the head they give, checked."""
+    auto = request.k == AUTO
+    k = int(request.k) if decision is None else decision.k
+    targets = decision.targets if auto and decision is not None else str(request.targets)
+    repaired = lip.repair(stats, k, targets)
+    _check_repaired(repaired, where)
+    return k, targets, repaired
+
+
+def withholds(outcome: str) -> bool:
+    """Whether an outcome withholds the write (or, in a training loop, the change): unconfirmed, refused."""
+    return outcome in (selection.UNCONFIRMED, selection.REFUSED)
 
 
 def _write(
@@ -544,10 +581,15 @@ def _check_not_there(outputs: list[files.Output]) -> None:
 
 
 def _check_split_size(val: LabelledFeatures, alpha: float) -> None:
-    rows, minimum = val.features.rows, selection.minimum_rows(alpha)
+    check_split_rows(val.features.rows, alpha, val.features.name)
+
+
+def check_split_rows(rows: int, alpha: float, name: str) -> None:
+    """--k auto needs enough validation rows to choose k on one part and confirm it on the other."""
+    minimum = selection.minimum_rows(alpha)
     if rows < minimum:
         raise LipError(
-            f"{val.features.name}: {rows} validation rows are too few to choose k on one part and "
+            f"{name}: {rows} validation rows are too few to choose k on one part and "
             f"confirm it on the other; --k auto needs at least {minimum} at --alpha {alpha:g}"
         )
 
@@ -569,13 +611,35 @@ def _judge_k(
             return None
         held = fitted.held_selection, fitted.held_confirmation
         return selection.auto_k(fitted.fit_stats, *held, targets, alpha, "holdout", total)
-    rows = val.features.rows
+    return judge_on_validation(
+        request,
+        fitted.stats,
+        val.features.rows,
+        lambda confirm: project_rows(val, fitted.stats, request.chunk_rows, confirm, progress, group),
+        total,
+    )
+
+
+def judge_on_validation(
+    request: RepairRequest,
+    stats: lip.LapStatistics,
+    rows: int,
+    project: Callable[[Tensor | None], tuple[selection.Rows, selection.Rows]],
+    total: selection.Total,
+) -> selection.Decision:
+    """k judged on `rows` validation rows, the decision `lip repair` and the callbacks of
+    `lip_cli.integrations` take alike. With --k auto: a seeded split, k chosen on one part and
+    confirmed on the other; a given k: tested on every row. `project(confirm)` gives the projections
+    X U of this process's rows: those outside the (n,) `confirm` mask, and those in it (all in the
+    first with None); `total` adds counts over processes."""
+    auto = request.k == AUTO
+    targets, alpha = str(request.targets), request.alpha
     confirm = selection.split_rows(torch.ones(rows, dtype=torch.bool), request.seed) if auto else None
-    chooses, confirms = project_rows(val, fitted.stats, request.chunk_rows, confirm, progress, group)
+    chooses, confirms = project(confirm)
     if auto:
-        return selection.auto_k(fitted.stats, chooses, confirms, targets, alpha, "val", total)
-    test = selection.compare_heads(fitted.stats, int(request.k), targets, chooses, total)
-    return selection.assess_given_k(test, int(request.k), fitted.stats.svd.rank, alpha)
+        return selection.auto_k(stats, chooses, confirms, targets, alpha, "val", total)
+    test = selection.compare_heads(stats, int(request.k), targets, chooses, total)
+    return selection.assess_given_k(test, int(request.k), stats.svd.rank, alpha)
 
 
 def _repair_warnings(
