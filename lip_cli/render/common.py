@@ -9,7 +9,7 @@ from typing import Any
 
 from rich.table import Table
 
-from lip_cli.render.console import bar, stderr
+from lip_cli.render.console import bar, stdout
 
 _SPARKS = "▁▂▃▄▅▆▇█"
 
@@ -80,7 +80,7 @@ def render_k_curve(
     curve: list[dict[str, float]], samples: int | None, origin: str | None, chosen: int | None = None
 ) -> None:
     """Accuracy after PSP + LAP against k: sparklines, and a table of about a dozen k values."""
-    console = stderr()
+    console = stdout()
     columns = ["train_accuracy"] + (["val_accuracy"] if "val_accuracy" in curve[0] else [])
     console.print(f"accuracy after PSP + LAP at each k ({samples:,} training samples, labels from {origin})")
     for column in columns:
@@ -105,7 +105,7 @@ def render_k_curve(
 def render_provenance(record: dict | None) -> None:
     if not record:
         return
-    stderr().print(
+    stdout().print(
         f"[bold]written by lip {record.get('lip_version', '?')}[/] on {record.get('created', '?')}: "
         f"{record.get('method', 'PSP + LAP')} on `{record.get('layer')}`, k = {record.get('k')} "
         f"({record.get('k_selection')}), targets {record.get('targets')}, from {record.get('input')} "
