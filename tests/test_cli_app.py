@@ -78,6 +78,7 @@ def test_demo_then_features_then_repair(tmp_path: Path) -> None:
             ],
         )
         assert cached.exit_code == 0, cached.output
+        assert "wrote" in cached.stdout and "next: lip repair" in cached.stdout and cached.stderr == ""
     repaired = runner.invoke(
         app,
         [

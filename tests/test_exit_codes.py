@@ -160,7 +160,7 @@ def test_a_given_k_is_written_as_asked_and_says_what_checked_it(tmp_path: Path) 
     assert document["outcome"] == "unchecked" and document["test"] is None
     assert "nothing checked it" in document["decision"]
     assert "nothing checked it" in " ".join(
-        run(*repair_args(paths, "--k", 2, "--dry-run", val=False)).stderr.split()
+        run(*repair_args(paths, "--k", 2, "--dry-run", val=False)).stdout.split()
     )
     checked = run(*repair_args(paths, "--k", 2, "--json", "--force"))
     assert checked.exit_code == 0 and outcome_of(checked)["outcome"] == "given"
@@ -176,7 +176,7 @@ def test_power_is_stated_for_auto_and_for_the_rank(tmp_path: Path) -> None:
     assert test["discordance"] == (test["discordant_gains"] + test["discordant_losses"]) / 100
     assert 0 < test["smallest_detectable_gain"] <= test["discordance"]
     assert test["validation_rows_for_1pt_gain"] > 200  # two parts: twice the confirmation rows needed
-    human = " ".join(run(*repair_args(paths, "--k", "auto", *PAPER, "--dry-run")).stderr.split())
+    human = " ".join(run(*repair_args(paths, "--k", "auto", *PAPER, "--dry-run")).stdout.split())
     assert "or more 80% of the time" in human and "a 1-point gain needs about" in human
 
 

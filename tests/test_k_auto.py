@@ -75,7 +75,7 @@ def test_auto_on_validation_chooses_on_one_part_and_confirms_on_the_other(tmp_pa
     )
     assert json.loads(explicit.stdout)["singular_values_after"] == document["singular_values_after"]
     human = run(*args, "--targets", "paper", "--dry-run")
-    text = " ".join(human.stderr.split())
+    text = " ".join(human.stdout.split())
     assert "decision: " + document["decision"] in text and "exact one-sided McNemar" in text
 
 
@@ -98,7 +98,7 @@ def test_auto_without_validation_holds_out_training_samples(tmp_path: Path) -> N
     (warning,) = [w for w in document["warnings"] if w.startswith("--k auto without --val-features")]
     assert f"k = {document['test']['best_k']} would be tried" in warning and "cannot confirm" in warning
     assert "pass --val-features" in warning and "their labels may be noisy" in warning
-    human = " ".join(run(*args[:-1]).stderr.split())
+    human = " ".join(run(*args[:-1]).output.split())
     assert "confirmed on held-out" not in human and "p-value" not in human
     other_seed = json.loads(run(*args, "--seed", "5").stdout)
     assert other_seed["k_curve"] != document["k_curve"]
@@ -133,7 +133,7 @@ def test_auto_leaves_the_layer_alone_when_no_k_helps(tmp_path: Path) -> None:
     document = json.loads(result.stdout)
     assert document["k_chosen"] == document["rank"] == 5
     assert document["output"] is None and not (tmp_path / "model.lip.pt").exists()
-    assert "no k beats the unrepaired layer" in result.stderr
+    assert "no k beats the unrepaired layer" in result.output
     forced = run(*args, "--force-write", "--json")
     assert forced.exit_code == 0, forced.output  # --force-write wrote what it was asked to
     assert json.loads(forced.stdout)["forced"] and json.loads(forced.stdout)["outcome"] == "unconfirmed"
@@ -246,7 +246,7 @@ def test_accuracies_on_a_sample_of_rows(tmp_path: Path) -> None:
     )
     assert sampled["accuracy"] != full["accuracy"]
     human = run(*human_args, "--sample-rows", 120)
-    assert "random sample of 120 of 500 rows" in " ".join(human.stderr.split())
+    assert "random sample of 120 of 500 rows" in " ".join(human.stdout.split())
 
 
 def test_logit_scale_targets_from_the_command(tmp_path: Path) -> None:
@@ -356,7 +356,7 @@ def test_a_best_k_that_is_not_confirmed_writes_nothing(tmp_path: Path) -> None:
         and "not confirmed" in document["decision"]
     )
     assert "weights unchanged, nothing written (--force-write writes a copy)" in " ".join(
-        result.stderr.split()
+        result.output.split()
     )
     assert not (tmp_path / "model.lip.pt").exists()
 

@@ -46,7 +46,7 @@ def test_pt_provenance_sidecar(tmp_path: Path, head) -> None:
     assert record["features_sha256"] == sha256(paths["features"])
     assert record["k_selection"] == "given" and "labels.npy" in record["labels"]
     inspected = run("inspect", tmp_path / "model.lip.pt")
-    assert "written by lip" in inspected.stderr and "k = 2" in inspected.stderr
+    assert "written by lip" in inspected.stdout and "k = 2" in inspected.stdout
     assert run("inspect", paths["model"], "--json").stdout.count('"provenance": null') == 1
     # a stale sidecar is never overwritten silently
     (tmp_path / "model.lip.pt").unlink()

@@ -115,26 +115,21 @@ def run_into_a_closed_pipe(*args: object, both: bool = False) -> subprocess.Comp
 
 @pytest.mark.parametrize(
     "command",
-    [
-        ["inspect", "{model}"],
-        ["inspect", "{model}", "--json"],
-        ["compare", "{model}", "{model}"],
-        ["repair", "{model}", "-f", "{features}", "--k", "2", "--dry-run"],
-        ["repair", "--help"],
-    ],
-    ids=["inspect", "inspect-json", "compare", "repair-dry-run", "help"],
+    [["inspect", "{model}"], ["inspect", "{model}", "--json"], ["repair", "--help"]],
+    ids=["report", "json", "help"],
 )
 def test_a_closed_pipe_is_not_an_error(problem: dict[str, Path], command: list[str]) -> None:
     """The run ends as it would have (0 here), with nothing on stderr: no traceback, no 'Exception
-    ignored' at the interpreter's exit."""
-    args = [part.format(model=problem["model"], features=problem["features"]) for part in command]
+    ignored' at the interpreter's exit. (The report, the JSON document and the help are written
+    three different ways.)"""
+    args = [part.format(model=problem["model"]) for part in command]
     result = run_into_a_closed_pipe(*args)
     assert (result.returncode, result.stderr) == (0, "")
 
 
 def test_a_closed_pipe_keeps_the_runs_own_exit_code(problem: dict[str, Path], tmp_path: Path) -> None:
     """stdout and stderr both closed, as in `lip ... 2>&1 | head -1`: the outcome's code (3: no k
-    confirmed) and its outputs are what the same run gives with a reader."""
+    confirmed, nothing written; 0: k = 3 written) is what the same run gives with a reader."""
     args = ["repair", problem["model"], "-f", problem["features"]]
     assert run_into_a_closed_pipe(*args, "--k", "auto", "-o", tmp_path / "o.pt", both=True).returncode == 3
     assert not (tmp_path / "o.pt").exists()
@@ -162,6 +157,26 @@ def catches(pid: int, number: int) -> bool:
         return False
     mask = re.search(r"^SigCgt:\s*([0-9a-f]+)", status, re.MULTILINE)
     return bool(mask and int(mask.group(1), 16) >> (number - 1) & 1)
+
+
+def test_signals_are_handled_before_typer_or_torch_is_imported() -> None:
+    """The entry point's first line installs the handlers: when typer is first imported, SIGTERM
+    already has lip's handler (so a signal during the slow imports is handled, not fatal)."""
+    code = (
+        "import signal, sys\n"
+        "seen = []\n"
+        "class Watch:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name in ('typer', 'torch', 'lip_cli.app') and not seen:\n"
+        "            seen.append((name, signal.getsignal(signal.SIGTERM)))\n"
+        "sys.meta_path.insert(0, Watch())\n"
+        "sys.argv = ['lip', 'repair', '--help']\n"
+        "from lip_cli.cli import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print(seen[0][0], seen[0][1] not in (signal.SIG_DFL, None), file=sys.stderr)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment())
+    assert result.stderr.split() == ["lip_cli.app", "True"], result.stderr
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
