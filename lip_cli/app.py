@@ -48,10 +48,11 @@ def _metavar(param: Any, ctx: Any) -> str:
 
 
 def _range(param: Any) -> str:
-    low, high = getattr(param, "min", None), getattr(param, "max", None)
-    if high is not None and high == 2**63 - 1:
-        return f"{low}<=x<2**63"
-    return param._get_number_range_help_str() or "" if hasattr(param, "_get_number_range_help_str") else ""
+    """A number's range as typer words it ("x>=1"), with 2**63 for the int64 bound."""
+    if getattr(param, "max", None) == 2**63 - 1:
+        return f"{param.min}<=x<2**63"
+    describe = getattr(param, "_get_number_range_help_str", None)
+    return (describe() or "") if describe else ""
 
 
 def _shown_in_help(extra: str) -> bool:
@@ -124,13 +125,14 @@ class LipCommand(TyperCommand):
                 formatter.write_dl([(row.ljust(width), text) for row, text in rows], col_max=width)
 
     def format_epilog(self, ctx: Any, formatter: Any) -> None:
+        """Examples, exit codes and the docs page: each command module's EXAMPLES and EXIT_CODES."""
         module = sys.modules[self.callback.__module__]
         formatter.write_paragraph()
         formatter.write_text("Examples:")
-        for example in module.EXAMPLES:
+        for example in getattr(module, "EXAMPLES", []):
             formatter.write(f"  {example}\n")
         formatter.write_paragraph()
-        formatter.write_text(f"Exit codes: {module.EXIT_CODES}.")
+        formatter.write_text(f"Exit codes: {getattr(module, 'EXIT_CODES', 'see docs/exit-codes.md')}.")
         formatter.write_text(f"More: {DOCS.format(name=self.name)}, docs/exit-codes.md.")
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
