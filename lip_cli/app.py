@@ -27,9 +27,9 @@ DOCS = "docs/{name}.md in lip's repository"
 HELP_COLUMN = 22  # the widest option column of --help before a row's text moves to its own line
 
 
-def _print_usage_error_document(failure: Exception, args: list[str]) -> None:
+def _print_usage_error_document(failure: Exception, asked: bool) -> None:
     """Under --json a bad command line prints its error document on stdout too."""
-    if exits.asks_for_json(args):
+    if asked:
         from lip_cli.render import console
 
         message = " ".join(failure.format_message().split())
@@ -169,7 +169,7 @@ class LipGroup(TyperGroup):
         try:
             return super().parse_args(ctx, _json_after_the_command(args))
         except UsageError as failure:
-            _print_usage_error_document(failure, args)
+            _print_usage_error_document(failure, exits.asks_for_json(args))
             raise
 
     def invoke(self, ctx: Any) -> object:
@@ -178,7 +178,7 @@ class LipGroup(TyperGroup):
         try:
             return super().invoke(ctx)
         except UsageError as failure:
-            _print_usage_error_document(failure, args)
+            _print_usage_error_document(failure, ctx.meta.get("lip_json") or exits.asks_for_json(args))
             raise
 
 

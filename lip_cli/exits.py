@@ -242,7 +242,6 @@ class PipeSafe:
             self._reader_gone()
 
     def _reader_gone(self) -> None:
-        pipes_closed.append(getattr(self._stream, "name", "?"))
         devnull = os.open(os.devnull, os.O_WRONLY)
         try:
             os.dup2(devnull, self._stream.fileno())
@@ -253,9 +252,6 @@ class PipeSafe:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
-
-
-pipes_closed: list[str] = []  # the streams whose reader went away during this process
 
 
 signals_received: list[int] = []

@@ -243,6 +243,7 @@ def test_a_global_json_means_the_commands_json(problem: dict[str, Path]) -> None
         ["repair", "x.pt", "-f", "f.npy", "--k", "5", "--json=1"],
         ["--json=1", "inspect", "x.pt"],
         ["--json", "no-such-command"],
+        ["--json"],
         ["--json", "--no-such-option", "inspect", "x.pt"],
     ],
 )
