@@ -20,34 +20,36 @@ sys.path.insert(0, str(DOCS.parent))  # document the checkout this file sits in
 
 import typer  # noqa: E402
 
-from lip_cli.cli import app  # noqa: E402
+from lip_cli.app import app, help_parts  # noqa: E402
+from lip_cli.options import DETAILS  # noqa: E402
 
 MARKERS = re.compile(r"(<!-- options: ([a-z-]+) -->\n)(.*?)(<!-- /options -->)", re.DOTALL)
 
 
 def _cell(text: str) -> str:
-    return " ".join(text.split()).replace("\\[", "[").replace("|", "\\|").replace("<", "&lt;")
+    return " ".join(text.split()).replace("|", "\\|").replace("<", "&lt;")
 
 
 def option_table(name: str) -> str:
-    """The markdown table of `lip NAME`'s arguments and options: what `lip NAME --help` lists."""
+    """The markdown table of `lip NAME`'s arguments and options: what `lip NAME --help` lists (the
+    same `help_parts`), with every default and range."""
     group = typer.main.get_command(app)
     command = group if name == "lip" else group.commands[name]  # type: ignore[attr-defined]
     context = command.context_class(command, info_name=name)
+    details = {**DETAILS, **getattr(sys.modules.get(command.callback.__module__), "DETAILS", {})}
     rows = ["| argument / option | value | what it does | default, range |", "| --- | --- | --- | --- |"]
     for param in command.get_params(context):
-        record = param.get_help_record(context)
-        if record is None or "--help" in param.opts:
+        if param.hidden or "--help" in param.opts:
             continue
-        flags, help_text = record
-        flags, _, metavar = flags.partition(" <")
-        metavar = metavar.rstrip(">") if metavar else "flag"
-        if param.param_type_name == "argument":
-            flags = flags.upper()
-        extra = re.search(r"\s*\[([^\[\]]*)\]$", help_text)
-        if extra:
-            help_text = help_text[: extra.start()]
-        cells = [f"`{flags}`", f"`{metavar}`", help_text, extra.group(1) if extra else ""]
+        names, value, help_text, extra = help_parts(param, context)
+        more = details.get(max(param.opts, key=len) if param.param_type_name == "option" else names)
+        help_text = f"{help_text} {more}" if more else help_text
+        cells = [
+            f"`{names}`",
+            f"`{value or 'flag'}`" if param.param_type_name == "option" else "",
+            help_text,
+            extra,
+        ]
         rows.append("| " + " | ".join(_cell(cell) for cell in cells) + " |")
     return "\n".join(rows) + "\n"
 

@@ -1,21 +1,23 @@
 """How a run ends: every failure as one line on stderr and an exit code of `lip_cli.errors` (and,
-under --json, one error document on stdout), Ctrl-C and SIGTERM included.
+under --json, one error document on stdout), Ctrl-C, SIGTERM and a closed pipe included.
 
-Every command runs inside `user_errors`; `cli.main` installs the signal handling around the app.
+Every command runs inside `user_errors`; `cli.main` calls `start_process` first thing, before any
+heavy import. Light at import (no typer, no rich): it runs before them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import sys
 from collections.abc import Iterator
-
-import typer
+from typing import Any, TextIO
 
 from lip_cli.errors import (
     EXIT_BAD_INPUT,
+    EXIT_INTERRUPTED,
     EXIT_TERMINATED,
     LipError,
     Terminated,
@@ -28,6 +30,8 @@ from lip_cli.errors import (
 def user_errors(as_json: bool = False) -> Iterator[None]:
     """Map user-facing failures to one line on stderr and the exit code of `lip_cli.errors`; under
     --json also to one error document on stdout."""
+    import typer
+
     from lip_cli import writes
 
     writes.placed.clear()
@@ -35,6 +39,7 @@ def user_errors(as_json: bool = False) -> Iterator[None]:
     json_run[:] = [as_json]
     if "lip_cli.render.console" in sys.modules:  # a new run in the same process (tests): no document yet
         sys.modules["lip_cli.render.console"].printed.clear()
+    _phase[:] = ["running"]
     try:
         import_heavy_modules()
         yield
@@ -52,6 +57,8 @@ def user_errors(as_json: bool = False) -> Iterator[None]:
         else:
             raise
         raise typer.Exit(EXIT_BAD_INPUT) from None
+    finally:
+        _phase[:] = ["ended"]
 
 
 def _fail(message: str, code: int) -> None:
@@ -153,18 +160,119 @@ def import_heavy_modules() -> None:
         raise KeyboardInterrupt
 
 
-def raise_terminated(number: int, frame: object) -> None:
+JSON_FLAG = "--json"
+
+
+def asks_for_json(args: list[str]) -> bool:
+    """Whether a command line (before any `--`) has --json (also as `--json=VALUE`, which is a
+    usage error but still asks for a JSON document)."""
+    words = args[: args.index("--")] if "--" in args else args
+    return any(word == JSON_FLAG or word.startswith(JSON_FLAG + "=") for word in words)
+
+
+def start_process(args: list[str]) -> None:
+    """The `lip` process, first thing: Ctrl-C and SIGTERM handled from here on (exit 130 / 143 with
+    one line, and the error document under --json), and stdout / stderr made safe to close."""
+    json_run[:] = [asks_for_json(args)]
+    _phase[:] = ["starting"]
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, _on_signal)
+    sys.stdout = PipeSafe(sys.stdout)  # type: ignore[assignment]
+    sys.stderr = PipeSafe(sys.stderr)  # type: ignore[assignment]
+
+
+def _on_signal(number: int, frame: object) -> None:
+    """SIGINT or SIGTERM. Before a command runs there is nothing to clean up: the process ends at
+    once. While it runs, the signal unwinds it like Ctrl-C, through every clean-up. Once it has
+    run, its result stands: the signal is recorded and the run ends with its own code."""
     signals_received.append(number)
-    raise Terminated
+    code = EXIT_TERMINATED if number == signal.SIGTERM else EXIT_INTERRUPTED
+    phase = _phase[0] if _phase else "running"
+    if phase == "starting":
+        ignore_interrupts()
+        what = "terminated" if code == EXIT_TERMINATED else "interrupted"
+        _write_now(sys.stderr, f"error: {what}; nothing was written\n")
+        console = sys.modules.get("lip_cli.render.console")
+        if any(json_run) and not (console is not None and console.printed):
+            _write_now(sys.stdout, document_text(error_document(f"{what}; nothing was written", code)))
+        os._exit(code)
+    if phase == "running":
+        raise Terminated if code == EXIT_TERMINATED else KeyboardInterrupt
+
+
+def _write_now(stream: Any, text: str) -> None:
+    """Write straight to the stream's file descriptor: a signal handler must not re-enter the
+    buffered stream it may have interrupted."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        os.write(stream.fileno(), text.encode("utf-8", "replace"))
+
+
+def error_document(message: str, exit_code: int) -> dict[str, Any]:
+    """What --json prints for a failure: the one line of stderr and the exit code."""
+    return {"error": {"message": message, "exit_code": exit_code}}
+
+
+def document_text(document: dict[str, Any]) -> str:
+    """A JSON document as lip prints it: the version of lip first, indented, one line feed."""
+    from lip_cli import __version__
+
+    return json.dumps({"lip_version": __version__, **document}, indent=2, allow_nan=False) + "\n"
+
+
+class PipeSafe:
+    """stdout or stderr such that a reader that has gone (`lip ... | head -1`) is not an error:
+    on the first EPIPE the stream's descriptor is pointed at /dev/null (as Python's documentation
+    on SIGPIPE recommends), so the run finishes as it would have, with its own exit code, and the
+    interpreter's last flush has nothing left to fail on."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._reader_gone()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._reader_gone()
+
+    def _reader_gone(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self._stream.fileno())
+        finally:
+            os.close(devnull)
+        with contextlib.suppress(OSError):
+            self._stream.flush()  # what was buffered goes to /dev/null
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 signals_received: list[int] = []
+
+
+_phase: list[str] = []  # "starting", "running" (a command's body), "ended"; empty: no process set up
 
 
 _interrupt_reported: list[int] = []
 
 
 json_run: list[bool] = []  # whether the command running was given --json
+
+
+def end_process() -> None:
+    """The run is over: a late Ctrl-C would only turn its code into -SIGINT, and what is still
+    buffered for a reader that has gone goes nowhere instead of failing at shut-down."""
+    ignore_interrupts()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
 
 
 def ignore_interrupts() -> None:

@@ -16,16 +16,37 @@ class Device(StrEnum):
     cuda = "cuda"
 
 
+# The panels that `lip NAME --help` groups its options in (lip_cli.app.LipCommand).
+INPUTS = "Inputs"
+OUTPUT = "Output"
+COMPUTE = "Compute"
+
+
+# What docs/NAME.md's option tables say beyond an option's --help line (docs/options.py), for the
+# options several commands share; each command module has its own DETAILS for the rest.
+DETAILS = {
+    "--layer": "A module path: fc stands for fc.weight and fc.bias.",
+    "--plot": "matplotlib comes with pip install 'lip-cli[plot]'.",
+    "--force": "Files, or folders that are empty or that lip wrote.",
+    "--chunk-rows": "Bounds the memory of the pass.",
+    "--json": "Also for a bad command line and on every failure: see exit-codes.md.",
+}
+
+
 JsonOption = Annotated[
-    bool, typer.Option("--json", help="Print one JSON document on stdout and nothing else there.")
+    bool,
+    typer.Option("--json", help="One JSON document on stdout, nothing else there.", rich_help_panel=OUTPUT),
 ]
 
 
-DeviceOption = Annotated[Device, typer.Option("--device", help="Where the statistics pass runs.")]
+DeviceOption = Annotated[
+    Device, typer.Option("--device", help="Where the statistics pass runs.", rich_help_panel=COMPUTE)
+]
 
 
 ChunkRowsOption = Annotated[
-    int, typer.Option("--chunk-rows", min=1, help="Feature rows read at a time (bounds memory).")
+    int,
+    typer.Option("--chunk-rows", min=1, help="Feature rows read at a time.", rich_help_panel=COMPUTE),
 ]
 
 
@@ -33,8 +54,9 @@ LayerOption = Annotated[
     str | None,
     typer.Option(
         "--layer",
-        help="Module path of the classifier layer (fc -> fc.weight, fc.bias). "
-        "Found from the shapes when left out.",
+        metavar="NAME",
+        help="The classifier layer (fc); default: from the shapes.",
+        rich_help_panel=INPUTS,
     ),
 ]
 
@@ -42,7 +64,9 @@ LayerOption = Annotated[
 PlotOption = Annotated[
     Path | None,
     typer.Option(
-        "--plot", help="Also save a PNG figure here (needs matplotlib: pip install 'lip-cli\\[plot]')."
+        "--plot",
+        help="Also save a PNG figure (needs matplotlib).",
+        rich_help_panel=OUTPUT,
     ),
 ]
 
@@ -50,7 +74,9 @@ PlotOption = Annotated[
 ForceOption = Annotated[
     bool,
     typer.Option(
-        "--force", help="Replace existing outputs: files, or folders that are empty or that lip wrote."
+        "--force",
+        help="Replace outputs that exist (see docs/safety.md).",
+        rich_help_panel=OUTPUT,
     ),
 ]
 

@@ -132,7 +132,7 @@ def test_lightning_checkpoint_end_to_end(tmp_path: Path) -> None:
     )
     assert json.loads(ema.stdout)["layer"] == "model_ema.module.fc"
     human = run("repair", path, "-f", tmp_path / "features.npy", "--k", 2, "--dry-run")
-    assert "model_ema.module.fc" in human.stderr
+    assert "model_ema.module.fc" in human.stdout
 
 
 @pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])

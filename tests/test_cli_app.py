@@ -78,6 +78,7 @@ def test_demo_then_features_then_repair(tmp_path: Path) -> None:
             ],
         )
         assert cached.exit_code == 0, cached.output
+        assert "wrote" in cached.stdout and "next: lip repair" in cached.stdout and cached.stderr == ""
     repaired = runner.invoke(
         app,
         [
@@ -102,7 +103,7 @@ def test_demo_then_features_then_repair(tmp_path: Path) -> None:
     saved = torch.load(folder / "model.lip.pt", weights_only=True)
     assert saved["epoch"] == 3 and saved["state_dict"]["fc.weight"].shape == (10, 32)
     inspected = runner.invoke(app, ["inspect", str(folder / "model.lip.pt")])
-    assert inspected.exit_code == 0 and "written by lip" in inspected.stderr
+    assert inspected.exit_code == 0 and "written by lip" in inspected.stdout
 
 
 def test_demo_refuses_to_replace_files_without_force(tmp_path: Path) -> None:

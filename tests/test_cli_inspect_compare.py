@@ -41,7 +41,7 @@ def test_inspect_table_of_every_2d_weight(tmp_path: Path, head) -> None:
     assert fc["top10_energy"] == pytest.approx(values[0] ** 2 / (values**2).sum(), rel=1e-6)
     assert document["other_tensors"] == 2
     human = run("inspect", paths["model"])
-    assert human.exit_code == 0 and "fc ◀" in human.stderr and human.stdout == ""
+    assert human.exit_code == 0 and "fc ◀" in human.stdout and human.stderr == ""
 
 
 def test_inspect_layer_spectrum(tmp_path: Path, head) -> None:
@@ -56,7 +56,7 @@ def test_inspect_layer_spectrum(tmp_path: Path, head) -> None:
     np.testing.assert_allclose(layer["cumulative_energy"], energy, rtol=1e-6)
     assert layer["k_for_energy"]["0.9"] == int(np.argmax(energy >= 0.9 - 1e-12) + 1)
     human = run("inspect", paths["model"], "--layer", "fc", "--top", "3")
-    assert human.exit_code == 0 and "top 3 of 5 singular values" in human.stderr
+    assert human.exit_code == 0 and "top 3 of 5 singular values" in human.stdout
 
 
 def test_inspect_k_curve_agrees_with_repair(tmp_path: Path, head) -> None:
@@ -112,7 +112,7 @@ def test_compare(tmp_path: Path) -> None:
     assert document["phi"]["values"][-1][-1] == pytest.approx(1.0)  # full spans are equal
     assert document["phi"]["values"][0][0] < 1.0 - 1e-6  # the top direction moved
     human = run("compare", a, b)
-    assert human.exit_code == 0 and "subspace similarity" in human.stderr
+    assert human.exit_code == 0 and "subspace similarity" in human.stdout
 
 
 def test_compare_rejects_different_shapes(tmp_path: Path) -> None:

@@ -9,8 +9,9 @@ Conventions of the pages (this file is their one definition):
   `lip features` lines run once per session), today `demo/train/features.npy` and
   `demo/val/features.npy`.
 - A ```sh block runs line by line (a trailing `\\` joins a line to the next; `#` starts a
-  comment). A line ending in `# exit N` must exit with N, any other line with 0 (a pipeline: its
-  first failing stage, as under `set -o pipefail`). A line starting with `lip` runs in this process
+  comment). A line ending in `# exit N` must exit with N, any other line with 0. A pipeline exits
+  as in a user's shell, with its last stage's code: a page that shows lip's code through a pipe
+  writes `set -o pipefail; ...` on that line. A line starting with `lip` runs in this process
   through typer's CliRunner, which is fast: bash expands its globs and braces first, and its stdout
   goes on to the rest of a pipeline (`lip ... --json | jq .k`), which bash runs. A line that
   redirects, substitutes (`$`) or chains (`;`, `&&`), and any line of another program, runs in
@@ -159,7 +160,7 @@ def shell_env(shims: Path) -> dict[str, str]:
 
 def bash(script: str, shims: Path, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["bash", "-c", f"set -o pipefail\n{script}"],
+        ["bash", "-c", script],
         env=shell_env(shims),
         input=stdin,
         stdin=None if stdin is not None else subprocess.DEVNULL,
@@ -196,7 +197,12 @@ def run_shell(block: Block, offset: int, command: str, shims: Path) -> None:
             detail = "".join(traceback.format_exception(result.exception))
             pytest.fail(f"{block.where(offset)}: {command}\nraised:\n{detail}\n{result.output}")
         code, output = result.exit_code, result.output
-        if rest and code == 0:
+        if rest and code != 0:  # a user's shell would hide this code behind the last stage's
+            pytest.fail(
+                f"{block.where(offset)}: {command}\nlip exits {code} in a pipeline, which exits with its "
+                f"last stage's code; write `set -o pipefail; ...  # exit {code}`\n{output}"
+            )
+        if rest:  # the rest of the pipeline reads lip's stdout; the line exits with its last stage
             done = bash(rest, shims, stdin=result.stdout)
             code, output = done.returncode, result.stderr + done.stdout + done.stderr
     if code != expected:

@@ -104,7 +104,7 @@ def test_own_model_in_the_current_folder_caches_side_by_side(own_model: Path) ->
     assert sorted(os.listdir(cache)) == ["train.labels.npy", "train.npy", "val.labels.npy", "val.npy"]
     for split in ("train", "val"):
         assert np.array_equal(np.load(cache / f"{split}.labels.npy"), np.load(f"{split}_targets.npy"))
-    lines = first.stderr.splitlines()
+    lines = first.stdout.splitlines()
     assert (
         lines[-2] == "next: lip repair model.pt --features caches/new/train.npy --val-features VAL --k auto"
     )
@@ -112,7 +112,7 @@ def test_own_model_in_the_current_folder_caches_side_by_side(own_model: Path) ->
     whole = (
         "next: lip repair model.pt --features caches/new/train.npy --val-features caches/new/val.npy --k auto"
     )
-    assert second.stderr.splitlines()[-1] == whole and "as TRAIN" not in second.stderr + first.stderr
+    assert second.stdout.splitlines()[-1] == whole and "as TRAIN" not in second.stdout + first.stdout
     repaired = run("repair", "model.pt", "-f", "caches/new/train.npy", "--val-features", "caches/new/val.npy",
                    "--k", 1, "--dry-run", "--json")  # fmt: skip
     assert repaired.exit_code == 0, repaired.output
@@ -270,7 +270,7 @@ def test_counterpart_caches(tmp_path: Path) -> None:
 def fresh_console(monkeypatch) -> None:
     """The next console is made now, under this test's environment: the first one made in a
     process keeps the width that COLUMNS gave it then."""
-    monkeypatch.setattr(console, "_stderr", None)
+    monkeypatch.setattr(console, "_consoles", {})
 
 
 @pytest.mark.parametrize("columns", ["80", "40"])
@@ -279,7 +279,7 @@ def test_demo_commands_are_one_line_at_any_width(capsys, monkeypatch, columns: s
     fresh_console(monkeypatch)
     folder = Path("a-rather-long-folder-name/for-the-demo")
     render_demo(DemoResult(folder, DemoSettings(), 0.9, 0.8))
-    lines = capsys.readouterr().err.splitlines()
+    lines = capsys.readouterr().out.splitlines()
     repair = f"  lip repair {folder}/model.pt --features {folder}/train/features.npy --val-features " \
         f"{folder}/val/features.npy --k auto"  # fmt: skip
     assert lines[-1] == repair and lines[-4] == "next:"
@@ -311,8 +311,8 @@ def test_piped_output_has_no_trailing_spaces(tmp_path: Path, head, monkeypatch) 
         ["repair", paths["model"], "-f", paths["features"], "--k", 1, "--dry-run"],
     ):
         result = run(*args, env={"COLUMNS": "100"})
-        assert result.exit_code == 0 and "│" in result.stderr + "─"
-        assert [line for line in result.stderr.splitlines() if line != line.rstrip()] == []
+        assert result.exit_code == 0 and "│" in result.stdout + "─"
+        assert [line for line in result.stdout.splitlines() if line != line.rstrip()] == []
 
 
 def test_beside_labels_names(tmp_path: Path) -> None:

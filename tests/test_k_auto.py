@@ -86,7 +86,7 @@ def test_auto_on_validation_chooses_on_one_part_and_confirms_on_the_other(tmp_pa
     )
     assert json.loads(explicit.stdout)["singular_values_after"] == document["singular_values_after"]
     human = run(*args, "--targets", "paper", "--dry-run")
-    text = " ".join(human.stderr.split())
+    text = " ".join(human.stdout.split())
     assert "decision: " + document["decision"] in text and "exact one-sided McNemar" in text
 
 
@@ -109,7 +109,7 @@ def test_auto_without_validation_holds_out_training_samples(tmp_path: Path) -> N
     (warning,) = [w for w in document["warnings"] if w.startswith("--k auto without --val-features")]
     assert f"k = {document['test']['best_k']} would be tried" in warning and "cannot confirm" in warning
     assert "pass --val-features" in warning and "their labels may be noisy" in warning
-    human = " ".join(run(*args[:-1]).stderr.split())
+    human = " ".join(run(*args[:-1]).output.split())
     assert "confirmed on held-out" not in human and "p-value" not in human
     other_seed = json.loads(run(*args, "--seed", "5").stdout)
     assert other_seed["k_curve"] != document["k_curve"]
@@ -144,7 +144,7 @@ def test_auto_leaves_the_layer_alone_when_no_k_helps(tmp_path: Path) -> None:
     document = json.loads(result.stdout)
     assert document["k_chosen"] == document["rank"] == 5
     assert document["output"] is None and not (tmp_path / "model.lip.pt").exists()
-    assert "no k beats the unrepaired layer" in result.stderr
+    assert "no k beats the unrepaired layer" in result.output
     forced = run(*args, "--force-write", "--json")
     assert forced.exit_code == 0, forced.output  # --force-write wrote what it was asked to
     assert json.loads(forced.stdout)["forced"] and json.loads(forced.stdout)["outcome"] == "unconfirmed"
@@ -270,7 +270,7 @@ def test_accuracies_on_a_sample_of_rows(tmp_path: Path) -> None:
     )
     assert sampled["accuracy"] != full["accuracy"]
     human = run(*human_args, "--sample-rows", 120)
-    assert "random sample of 120 of 500 rows" in " ".join(human.stderr.split())
+    assert "random sample of 120 of 500 rows" in " ".join(human.stdout.split())
 
 
 def test_logit_scale_targets_from_the_command(tmp_path: Path) -> None:
@@ -532,7 +532,7 @@ def test_provenance_records_what_judged_k(tmp_path: Path) -> None:
         test["discordant_losses"],
     )
     assert record["ci_accuracy_change"] == test["ci_accuracy_change"] and record["targets"] == "paper"
-    shown = " ".join(run("inspect", tmp_path / "model.lip.pt").stderr.split())
+    shown = " ".join(run("inspect", tmp_path / "model.lip.pt").stdout.split())
     assert f"validation {val} (sha256 {record['val_features_sha256'][:12]}" in shown
     assert "100 selection / 100 test rows" in shown and "seed 2, alpha 0.04" in shown
     # a given k with its labels apart, and one that nothing checked

@@ -46,7 +46,7 @@ def test_pt_provenance_sidecar(tmp_path: Path, head) -> None:
     assert record["features_sha256"] == sha256(paths["features"])
     assert record["k_selection"] == "given" and "labels.npy" in record["labels"]
     inspected = run("inspect", tmp_path / "model.lip.pt")
-    assert "written by lip" in inspected.stderr and "k = 2" in inspected.stderr
+    assert "written by lip" in inspected.stdout and "k = 2" in inspected.stdout
     assert run("inspect", paths["model"], "--json").stdout.count('"provenance": null') == 1
     # a stale sidecar is never overwritten silently
     (tmp_path / "model.lip.pt").unlink()
@@ -179,7 +179,8 @@ def interrupted_runs(tmp_path: Path, number: int, delays: tuple[float, ...]) -> 
         process.send_signal(number)
         stdout, stderr = process.communicate(timeout=120)
         assert process.returncode in (0, code), (process.returncode, stderr)
-        assert "Traceback" not in stderr and stdout == ""
+        assert "Traceback" not in stderr
+        assert stdout == "" or (tmp_path / "model.lip.pt").exists()  # the report follows the write
         leftovers = [name for name in os.listdir(tmp_path) if name.startswith(".")]
         assert leftovers == []
         if process.returncode == code:

@@ -88,8 +88,8 @@ def test_labels_name_the_series(tmp_path: Path) -> None:
     document = json.loads(run("inspect", *paths, *options, "--json").stdout)
     assert [entry["label"] for entry in document["checkpoints"]] == names
     human = run("inspect", *paths, *options)
-    assert human.exit_code == 0 and human.stdout == ""
-    rows = [line for line in human.stderr.splitlines() if line.startswith("│")]
+    assert human.exit_code == 0 and human.stderr == ""
+    rows = [line for line in human.stdout.splitlines() if line.startswith("│")]
     assert [row.split("│")[1].strip() for row in rows] == names
     wrong = run("inspect", *paths, "--label", "only-one")
     assert wrong.exit_code == 2 and "1 given for 3 checkpoints" in wrong.output
@@ -187,15 +187,15 @@ def test_compare_series_json_is_the_pair_json_per_entry(tmp_path: Path) -> None:
     for other, entry in zip(others, document["comparisons"], strict=True):
         assert entry == unversioned(run("compare", reference, other, "--json"))
     human = run("compare", reference, *others)
-    assert human.exit_code == 0 and human.stdout == ""
-    assert "largest principal angle" in human.stderr and "p3" in human.stderr
+    assert human.exit_code == 0 and human.stderr == ""
+    assert "largest principal angle" in human.stdout and "p3" in human.stdout
     alone = run("compare", reference)
     assert alone.exit_code == 2
     names = ["clean", "[red]a", "b", "c"]
     options = [part for name in names for part in ("--label", name)]
     labelled = run("compare", reference, *others, *options, "--json")
     assert json.loads(labelled.stdout)["labels"] == names
-    assert "[red]a" in run("compare", reference, *others, *options).stderr
+    assert "[red]a" in run("compare", reference, *others, *options).stdout
     assert json.loads(labelled.stdout)["comparisons"] == document["comparisons"]
     pair = json.loads(run("compare", reference, others[0], "--label", "x", "--label", "y", "--json").stdout)
     assert pair["labels"] == ["x", "y"] and pair["comparisons"] == document["comparisons"][:1]
@@ -273,12 +273,12 @@ def test_inspect_tables_fit_80_columns(tmp_path: Path) -> None:
         wide = run(*args)
         result = run(*args, terminal=narrow)
         assert result.exit_code == 0, result.output
-        lines = table_lines(result.stderr)
+        lines = table_lines(result.stdout)
         assert lines and all(len(line) <= 80 for line in lines)
-        assert table_lines(wide.stderr) == lines  # nothing wrapped or cut to fit
+        assert table_lines(wide.stdout) == lines  # nothing wrapped or cut to fit
         assert "…" not in "".join(lines)
     single = run("inspect", paths[0], terminal=narrow)
-    assert "float32" in single.stderr and "fc ◀" in single.stderr
+    assert "float32" in single.stdout and "fc ◀" in single.stdout
 
 
 def test_demo_series_shares_everything_but_the_noise(tmp_path: Path) -> None:

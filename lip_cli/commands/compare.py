@@ -8,32 +8,47 @@ from typing import Annotated
 import typer
 
 from lip_cli.exits import user_errors
-from lip_cli.options import ForceOption, JsonOption, PlotOption, check_series_labels
+from lip_cli.options import INPUTS, OUTPUT, ForceOption, JsonOption, PlotOption, check_series_labels
+
+EXAMPLES = [
+    "lip compare clean.pt noisy.pt",
+    "lip compare clean.pt noisy.pt --json | jq .largest_principal_angle_degrees",
+]
+EXIT_CODES = "0 done, 1 bad input, 2 usage, 130/143 signal"
+DETAILS = {
+    "CHECKPOINTS...": "Each one against the reference, in order.",
+    "--label": "In the tables, the figure and the JSON; repeat it: the reference, then each checkpoint.",
+}
 
 
 def compare(
     reference: Annotated[
         Path,
-        typer.Argument(help="The reference checkpoint (A), e.g. trained on clean labels.", readable=False),
+        typer.Argument(help="The reference (A), e.g. trained on clean labels.", readable=False),
     ],
     checkpoints: Annotated[
         list[Path],
         typer.Argument(
-            help="Checkpoint(s) compared with the reference (B, ...), e.g. noisy or repaired; each one "
-            "against the reference, in order.",
+            help="Compared with the reference (B, ...), e.g. noisy or repaired.",
             readable=False,
         ),
     ],
     layer: Annotated[
         str | None,
-        typer.Option("--layer", help="Layer to compare (default: the last 2-D weight of the reference)."),
+        typer.Option(
+            "--layer",
+            metavar="NAME",
+            help="Layer to compare (default: the reference's classifier).",
+            rich_help_panel=INPUTS,
+        ),
     ] = None,
     names: Annotated[
         list[str] | None,
         typer.Option(
             "--label",
-            help="Name of the reference, then of each checkpoint, in the tables, the figure and the JSON; "
-            "repeat it, in order (default: the file stems).",
+            metavar="NAME",
+            help="A name per checkpoint, reference first (default: stems).",
+            rich_help_panel=OUTPUT,
         ),
     ] = None,
     plot: PlotOption = None,

@@ -8,7 +8,17 @@ from typing import Annotated
 import typer
 
 from lip_cli.exits import user_errors
-from lip_cli.options import JsonOption
+from lip_cli.options import OUTPUT, JsonOption
+
+EXAMPLES = [
+    "lip demo demo",
+    "lip demo pair --noise 0,0.4",
+]
+EXIT_CODES = "0 done, 1 bad input, 2 usage, 130/143 signal"
+DETAILS = {
+    "--noise": "Several, comma-separated (e.g. 0,0.2,0.4): one model per rate in FOLDER/noise-RATE/, "
+    "trained alike on the same inputs.",
+}
 
 
 def parse_noise(value: str | None) -> str | None:
@@ -31,14 +41,17 @@ def demo(
         typer.Option(
             "--noise",
             parser=parse_noise,
-            help="Share of training labels made random (default 0.4). Several, comma-separated "
-            "(e.g. 0,0.2,0.4): one model per rate in FOLDER/noise-RATE/, trained alike on the same inputs.",
+            metavar="RATES",
+            help="Share of labels made random (0.4); several (0,0.4): FOLDER/noise-RATE/.",
         ),
     ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace demo files already there.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace demo files already there.", rich_help_panel=OUTPUT)
+    ] = False,
     json_output: JsonOption = False,
 ) -> None:
-    """Make a small noisy-label problem, train a classifier on it (CPU, seconds), cache its features."""
+    """Make a small noisy-label problem and train a classifier on it (CPU, seconds); print what to
+    run next (lip features, then lip repair)."""
     with user_errors(json_output):
         from lip_cli import demo as demo_module
         from lip_cli.render import console

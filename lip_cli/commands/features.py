@@ -9,7 +9,26 @@ from typing import Annotated
 import typer
 
 from lip_cli.exits import user_errors
-from lip_cli.options import Device, ForceOption, JsonOption, LayerOption
+from lip_cli.options import COMPUTE, INPUTS, OUTPUT, Device, ForceOption, JsonOption, LayerOption
+
+EXAMPLES = [
+    "lip features model.pt --model timm:resnet50 --data train/ -o train.npy",
+    "lip features model.pt --model python:net:make --data x.npy -l y.npy -o f.npy",
+]
+EXIT_CODES = "0 done, 1 bad input, 2 usage, 130/143 signal"
+DETAILS = {
+    "--model": "torchvision, timm and hf: (image classification) need the vision extra; python: names "
+    "a module installed or in the current folder. The number of classes is read from the "
+    "checkpoint's head (and passed to a factory that takes num_classes or num_labels).",
+    "--out": "train.npy: train.labels.npy (and train.classes.json for an image folder). Missing "
+    "folders are made.",
+    "--mean": "For example 0.485,0.456,0.406.",
+    "--std": "For example 0.229,0.224,0.225.",
+    "--model-arg": "The value is read as an int, a float, true/false, else text.",
+}
+
+
+IMAGES = "Image folders"
 
 
 class FeatureDtype(StrEnum):
@@ -42,24 +61,24 @@ def parse_model_arg(value: str) -> str:
 def features(
     checkpoint: Annotated[
         Path,
-        typer.Argument(help="Trained weights: a torch file, safetensors, or a model folder.", readable=False),
+        typer.Argument(help="Trained weights: a torch file, safetensors, a model folder.", readable=False),
     ],
     model: Annotated[
         str,
         typer.Option(
             "--model",
-            help="Architecture: torchvision:NAME, timm:NAME, hf:DIR (image classification) or "
-            "python:package.module:factory (a module installed or in the current folder). Its number "
-            "of classes is read from the checkpoint's head (and passed to a factory that takes "
-            "num_classes or num_labels).",
+            metavar="SPEC",
+            help="torchvision:NAME, timm:NAME, hf:DIR or python:module:factory.",
+            rich_help_panel=INPUTS,
         ),
     ],
     data: Annotated[
         Path,
         typer.Option(
             "--data",
-            help="An image folder (one sub-folder per class) or a .npy of model inputs.",
+            help="An image folder (a sub-folder per class) or a .npy of inputs.",
             readable=False,
+            rich_help_panel=INPUTS,
         ),
     ],
     out: Annotated[
@@ -67,45 +86,66 @@ def features(
         typer.Option(
             "--out",
             "-o",
-            help="The feature cache to write (.npy), its labels beside it: train.npy, train.labels.npy "
-            "(and train.classes.json for an image folder). Missing folders are made.",
+            help="The cache to write (.npy); its labels go beside it.",
+            rich_help_panel=OUTPUT,
         ),
     ],
     labels: Annotated[
         Path | None,
         typer.Option(
-            "--labels", "-l", help="Labels of a .npy of inputs (class ids or a matrix).", readable=False
+            "--labels",
+            "-l",
+            help="Labels of a .npy of inputs (class ids or a matrix).",
+            readable=False,
+            rich_help_panel=INPUTS,
         ),
     ] = None,
     layer: LayerOption = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Samples per forward pass.")] = 64,
-    device: Annotated[Device, typer.Option("--device", help="Where the model runs.")] = Device.cpu,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, help="Samples per forward pass.", rich_help_panel=COMPUTE)
+    ] = 64,
+    device: Annotated[
+        Device, typer.Option("--device", help="Where the model runs.", rich_help_panel=COMPUTE)
+    ] = Device.cpu,
     num_workers: Annotated[
-        int, typer.Option("--num-workers", min=0, help="Data-loading processes (0: in this process).")
+        int,
+        typer.Option(
+            "--num-workers", min=0, help="Data-loading processes (0: none).", rich_help_panel=COMPUTE
+        ),
     ] = 0,
     dtype: Annotated[
-        FeatureDtype, typer.Option("--dtype", help="Precision of the cache on disk.")
+        FeatureDtype,
+        typer.Option("--dtype", metavar="DTYPE", help="float32 or float16 on disk.", rich_help_panel=OUTPUT),
     ] = FeatureDtype.float32,
-    limit: Annotated[int | None, typer.Option("--limit", min=1, help="Only the first N samples.")] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", min=1, help="Only the first N samples.", rich_help_panel=INPUTS)
+    ] = None,
     image_size: Annotated[
         int | None,
-        typer.Option("--image-size", min=1, help="Evaluation crop size (default: the model's, or 224)."),
+        typer.Option(
+            "--image-size", min=1, help="Crop size (default: the model's, or 224).", rich_help_panel=IMAGES
+        ),
     ] = None,
     mean: Annotated[
         str | None,
-        typer.Option("--mean", parser=parse_triple, help="Normalisation mean, e.g. 0.485,0.456,0.406."),
+        typer.Option(
+            "--mean", parser=parse_triple, metavar="R,G,B", help="Normalisation mean.", rich_help_panel=IMAGES
+        ),
     ] = None,
     std: Annotated[
         str | None,
-        typer.Option("--std", parser=parse_triple, help="Normalisation std, e.g. 0.229,0.224,0.225."),
+        typer.Option(
+            "--std", parser=parse_triple, metavar="R,G,B", help="Normalisation std.", rich_help_panel=IMAGES
+        ),
     ] = None,
     model_args: Annotated[
         list[str] | None,
         typer.Option(
             "--model-arg",
             parser=parse_model_arg,
-            help="KEY=VALUE passed to a python: factory (repeatable); the value is read as an int, a "
-            "float, true/false, else text.",
+            metavar="KEY=VALUE",
+            help="Passed to a python: factory (repeat it).",
+            rich_help_panel=INPUTS,
         ),
     ] = None,
     force: ForceOption = False,

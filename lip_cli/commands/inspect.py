@@ -10,6 +10,8 @@ import typer
 
 from lip_cli.exits import user_errors
 from lip_cli.options import (
+    INPUTS,
+    OUTPUT,
     ChunkRowsOption,
     Device,
     DeviceOption,
@@ -19,6 +21,19 @@ from lip_cli.options import (
     check_series_labels,
     usage_error,
 )
+
+EXAMPLES = [
+    "lip inspect model.pt | grep fc",
+    "lip inspect model.pt --layer fc -f train.npy --plot spectrum.png",
+]
+EXIT_CODES = "0 done, 1 bad input, 2 usage, 130/143 signal"
+DETAILS = {
+    "CHECKPOINTS...": "A torch file (.pt, .ckpt, .pth.tar...), safetensors, or a model folder. Several: "
+    "one layer of each, side by side (e.g. trained at several noise levels).",
+    "--layer": "With several checkpoints: the layer to show (default: the first one's likely classifier).",
+    "--label": "In the table, the figure's legend and the JSON; repeat it, once per checkpoint.",
+    "--normalize": "So that the shapes of the spectra compare.",
+}
 
 
 class FitTargets(StrEnum):
@@ -30,8 +45,7 @@ def inspect(
     checkpoints: Annotated[
         list[Path],
         typer.Argument(
-            help="Checkpoint: a torch file (.pt, .ckpt, .pth.tar...), safetensors, or a model folder. "
-            "Several: one layer of each, side by side (e.g. trained at several noise levels).",
+            help="Torch files, safetensors or model folders; several: one layer of each.",
             readable=False,
         ),
     ],
@@ -39,24 +53,35 @@ def inspect(
         str | None,
         typer.Option(
             "--layer",
-            help="Show this layer's full spectrum instead of the table of all 2-D weights. With several "
-            "checkpoints: the layer to show (default: the first one's likely classifier).",
+            metavar="NAME",
+            help="This layer's full spectrum, not the table of every 2-D weight.",
+            rich_help_panel=INPUTS,
         ),
     ] = None,
-    top: Annotated[int, typer.Option("--top", min=1, help="Singular values listed in the layer view.")] = 20,
+    top: Annotated[
+        int,
+        typer.Option(
+            "--top", min=1, help="Singular values listed in the layer view.", rich_help_panel=OUTPUT
+        ),
+    ] = 20,
     features: Annotated[
         Path | None,
         typer.Option(
             "--features",
             "-f",
-            help="Training features: adds the accuracy that each k would give after LAP.",
+            help="Training features: adds the accuracy at each k after LAP.",
             readable=False,
+            rich_help_panel=INPUTS,
         ),
     ] = None,
     labels: Annotated[
         Path | None,
         typer.Option(
-            "--labels", "-l", help="Training labels (found as in `lip repair` when left out).", readable=False
+            "--labels",
+            "-l",
+            help="Training labels (default: found as by lip repair).",
+            readable=False,
+            rich_help_panel=INPUTS,
         ),
     ] = None,
     targets: Annotated[
@@ -71,15 +96,17 @@ def inspect(
         list[str] | None,
         typer.Option(
             "--label",
-            help="Name of a checkpoint of the series in the table, the figure's legend and the JSON; "
-            "repeat it, once per checkpoint, in order (default: the file stems).",
+            metavar="NAME",
+            help="A name per checkpoint, in order (default: the file stems).",
+            rich_help_panel=OUTPUT,
         ),
     ] = None,
     normalize: Annotated[
         bool,
         typer.Option(
             "--normalize",
-            help="With --plot: divide each spectrum by its largest value, so that shapes compare.",
+            help="With --plot: each spectrum over its largest value.",
+            rich_help_panel=OUTPUT,
         ),
     ] = False,
     device: DeviceOption = Device.cpu,

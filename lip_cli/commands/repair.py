@@ -10,6 +10,9 @@ import typer
 
 from lip_cli.exits import user_errors
 from lip_cli.options import (
+    COMPUTE,
+    INPUTS,
+    OUTPUT,
     ChunkRowsOption,
     Device,
     DeviceOption,
@@ -50,11 +53,43 @@ def parse_alpha(value: str) -> float:
     return alpha
 
 
+EXAMPLES = [
+    "lip repair model.pt -f train.npy --val-features val.npy --k auto",
+    "lip repair model.pt -f train.npy --k 50 -o model.k50.pt --json",
+]
+EXIT_CODES = "0 done, 3 no k confirmed, 4 k refused, 1 bad input, 2 usage, 130/143 signal"
+K_CHOICE = "Choosing k"
+DETAILS = {
+    "--features": ".npy, .npz, .pt or .safetensors, a glob or a folder of shards.",
+    "--k": "'auto' chooses k on half of the validation (or held-out) rows and applies it only when it "
+    "beats the unrepaired layer on the other half (exact one-sided McNemar test at --alpha).",
+    "--labels": "Class ids (n) or an (n x classes) matrix. Default: the features file's own labels "
+    "array, else the labels beside it (train.npy: train.labels.npy).",
+    "--output": "NAME.lip.EXT beside the input by default (model.pt: model.lip.pt).",
+    "--val-features": "Rows the network never trained on: --k auto chooses k on one part and confirms "
+    "it on the other; a given k is refused when they show it lower by any amount.",
+    "--val-labels": "Found as for --features, e.g. val.labels.npy.",
+    "--compute-dtype": "The products over the features; their sums are accumulated in float64 either way.",
+    "--targets": "'paper': the labels, the paper's formula; 'logit-scale': the labels centred and scaled "
+    "to the head's own logit margin (see docs/repair.md); 'auto' (with --k auto): both tried, chosen "
+    "with k on the selection rows. Default: logit-scale, with a given k and with --k auto alike "
+    "(see benchmarks/DEFAULTS.md).",
+    "--sample-rows": "Training rows, and held-out rows apart; a seeded random sample when there are "
+    "more (standard error <= 0.4 points).",
+    "--holdout": "With --k auto and no validation set.",
+    "--alpha": "Level of the one-sided test that confirms a k (--k auto); the intervals shown are "
+    "two-sided at 1 - 2 alpha, each end a one-sided bound at 1 - alpha.",
+    "--force-write": "With --k auto an unchanged copy when no k is confirmed; a given k that the "
+    "validation set shows lower by any amount.",
+    "--dry-run": "Exits 0, 3 or 4 as the same run would.",
+}
+
+
 def repair(
     checkpoint: Annotated[
         Path,
         typer.Argument(
-            help="Checkpoint: a torch file (.pt, .ckpt, .pth.tar, .bin...), safetensors, or a model folder.",
+            help="A torch file, safetensors, or a model folder.",
             readable=False,
         ),
     ],
@@ -63,8 +98,9 @@ def repair(
         typer.Option(
             "--features",
             "-f",
-            help="Training features at the input of the layer (n x q): .npy, .npz, .pt, .safetensors.",
+            help="Training features at the layer's input (n x q).",
             readable=False,
+            rich_help_panel=INPUTS,
         ),
     ],
     k: Annotated[
@@ -73,9 +109,9 @@ def repair(
             "--k",
             "-k",
             parser=parse_k,
-            help="Singular components kept as they are (PSP); the rest are re-fitted (LAP). "
-            "'auto' chooses k on half of the validation (or held-out) rows and applies it only when "
-            "it beats the unrepaired layer on the other half (exact McNemar test at --alpha).",
+            metavar="K|auto",
+            help="Top components kept (PSP), the tail re-fitted (LAP).",
+            rich_help_panel=K_CHOICE,
         ),
     ],
     labels: Annotated[
@@ -83,9 +119,9 @@ def repair(
         typer.Option(
             "--labels",
             "-l",
-            help="Training labels: class ids (n) or an (n x classes) matrix. Default: the features "
-            "file's own labels array, else the labels beside it (train.npy: train.labels.npy).",
+            help="Training labels; default: in or beside the features.",
             readable=False,
+            rich_help_panel=INPUTS,
         ),
     ] = None,
     layer: LayerOption = None,
@@ -94,24 +130,26 @@ def repair(
         typer.Option(
             "--output",
             "-o",
-            help="Where to write the repaired checkpoint. Default: <name>.lip<ext> beside it.",
+            help="The repaired checkpoint (default: NAME.lip.EXT).",
+            rich_help_panel=OUTPUT,
         ),
     ] = None,
     val_features: Annotated[
         Path | None,
         typer.Option(
             "--val-features",
-            help="Validation features, rows the network never trained on: --k auto chooses k on one "
-            "part and confirms it on the other; a given k is refused when they show it lower by any amount.",
+            help="Validation features, rows never trained on: the test.",
             readable=False,
+            rich_help_panel=INPUTS,
         ),
     ] = None,
     val_labels: Annotated[
         Path | None,
         typer.Option(
             "--val-labels",
-            help="Validation labels (default: found as for --features, e.g. val.labels.npy).",
+            help="Validation labels; default: found as for --features.",
             readable=False,
+            rich_help_panel=INPUTS,
         ),
     ] = None,
     device: DeviceOption = Device.cpu,
@@ -119,7 +157,9 @@ def repair(
         ComputeDtype,
         typer.Option(
             "--compute-dtype",
-            help="Precision of the products over the features; their sums are accumulated in float64.",
+            metavar="DTYPE",
+            help="float32 or float64 products.",
+            rich_help_panel=COMPUTE,
         ),
     ] = ComputeDtype.float32,
     chunk_rows: ChunkRowsOption = 16384,
@@ -127,10 +167,9 @@ def repair(
         Targets | None,
         typer.Option(
             "--targets",
-            help="What LAP fits the tail to: 'paper' (the labels, the paper's formula), 'logit-scale' "
-            "(the labels centred and scaled to the head's own logit margin; see docs/repair.md), or, with "
-            "--k auto, 'auto' (both tried, chosen with k on the selection rows). Default: logit-scale, "
-            "with a given k and with --k auto alike (see benchmarks/DEFAULTS.md).",
+            metavar="NAME",
+            help="What LAP fits: logit-scale (default), paper, auto.",
+            rich_help_panel=K_CHOICE,
         ),
     ] = None,
     sample_rows: Annotated[
@@ -138,14 +177,16 @@ def repair(
         typer.Option(
             "--sample-rows",
             min=1,
-            help="Rows each accuracy curve is measured on: training rows, and held-out rows apart "
-            "(default: 16384, a seeded random sample when there are more; standard error <= 0.4 points).",
+            help="Rows per accuracy curve (default: 16384).",
+            rich_help_panel=K_CHOICE,
         ),
     ] = None,
     holdout: Annotated[
         float,
         typer.Option(
-            "--holdout", help="With --k auto and no validation set: share of training samples held out."
+            "--holdout",
+            help="Share held out if no --val-features.",
+            rich_help_panel=K_CHOICE,
         ),
     ] = 0.1,
     seed: Annotated[
@@ -154,7 +195,8 @@ def repair(
             "--seed",
             min=0,
             max=2**63 - 1,
-            help="Seed of the held-out rows and of the selection / confirmation split.",
+            help="Seed of the held-out rows, the split.",
+            rich_help_panel=K_CHOICE,
         ),
     ] = 0,
     alpha: Annotated[
@@ -162,32 +204,31 @@ def repair(
         typer.Option(
             "--alpha",
             parser=parse_alpha,
-            help="Level of the one-sided exact McNemar test that confirms a k (--k auto); the "
-            "intervals shown are two-sided at 1 - 2 alpha, each end a one-sided bound at 1 - alpha.",
+            help="Level of the exact McNemar test.",
+            rich_help_panel=K_CHOICE,
         ),
     ] = 0.05,
     force_write: Annotated[
         bool,
         typer.Option(
             "--force-write",
-            help="Write what the evidence withholds, and exit 0: with --k auto an unchanged copy when no "
-            "k is confirmed; a given k that the validation set shows lower by any amount.",
+            help="Write what the evidence withholds, and exit 0.",
+            rich_help_panel=OUTPUT,
         ),
     ] = False,
     plot: PlotOption = None,
     dry_run: Annotated[
         bool,
         typer.Option(
-            "--dry-run", help="Compute and report, write nothing; exit as the run would (0, 3 or 4)."
+            "--dry-run",
+            help="Report, write nothing; exit as the run would.",
+            rich_help_panel=OUTPUT,
         ),
     ] = False,
     force: ForceOption = False,
     json_output: JsonOption = False,
 ) -> None:
-    """Repair a checkpoint's classifier layer: keep the top-k singular components, re-fit the tail.
-
-    Under `torchrun --nproc-per-node N -m lip_cli repair ...` the ranks share the pass; rank 0 reports.
-    """
+    """Repair a checkpoint's classifier layer: keep the top-k singular components, re-fit the tail."""
     if dry_run and plot is not None:
         raise usage_error("--dry-run writes nothing, no figure either; drop --plot or --dry-run", "--plot")
     with user_errors(json_output):

@@ -9,7 +9,7 @@ from typing import Any
 
 from rich.table import Table
 
-from lip_cli.render.console import bar, stderr
+from lip_cli.render.console import bar, stdout
 
 _SPARKS = "▁▂▃▄▅▆▇█"
 
@@ -92,7 +92,7 @@ def render_k_curve(
     targets: str | None = None,
 ) -> None:
     """Accuracy after PSP + LAP against k: sparklines, and a table of about a dozen k values."""
-    console = stderr()
+    console = stdout()
     columns = ["train_accuracy"] + (["val_accuracy"] if "val_accuracy" in curve[0] else [])
     rule = f"{targets} targets, " if targets else ""
     console.print(
@@ -120,7 +120,7 @@ def render_k_curve(
 def render_provenance(record: dict | None) -> None:
     if not record:
         return
-    stderr().print(
+    stdout().print(
         f"[bold]written by lip {record.get('lip_version', '?')}[/] on {record.get('created', '?')}: "
         f"{record.get('method', 'PSP + LAP')} on `{record.get('layer')}`, k = {record.get('k')} "
         f"({record.get('k_selection')}), targets {record.get('targets')}, from {record.get('input')} "
@@ -129,7 +129,7 @@ def render_provenance(record: dict | None) -> None:
         soft_wrap=True,
     )
     if "outcome" in record:
-        stderr().print(f"[bold]judged[/]: {_evidence_text(record)}", soft_wrap=True)
+        stdout().print(f"[bold]judged[/]: {_evidence_text(record)}", soft_wrap=True)
 
 
 def _evidence_text(record: dict) -> str:

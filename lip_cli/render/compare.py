@@ -15,11 +15,11 @@ from lip_cli.render.common import (
     statistics_cells,
     statistics_table,
 )
-from lip_cli.render.console import stderr
+from lip_cli.render.console import stdout
 
 
 def render_compare(report: Any) -> None:
-    console = stderr()
+    console = stdout()
     a, b = report.spectrum_a, report.spectrum_b
     console.print(
         f"[bold]{report.layer}[/] ({a.shape[0]}x{a.shape[1]}):  "
@@ -68,7 +68,7 @@ def render_compare(report: Any) -> None:
 
 def render_compare_series(reports: Sequence[Any], labels: Sequence[str]) -> None:
     """`lip compare REF B C ...`: each checkpoint against the reference, one column per comparison."""
-    console = stderr()
+    console = stdout()
     labels = [escape(label) for label in labels]
     reference, names = labels[0], labels[1:]
     first = reports[0]

@@ -1,11 +1,16 @@
-"""The terminal: the stderr console and its one-line messages, progress, and the JSON document on
-stdout. Human output goes to stderr so that stdout carries nothing but the `--json` document.
+"""The terminal: the report a command was asked for on stdout (its tables and summaries, or under
+--json its one JSON document), and on stderr what is said along the way (progress, warnings and
+one-line errors), so that `lip inspect model.pt | grep fc` and `2>/dev/null` do what a shell user
+expects.
+
+Both consoles follow sys.stdout / sys.stderr as they are when used (tests swap them). Where a
+stream is not a terminal rich writes no escape codes, and the width is the terminal's, else
+$COLUMNS, else 80.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import re
 import sys
@@ -16,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.text import Text
 
+from lip_cli.exits import document_text, error_document
+
 if TYPE_CHECKING:
     from lip_cli.progress import Progress
 
@@ -23,7 +30,7 @@ if TYPE_CHECKING:
 _BLOCKS = " ▏▎▍▌▋▊▉█"
 
 
-_stderr: Console | None = None
+_consoles: dict[str, Console] = {}
 
 
 class _Lines(Console):
@@ -38,17 +45,27 @@ class _Lines(Console):
 _TRAILING_SPACES = re.compile(r"[ \t]+\n")
 
 
+def stdout() -> Console:
+    """The console for the report the user asked for: tables, summaries, what was written."""
+    return _console("stdout")
+
+
 def stderr() -> Console:
-    """The console for everything meant for people."""
-    global _stderr
-    if _stderr is None or _stderr.file is not sys.stderr:
-        _stderr = _Lines(stderr=True, highlight=False)
-    return _stderr
+    """The console for what is said along the way: progress, warnings, one-line errors."""
+    return _console("stderr")
+
+
+def _console(name: str) -> Console:
+    stream = getattr(sys, name)
+    console = _consoles.get(name)
+    if console is None or console.file is not stream:
+        console = _consoles[name] = _Lines(file=stream, highlight=False)
+    return console
 
 
 def command(text: str) -> None:
-    """A command for the user to copy: one line whatever the width, never wrapped."""
-    stderr().print(Text(text), soft_wrap=True)
+    """A command for the user to copy, in the report: one line whatever the width, never wrapped."""
+    stdout().print(Text(text), soft_wrap=True)
 
 
 def error(message: str) -> None:
@@ -71,11 +88,8 @@ printed: list[bool] = []  # whether this run has printed its JSON document
 def print_json(document: dict[str, Any]) -> None:
     """One JSON document alone on stdout, with the version of lip that wrote it; a value that is not
     a finite number is null (JSON has no NaN or Infinity)."""
-    from lip_cli import __version__
-
     printed.append(True)
-    document = {"lip_version": __version__, **document}
-    sys.stdout.write(json.dumps(_finite_only(document), indent=2, allow_nan=False) + "\n")
+    sys.stdout.write(document_text(_finite_only(document)))
     sys.stdout.flush()
 
 
@@ -88,10 +102,6 @@ def _finite_only(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_finite_only(item) for item in value]
     return value
-
-
-def error_document(message: str, exit_code: int) -> dict[str, Any]:
-    return {"error": {"message": message, "exit_code": exit_code}}
 
 
 def fail(message: str, exit_code: int, as_json: bool) -> None:

@@ -8,11 +8,11 @@ from typing import Any
 from rich.table import Table
 
 from lip_cli.render.common import percent
-from lip_cli.render.console import command, stderr
+from lip_cli.render.console import command, stdout
 
 
 def render_demo(result: Any) -> None:
-    console = stderr()
+    console = stdout()
     settings = result.settings
     console.print(
         f"made a {settings.classes}-class problem with {settings.noise_rate:.0%} symmetric label noise, "
@@ -43,7 +43,7 @@ def render_demo(result: Any) -> None:
 
 def render_demo_series(results: Sequence[Any]) -> None:
     """`lip demo --noise 0,0.2,...`: a line per model, and the analysis to run on them."""
-    console = stderr()
+    console = stdout()
     settings = results[0].settings
     console.print(
         f"made a {settings.classes}-class problem and trained a small MLP on it ({settings.train_samples:,} "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lip_cli.render.console import command, stderr
+from lip_cli.render.console import command, stdout
 
 
 def features_document(report: Any) -> dict[str, Any]:
@@ -22,7 +22,7 @@ def features_document(report: Any) -> dict[str, Any]:
 
 
 def render_features(report: Any) -> None:
-    console = stderr()
+    console = stdout()
     console.print(
         f"cached the {report.feature_dim} inputs of `{report.layer}` ({report.model}) for {report.samples:,} "
         f"samples in {report.seconds:.1f} s ({report.samples / max(report.seconds, 1e-9):,.0f} samples/s)"

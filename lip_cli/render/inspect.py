@@ -16,7 +16,7 @@ from lip_cli.render.common import (
     statistics_cells,
     statistics_table,
 )
-from lip_cli.render.console import bar, stderr
+from lip_cli.render.console import bar, stdout
 
 
 def render_inspect(report: Any) -> None:
@@ -25,7 +25,7 @@ def render_inspect(report: Any) -> None:
     for layer in report.layers:
         name = escape(layer.name) + (" [bold green]◀[/]" if layer.is_classifier else "")
         table.add_row(name, layer.dtype, *statistics_cells(layer))
-    console = stderr()
+    console = stdout()
     console.print(table)
     console.print(
         f"[dim]◀ the likely classifier; not shown: {report.other_tensors} other tensors (biases, norms, "
@@ -48,7 +48,7 @@ def render_series(series: Any) -> None:
             *statistics_cells(spectrum),
             "/".join(str(k) for k in spectrum.k_for_energy.values()),
         )
-    console = stderr()
+    console = stdout()
     for label, layer in zip(series.labels, series.layers, strict=True):
         if layer.provenance:
             console.print(f"[bold]{escape(label)}[/]:", end=" ")
@@ -73,7 +73,7 @@ def layer_summary_rows(spectrum: Any) -> Table:
 
 
 def render_layer(report: Any, top: int) -> None:
-    console = stderr()
+    console = stdout()
     spectrum = report.spectrum
     console.print(f"[bold]{report.checkpoint}[/]")
     render_provenance(report.provenance)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from rich.table import Table
 
 from lip_cli.render.common import percent, render_k_curve, spectrum_rows, targets_text
-from lip_cli.render.console import bar, stderr, warning
+from lip_cli.render.console import bar, stdout, warning
 
 if TYPE_CHECKING:
     from lip_cli.jobs.repair import RepairReport
@@ -50,7 +50,7 @@ def _change(before: float, after: float) -> str:
 
 
 def render_repair(report: RepairReport) -> None:
-    console = stderr()
+    console = stdout()
     layer = report.layer
     summary = Table.grid(padding=(0, 2))
     summary.add_column(style="bold")
