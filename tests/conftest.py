@@ -55,3 +55,17 @@ def save_problem(folder: Path, head: Head, state_extra: dict | None = None) -> d
         "features": folder / "features.npy",
         "labels": folder / "features.labels.npy",
     }
+
+
+def catches(pid: int, number: int) -> bool:
+    """Whether process `pid` has a handler for signal `number` (Linux: SigCgt in /proc): a test
+    that signals lip waits for this, so that a loaded machine's slow interpreter start-up (before
+    any of lip's code runs) is not what it tests."""
+    import re
+
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    mask = re.search(r"^SigCgt:\s*([0-9a-f]+)", status, re.MULTILINE)
+    return bool(mask and int(mask.group(1), 16) >> (number - 1) & 1)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_head, save_problem
+from conftest import catches, make_head, save_problem
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
@@ -175,6 +175,8 @@ def interrupted_runs(tmp_path: Path, number: int, delays: tuple[float, ...]) -> 
             # a shell's background job starts with SIGINT ignored, and Python keeps it so
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
+        while not catches(process.pid, signal.SIGTERM) and process.poll() is None:
+            time.sleep(0.001)  # lip's first line has run (see conftest.catches)
         time.sleep(delay)
         process.send_signal(number)
         stdout, stderr = process.communicate(timeout=120)

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_head, save_problem
+from conftest import catches, make_head, save_problem
 from typer.testing import CliRunner
 
 from lip_cli.cli import app
@@ -147,16 +147,6 @@ def test_head_under_pipefail_exits_0(problem: dict[str, Path]) -> None:
 
 
 # --- signals from the first line ----------------------------------------------------------------
-
-
-def catches(pid: int, number: int) -> bool:
-    """Whether process `pid` has a handler for signal `number` (Linux: SigCgt in /proc)."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    mask = re.search(r"^SigCgt:\s*([0-9a-f]+)", status, re.MULTILINE)
-    return bool(mask and int(mask.group(1), 16) >> (number - 1) & 1)
 
 
 def test_signals_are_handled_before_typer_or_torch_is_imported() -> None:
