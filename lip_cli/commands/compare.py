@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -185,10 +186,12 @@ def _write_junit(path: Path, suite: str, cases: list) -> None:
 
 def _report_failure(message: str, junit: Path | None, summary: bool) -> None:
     """A run that failed (a file that does not load): an <error> case and the summary say so."""
+    from lip_cli.errors import LipError
     from lip_cli.render import ci, console
 
     if junit is not None:
-        _write_junit(junit, "lip compare", [ci.error_case("compare", message)])
+        with contextlib.suppress(LipError):  # the failure's own line is what the user sees
+            _write_junit(junit, "lip compare", [ci.error_case("compare", message)])
     if summary:
         warning = ci.append_step_summary(ci.error_summary("compare", message))
         if warning:
