@@ -214,7 +214,9 @@ def compare_series(
             phi=[[float(phi_matrix[i - 1, j - 1]) for j in sizes] for i in sizes],
             largest_angle_degrees={k: _largest_angle(v_a, v_b, k) for k in sizes},
             phi_matrix=phi_matrix,
-            same_vectors=spectra.match_vectors(v_a, v_b),
+            same_vectors=None
+            if _same_values(spectrum_a, head_b.spectrum)
+            else spectra.match_vectors(v_a, v_b),
             baseline_a=head_a.provenance,
         )
         if data:
@@ -227,6 +229,13 @@ def compare_series(
         reports.append(report)
         progress("comparisons", index + 1, len(others))
     return reports
+
+
+def _same_values(a: LayerSpectrum, b: LayerSpectrum) -> bool:
+    """Whether two spectra agree to float32 rounding: then shared vectors mean the same head, not a
+    repair of it."""
+    values_a, values_b = (torch.tensor(s.singular_values, dtype=torch.float64) for s in (a, b))
+    return bool(((values_a - values_b).abs() <= 1e-6 * values_a.max().clamp(min=1e-300)).all())
 
 
 def _largest_angle(v_a: Tensor, v_b: Tensor, k: int) -> float:
