@@ -63,7 +63,7 @@ def compare(
         list[Any] | None,
         typer.Option(
             "--fail-below",
-            metavar="METRIC=VALUE",
+            metavar="<METRIC=VALUE>",
             parser=_threshold_parser("below"),
             help="Gate: exit 5 when METRIC of a checkpoint against the reference is below VALUE: phi@K "
             "(phi(K, K)), effective-rank or energy@K (B - A; VALUE% in percent of A's), accuracy (B - A "
@@ -74,7 +74,7 @@ def compare(
         list[Any] | None,
         typer.Option(
             "--fail-above",
-            metavar="METRIC=VALUE",
+            metavar="<METRIC=VALUE>",
             parser=_threshold_parser("above"),
             help="Gate: exit 5 when METRIC is above VALUE: angle@K (the largest principal angle, "
             "degrees), effective-rank or energy@K. Repeatable.",
