@@ -305,7 +305,8 @@ def test_repair_junit_is_its_decision(
     monkeypatch.chdir(github_run)
     train = tmp_path / "train.npy"
     result = lip(
-        "features", NOISY, "--model", "python:lip_cli.demo:demo_model", "--data", "pair/noise-0.4/train/inputs.npy",
+        "features", NOISY, "--model", "python:lip_cli.demo:demo_model",
+        "--data", "pair/noise-0.4/train/inputs.npy",
         "--labels", "pair/noise-0.4/train/targets.npy", "--out", train,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
