@@ -122,16 +122,14 @@ def match_vectors(v_a: Tensor, v_b: Tensor, tolerance: float = SAME_VECTOR_SINE)
 
     A head that `lip repair` re-fitted (LAP keeps U and V, changes the tail's values) has them, but
     ranks them by its new values, so phi and the principal angles by rank compare different
-    vectors. Each of A's vectors is matched with B's closest by |cosine|; None unless the matches
-    are one to one and every sine is at most `tolerance`.
+    vectors. Each of A's vectors is matched with B's closest by |cosine|; None unless every sine is
+    at most `tolerance` (below 1/sqrt(2), two of A's orthonormal vectors cannot share a match).
     """
     if v_a.shape != v_b.shape or v_a.shape[1] == 0:
         return None
     cosines = (v_a.T.to(torch.float64) @ v_b.to(torch.float64)).abs()
     best = cosines.max(dim=1)
-    order = [int(index) for index in best.indices]
-    if len(set(order)) != len(order):
-        return None
+    order = [int(index) for index in best.indices]  # one to one once every sine is small: V is orthonormal
     sines = (1.0 - best.values.clamp(max=1.0) ** 2).clamp(min=0.0).sqrt()
     if bool((sines > tolerance).any()):
         return None

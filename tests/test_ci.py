@@ -299,21 +299,49 @@ def test_failures_reach_the_junit_file_and_the_summary(github_run: Path, tmp_pat
     assert result.exit_code == 1 and "already exists" in result.output
 
 
-def test_repair_junit_is_its_decision(
-    github_run: Path, validation: dict[str, Path], tmp_path: Path, monkeypatch
-) -> None:
-    monkeypatch.chdir(github_run)
-    train = tmp_path / "train.npy"
+@pytest.fixture(scope="session")
+def noisy_train(github_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The noisy demo model's training features."""
+    train = tmp_path_factory.mktemp("train") / "train.npy"
+    data = github_run / "pair/noise-0.4/train"
     result = lip(
-        "features", NOISY, "--model", "python:lip_cli.demo:demo_model",
-        "--data", "pair/noise-0.4/train/inputs.npy",
-        "--labels", "pair/noise-0.4/train/targets.npy", "--out", train,
+        "features", github_run / NOISY, "--model", "python:lip_cli.demo:demo_model",
+        "--data", data / "inputs.npy", "--labels", data / "targets.npy", "--out", train,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    args = ("repair", NOISY, "-f", train, "--val-features", validation[NOISY], "--dry-run", "--junit")
+    return train
+
+
+def test_repair_junit_is_its_decision(
+    github_run: Path, validation: dict[str, Path], noisy_train: Path, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.chdir(github_run)
+    args = ("repair", NOISY, "-f", noisy_train, "--val-features", validation[NOISY], "--dry-run", "--junit")
     assert lip(*args, tmp_path / "given.xml", "--k", "3").exit_code == 4
     assert junit_cases(tmp_path / "given.xml") == [("decision: refused", "Failure")]
     assert lip(*args, tmp_path / "auto.xml", "--k", "auto").exit_code == 3
     assert junit_cases(tmp_path / "auto.xml") == [("decision: unconfirmed", "Skipped")]
     assert lip(*args, tmp_path / "bad.xml", "--k", "99").exit_code == 1
     assert junit_cases(tmp_path / "bad.xml") == [("run", "Error")]
+
+
+def test_compare_before_and_after_a_repair_matches_by_vector(
+    github_run: Path, noisy_train: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """After --k 3, by rank phi(5, 5) falls and the angle at 5 is 90 degrees; compare says the
+    repaired head holds the reference's vectors and gives its values by vector."""
+    monkeypatch.chdir(github_run)
+    repaired = tmp_path / "repaired.pt"
+    assert lip("repair", NOISY, "-f", noisy_train, "--k", "3", "-o", repaired).exit_code == 0
+    code, document = compare_json(NOISY, repaired)
+    assert code == 0
+    assert document["largest_principal_angle_degrees"]["5"] > 89
+    same = document["same_vectors"]
+    assert same is not None and same["order"][:3] == [1, 2, 3] and same["order"] != list(range(1, 11))
+    assert same["ratio"][:3] == pytest.approx([1.0, 1.0, 1.0], abs=1e-6)
+    sorted_b = sorted(same["singular_values_b"], reverse=True)
+    assert sorted_b == pytest.approx(document["b"]["singular_values"], rel=1e-12)
+    result = lip("compare", NOISY, repaired, "--no-step-summary")
+    assert "holds the reference's right singular vectors" in " ".join(result.output.split())
+    for other in (NOISY, CLEAN):  # the same head, an unrelated one: nothing to match
+        assert compare_json(NOISY, other)[1]["same_vectors"] is None
