@@ -345,3 +345,48 @@ def test_compare_before_and_after_a_repair_matches_by_vector(
     assert "holds the reference's right singular vectors" in " ".join(result.output.split())
     for other in (NOISY, CLEAN):  # the same head, an unrelated one: nothing to match
         assert compare_json(NOISY, other)[1]["same_vectors"] is None
+
+
+def test_each_metric_is_measured_as_documented(github_run: Path, monkeypatch) -> None:
+    """The gate's values against numpy float64 from the JSON's own spectra and vectors' measures."""
+    monkeypatch.chdir(github_run)
+    gates = [
+        "--fail-below",
+        "energy@3=-0.5",
+        "--fail-above",
+        "effective-rank=50%",
+        "--fail-above",
+        "angle@4=90",
+    ]
+    code, document = compare_json(CLEAN, NOISY, *gates, "--fail-below", "phi@3=0")
+    assert code == 0
+    a, b = (np.array(document[side]["singular_values"]) for side in ("a", "b"))
+    values = {check["metric"]: check["value"] for check in document["gate"]["checks"]}
+
+    def entropy_rank(s: np.ndarray) -> float:
+        p = s / s.sum()
+        return float(np.exp(-(p * np.log(p)).sum()))
+
+    assert values["energy"] == pytest.approx(
+        (b[:3] ** 2).sum() / (b**2).sum() - (a[:3] ** 2).sum() / (a**2).sum()
+    )
+    assert values["effective-rank"] == pytest.approx(
+        100 * (entropy_rank(b) - entropy_rank(a)) / entropy_rank(a)
+    )
+    k3 = document["phi"]["sizes"].index(2)  # phi@3 is not in the table's sizes: the matrix's own entry
+    assert 0 <= values["phi"] <= 1 and values["phi"] != document["phi"]["values"][k3][k3]
+    assert 0 < values["angle"] < 90
+    code, document = compare_json(CLEAN, NOISY, "--fail-below", f"energy@3={values['energy'] + 1e-9}")
+    assert code == 5 and document["gate"]["checks"][0]["verdict"] == "failed"
+
+
+def test_a_baseline_is_no_checkpoint_to_inspect_or_repair(
+    github_run: Path, validation: dict[str, Path], monkeypatch
+) -> None:
+    monkeypatch.chdir(github_run)
+    train = validation[CLEAN]  # any features: the checkpoint is refused first
+    for args in (["inspect", "trusted.baseline"], ["repair", "trusted.baseline", "-f", train, "--k", "3"]):
+        result = lip(*args)
+        assert result.exit_code == 1 and "a lip baseline" in result.output, result.output
+    result = lip("compare", CLEAN, "trusted.baseline", "--layer", "body.0")
+    assert result.exit_code == 1 and "a baseline of `fc`, not of --layer body.0" in result.output
