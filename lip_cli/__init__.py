@@ -33,6 +33,10 @@ _EXPORTS = {
     "stable_rank": "lip_cli.spectra",
     "subspace_similarity": "lip_cli.spectra",
     "principal_angles": "lip_cli.spectra",
+    "match_vectors": "lip_cli.spectra",
+    "compare_series": "lip_cli.jobs.compare",
+    "parse_threshold": "lip_cli.gate",
+    "read_baseline": "lip_cli.baseline",
 }
 
 __all__ = ["__version__", *_EXPORTS]

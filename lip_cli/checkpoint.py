@@ -118,6 +118,11 @@ def _load_safetensors(path: Path) -> Checkpoint:
 
     with safe_open(str(path), framework="pt") as handle:
         metadata = dict(handle.metadata() or {})
+        if "lip_baseline" in metadata:  # lip_cli.baseline.MARKER
+            raise LipError(
+                f"{path}: a lip baseline (lip inspect --save-baseline), not a checkpoint; only lip compare "
+                "takes it, as the reference"
+            )
         state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
     return Checkpoint(path=path, format="safetensors", state=state, metadata=metadata)
 

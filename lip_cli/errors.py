@@ -5,8 +5,10 @@ from __future__ import annotations
 EXIT_OK = 0  # done: a repair confirmed and written, a given k written as asked, or --force-write
 EXIT_BAD_INPUT = 1  # a LipError, or out of memory
 EXIT_USAGE = 2  # a bad command line (click's code)
-EXIT_UNCONFIRMED = 3  # --k auto confirmed nothing (or had no validation set): no changed head written
+EXIT_UNCONFIRMED = 3  # --k auto confirmed nothing (or had no validation set): no changed head written;
+# lip compare: an accuracy gate whose rows are too few to tell
 EXIT_REFUSED = 4  # a given k that the validation set shows lower by any amount: not written
+EXIT_GATE_FAILED = 5  # lip compare: a --fail-below / --fail-above threshold was crossed
 EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT)
 EXIT_TERMINATED = 143  # SIGTERM: 128 + 15, what shells and supervisors expect
 OUTCOME_EXIT_CODES = {
@@ -16,6 +18,9 @@ OUTCOME_EXIT_CODES = {
     "unconfirmed": EXIT_UNCONFIRMED,
     "refused": EXIT_REFUSED,
 }
+
+
+GATE_EXIT_CODES = {"passed": EXIT_OK, "too few rows": EXIT_UNCONFIRMED, "failed": EXIT_GATE_FAILED}
 
 
 def outcome_exit_code(outcome: str, forced: bool = False) -> int:

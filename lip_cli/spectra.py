@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -93,3 +95,42 @@ def principal_angles(v_a: Tensor, v_b: Tensor, k: int) -> Tensor:
     """Principal angles (radians, ascending) between the spans of the first k columns of each."""
     cosines = torch.linalg.svdvals(v_a[:, :k].T @ v_b[:, :k]).clamp(-1.0, 1.0)
     return torch.arccos(cosines)
+
+
+SAME_VECTOR_SINE = 1e-3  # a float32 repair's vectors move ~1e-5 on the demo; unrelated heads' by > 0.1
+
+
+@dataclass(frozen=True)
+class VectorMatch:
+    """B's right singular vectors matched one to one with A's, up to sign (see `match_vectors`)."""
+
+    order: list[int]  # order[i]: B's component (0-based, by rank) that holds A's i-th vector
+    sines: list[float]  # sine of the angle between A's i-th vector and its match
+
+    @property
+    def reordered(self) -> bool:
+        """Whether B ranks the shared vectors in another order than A (re-fitted values re-sort)."""
+        return self.order != list(range(len(self.order)))
+
+    def values_by_vector(self, values_b: Sequence[float]) -> list[float]:
+        """B's singular values in A's order: entry i is B's value on A's i-th vector."""
+        return [float(values_b[j]) for j in self.order]
+
+
+def match_vectors(v_a: Tensor, v_b: Tensor, tolerance: float = SAME_VECTOR_SINE) -> VectorMatch | None:
+    """Whether B holds A's right singular vectors, up to sign and order, and in which order.
+
+    A head that `lip repair` re-fitted (LAP keeps U and V, changes the tail's values) has them, but
+    ranks them by its new values, so phi and the principal angles by rank compare different
+    vectors. Each of A's vectors is matched with B's closest by |cosine|; None unless every sine is
+    at most `tolerance` (below 1/sqrt(2), two of A's orthonormal vectors cannot share a match).
+    """
+    if v_a.shape != v_b.shape or v_a.shape[1] == 0:
+        return None
+    cosines = (v_a.T.to(torch.float64) @ v_b.to(torch.float64)).abs()
+    best = cosines.max(dim=1)
+    order = [int(index) for index in best.indices]  # one to one once every sine is small: V is orthonormal
+    sines = (1.0 - best.values.clamp(max=1.0) ** 2).clamp(min=0.0).sqrt()
+    if bool((sines > tolerance).any()):
+        return None
+    return VectorMatch(order, [float(sine) for sine in sines])

@@ -219,7 +219,7 @@ def command_lines(folder: Path) -> dict[str, tuple[list[object], object, str]]:
             "repair_checkpoint",
         ),
         "inspect": (["inspect", paths["model"]], inspect_job, "inspect_checkpoint"),
-        "compare": (["compare", paths["model"], folder / "other.pt"], compare_job, "compare_checkpoints"),
+        "compare": (["compare", paths["model"], folder / "other.pt"], compare_job, "compare_series"),
         "features": (
             [
                 "features",
@@ -320,7 +320,7 @@ def test_a_missing_checkpoint_under_json_from_a_shell(tmp_path: Path) -> None:
 def test_every_exit_code_is_in_the_table() -> None:
     table = (ROOT / "docs" / "exit-codes.md").read_text()
     codes = {value for name, value in vars(errors).items() if name.startswith("EXIT_")}
-    assert codes == {0, 1, 2, 3, 4, 130, 143}
+    assert codes == {0, 1, 2, 3, 4, 5, 130, 143}
     for code in codes:
         assert f"| {code} |" in table, code
     for outcome in errors.OUTCOME_EXIT_CODES:

@@ -109,6 +109,14 @@ def inspect(
             rich_help_panel=OUTPUT,
         ),
     ] = False,
+    save_baseline: Annotated[
+        Path | None,
+        typer.Option(
+            "--save-baseline",
+            help="Also save what lip compare needs of the layer (--layer, else the likely classifier) to "
+            "this small safetensors file: its singular values and vectors, the source's sha256.",
+        ),
+    ] = None,
     device: DeviceOption = Device.cpu,
     chunk_rows: ChunkRowsOption = 16384,
     plot: PlotOption = None,
@@ -124,6 +132,10 @@ def inspect(
         raise usage_error(
             "takes one checkpoint and no --label; run lip inspect once per checkpoint", "--features"
         )
+    if series and save_baseline is not None:
+        raise usage_error(
+            "saves the baseline of one checkpoint; run lip inspect once per checkpoint", "--save-baseline"
+        )
     check_series_labels(names, len(checkpoints))
     with user_errors(json_output):
         from lip_cli import files, plots
@@ -133,7 +145,8 @@ def inspect(
         from lip_cli.render import inspect as view
 
         inputs = input_files(checkpoints, features, labels)
-        files.check_paths(inputs, [files.Output(plot) if plot else None], force)
+        baseline_output = files.Output(save_baseline) if save_baseline else None
+        files.check_paths(inputs, [files.Output(plot) if plot else None, baseline_output], force)
         if series:
             with console.progress_bar(enabled=not json_output) as progress:
                 spectra = job.inspect_series(checkpoints, layer, names or (), progress)
@@ -145,6 +158,10 @@ def inspect(
                 view.render_series(spectra)
             return
         checkpoint = checkpoints[0]
+        if save_baseline is not None:
+            job.save_baseline(checkpoint, layer, save_baseline)
+            if not json_output:
+                console.stdout().print(f"wrote the baseline {save_baseline}", soft_wrap=True, markup=False)
         with console.progress_bar(enabled=not json_output) as progress:
             if layer is None and features is None and labels is None:
                 table = job.inspect_checkpoint(checkpoint, progress)

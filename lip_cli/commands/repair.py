@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 
@@ -22,6 +24,8 @@ from lip_cli.options import (
     PlotOption,
     usage_error,
 )
+
+T = TypeVar("T")
 
 
 class Targets(StrEnum):
@@ -217,6 +221,12 @@ def repair(
         ),
     ] = False,
     plot: PlotOption = None,
+    junit: Annotated[
+        Path | None,
+        typer.Option(
+            "--junit", metavar="PATH", help="Also write a JUnit XML report.", rich_help_panel=OUTPUT
+        ),
+    ] = None,
     dry_run: Annotated[
         bool,
         typer.Option(
@@ -258,6 +268,7 @@ def repair(
             force_write=force_write,
             alpha=alpha,
             plot=plot,
+            junit=junit,
         )
         leader = distributed.is_leader()
         for path in job.outputs_in_the_way(request) if leader else []:
@@ -266,8 +277,12 @@ def repair(
                 + ("it confirms a k" if k == "auto" else "validation does not refuse the k")
             )
         with console.progress_bar(enabled=not json_output and distributed.is_leader()) as progress:
-            result = job.repair_checkpoint(request, progress, console.warning if leader else None)
+            result = _with_junit_error(
+                junit, lambda: job.repair_checkpoint(request, progress, console.warning if leader else None)
+            )
         if distributed.is_leader():
+            if junit is not None:
+                _write_junit(junit, view.repair_document(result))
             if plot is not None:
                 plots.plot_k_curve(
                     result.k_curve, plot, title=f"{result.layer.name}: accuracy after PSP + LAP"
@@ -279,3 +294,29 @@ def repair(
             else:
                 view.render_repair(result)
     raise typer.Exit(result.exit_code)
+
+
+def _write_junit(path: Path, document: dict) -> None:
+    from lip_cli.render import ci
+    from lip_cli.writes import atomic_output
+
+    with atomic_output(path) as temporary:
+        temporary.write_text(ci.junit_xml("lip repair", [ci.repair_case(document)]), encoding="utf-8")
+
+
+def _with_junit_error(junit: Path | None, run: Callable[[], T]) -> T:
+    """`run()`; a failure once the outputs were checked (`files.checked` holds --junit) also writes
+    an <error> case there."""
+    from lip_cli import distributed, files
+    from lip_cli.errors import LipError
+    from lip_cli.render import ci
+    from lip_cli.writes import atomic_output
+
+    try:
+        return run()
+    except LipError as failure:
+        if junit is not None and distributed.is_leader() and files.write_location(junit) in files.checked:
+            with contextlib.suppress(LipError), atomic_output(junit) as temporary:  # the failure's line stays
+                xml = ci.junit_xml("lip repair", [ci.error_case("repair", str(failure))])
+                temporary.write_text(xml, encoding="utf-8")
+        raise

@@ -12,7 +12,7 @@ import torch
 
 from lip_cli import checkpoint, lip, selection, spectra
 from lip_cli.errors import LipError
-from lip_cli.jobs.common import check_statistics, classifier_for, layer_tensors, resolve_device
+from lip_cli.jobs.common import check_statistics, classifier_for, layer_tensors, refuse_empty, resolve_device
 from lip_cli.labelled import open_labelled_features
 from lip_cli.progress import Progress, no_progress
 from lip_cli.statistics_pass import statistics_pass
@@ -226,3 +226,19 @@ def inspect_series(
         layers.append(report)
         progress("spectra", index + 1, len(paths))
     return SeriesReport(names, layers)
+
+
+def save_baseline(path: Path, layer_name: str | None, output: Path) -> Path:
+    """`lip inspect --save-baseline`: what `lip compare` needs of this layer, without the checkpoint
+    (`lip_cli.baseline`), written atomically to `output` (checked by the path policy before)."""
+    from lip_cli import baseline
+    from lip_cli.digests import sha256_of
+
+    model = checkpoint.load_checkpoint(path)
+    layer = checkpoint.layer_by_name(model, layer_name) if layer_name else checkpoint.likely_classifier(model)
+    refuse_empty(model, layer)
+    weight, _ = layer_tensors(model, layer)
+    dtype = str(layer.dtype).removeprefix("torch.")
+    record = baseline.from_weight(weight, layer.name, dtype, baseline.provenance_of(path, sha256_of(path)))
+    baseline.write_baseline(record, output)
+    return Path(output)

@@ -50,6 +50,7 @@ class RepairRequest:
     force_write: bool = False  # write what the evidence withholds: auto's unchanged copy, a refused k
     alpha: float = 0.05  # level of the one-sided McNemar test that confirms a k
     plot: Path | None = None  # the caller draws the figure; checked here with the other outputs
+    junit: Path | None = None  # the caller writes the JUnit report; checked here likewise
 
     def __post_init__(self) -> None:
         if self.targets is None:
@@ -181,6 +182,8 @@ def repair_outputs(request: RepairRequest, output: Path | None) -> list[files.Ou
     """Every file `lip repair` writes: the checkpoint (in the input's format), its provenance
     sidecar (.pt) and the figure."""
     outputs = [] if request.plot is None else [files.Output(Path(request.plot))]
+    if request.junit is not None:
+        outputs.append(files.Output(Path(request.junit), suffixes=(".xml",)))
     if output is None:
         return outputs
     source = Path(request.checkpoint)

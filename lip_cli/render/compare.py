@@ -64,6 +64,7 @@ def render_compare(report: Any) -> None:
     for k, degrees in report.largest_angle_degrees.items():
         angles.add_row(str(k), f"{degrees:.2f}")
     console.print(angles)
+    render_same_vectors(report)
 
 
 def render_compare_series(reports: Sequence[Any], labels: Sequence[str]) -> None:
@@ -113,6 +114,8 @@ def render_compare_series(reports: Sequence[Any], labels: Sequence[str]) -> None
     console.print("[bold]largest principal angle[/] (degrees) between the top-k right singular subspaces")
     angles = [[f"{report.largest_angle_degrees[k]:.2f}" for k in sizes] for report in reports]
     console.print(_by_size_table(names, sizes, angles))
+    for name, report in zip(names, reports, strict=True):
+        render_same_vectors(report, name)
 
 
 def _by_size_table(names: Sequence[str], sizes: Sequence[int], columns: list[list[str]]) -> Table:
@@ -139,14 +142,159 @@ def compare_document(report: Any) -> dict[str, Any]:
             "values": report.phi,
         },
         "largest_principal_angle_degrees": {str(k): v for k, v in report.largest_angle_degrees.items()},
+        "same_vectors": same_vectors_document(report),
+        "accuracy": accuracy_document(report.accuracy),
+        "reference_baseline": report.baseline_a,
+        "gate": gate_document([report]),
     }
 
 
+def compare_pair_document(report: Any) -> dict[str, Any]:
+    """`lip compare A B --json`: the comparison with its gate's verdict."""
+    return compare_document(report)
+
+
 def compare_series_document(reports: Sequence[Any], labels: Sequence[str]) -> dict[str, Any]:
-    """One entry per comparison, in order, each the document of `lip compare REF X`."""
+    """One entry per comparison, in order, each the document of `lip compare REF X`; `gate` holds
+    the verdict over all of them."""
     return {
         "reference": str(reports[0].checkpoint_a),
         "labels": list(labels),
         "layer": reports[0].layer,
         "comparisons": [compare_document(report) for report in reports],
+        "gate": gate_document(reports),
+    }
+
+
+def render_same_vectors(report: Any, label: str = "B") -> None:
+    """A compared head that holds the reference's singular vectors (a repair of it): said so, with
+    its values matched by vector, since by rank its re-fitted values re-sort the components."""
+    match = report.same_vectors
+    if match is None:
+        return
+    console = stdout()
+    order = "in another order" if match.reordered else "in the same order"
+    console.print(
+        f"[bold]{escape(label)} holds the reference's right singular vectors[/] (each within "
+        f"{max(match.sines):.1g} of one, up to sign), {order}: a repair of it. Matched by vector, "
+        "phi(k, k) = 1 and every angle is 0; the tables by rank compare components that its re-fitted "
+        "values re-sort.",
+        soft_wrap=not console.is_terminal,
+    )
+    table = Table(title="singular values by vector", title_justify="left")
+    for column in ("i", "A", f"{label} (same vector)", "B / A", f"rank in {label}"):
+        table.add_column(escape(column), justify="right")
+    values_b = match.values_by_vector(report.spectrum_b.singular_values)
+    ratios = report.ratio_by_vector
+    for index in spectrum_rows(len(values_b), 0, head=8, around=0, tail=4):
+        if index is None:
+            table.add_row("…", "", "", "", "")
+            continue
+        table.add_row(
+            str(index + 1),
+            f"{report.spectrum_a.singular_values[index]:.4g}",
+            f"{values_b[index]:.4g}",
+            "-" if ratios[index] is None else f"{ratios[index]:.3f}",
+            str(match.order[index] + 1),
+        )
+    console.print(table)
+
+
+def render_gate(reports: Sequence[Any], labels: Sequence[str]) -> None:
+    """The accuracy test and the thresholds of each comparison, then the gate's verdict."""
+    console = stdout()
+    for report, label in zip(reports, labels, strict=True):
+        test = report.accuracy
+        if test is not None:
+            low, high = test.interval
+            counts = test.counts
+            console.print(
+                f"[bold]validation accuracy[/] of {escape(label)} against the reference on {counts.rows:,} "
+                f"rows: {100 * counts.change:+.1f} pt (95% CI {100 * low:+.1f} to {100 * high:+.1f}), "
+                f"{counts.gains} rows gained, {counts.losses} lost, p = {test.p_value_drop:.2g} for a drop",
+                soft_wrap=not console.is_terminal,
+            )
+    checks = [check for report in reports for check in report.checks]
+    if not checks:
+        return
+    table = Table(title="gate", title_justify="left")
+    for column in ("checkpoint", "check", "result"):
+        table.add_column(column, overflow="fold")
+    style = {"passed": "green", "failed": "bold red", "too few rows": "yellow"}
+    for check in checks:
+        table.add_row(
+            escape(check.comparison),
+            escape(check.threshold.rule),
+            f"[{style[check.verdict]}]{check.verdict}[/]: {escape(check.detail)}",
+        )
+    console.print(table)
+    verdict = reports[0].verdict if len(reports) == 1 else gate_verdict(reports)
+    from lip_cli.errors import GATE_EXIT_CODES
+
+    words = {"passed": "gate passed", "failed": "gate failed", "too few rows": "too few rows to tell"}
+    console.print(f"[{style[verdict]}]{words[verdict]}[/] (exit {GATE_EXIT_CODES[verdict]})")
+
+
+def gate_verdict(reports: Sequence[Any]) -> str:
+    from lip_cli import gate
+
+    return gate.verdict([check for report in reports for check in report.checks])
+
+
+def check_document(check: Any) -> dict[str, Any]:
+    threshold = check.threshold
+    return {
+        "threshold": threshold.text,
+        "metric": threshold.metric,
+        "k": threshold.k,
+        "limit": threshold.value,
+        "relative": threshold.relative,
+        "direction": threshold.direction,
+        "comparison": check.comparison,
+        "value": check.value,
+        "verdict": check.verdict,
+        "detail": check.detail,
+    }
+
+
+def gate_document(reports: Sequence[Any]) -> dict[str, Any]:
+    from lip_cli.errors import GATE_EXIT_CODES
+
+    verdict = gate_verdict(reports)
+    return {
+        "verdict": verdict,
+        "exit_code": GATE_EXIT_CODES[verdict],
+        "checks": [check_document(check) for report in reports for check in report.checks],
+    }
+
+
+def accuracy_document(test: Any) -> dict[str, Any] | None:
+    if test is None:
+        return None
+    counts = test.counts
+    return {
+        "rows": counts.rows,
+        "both_right": counts.both,
+        "gained": counts.gains,
+        "lost": counts.losses,
+        "both_wrong": counts.neither,
+        "accuracy_change": counts.change,
+        "ci95_accuracy_change": list(test.interval),
+        "p_value_drop": test.p_value_drop,
+        "alpha": test.alpha,
+        "drop_detected": test.drop_detected,
+        "enough_rows": test.detectable,
+        "rows_needed": test.rows_needed,
+    }
+
+
+def same_vectors_document(report: Any) -> dict[str, Any] | None:
+    match = report.same_vectors
+    if match is None:
+        return None
+    return {
+        "order": [index + 1 for index in match.order],
+        "largest_sine": max(match.sines),
+        "singular_values_b": match.values_by_vector(report.spectrum_b.singular_values),
+        "ratio": report.ratio_by_vector,
     }
