@@ -225,7 +225,8 @@ def repair(
                 + ("it confirms a k" if k == "auto" else "validation does not refuse the k")
             )
         with console.progress_bar(enabled=not json_output and distributed.is_leader()) as progress:
-            result = job.repair_checkpoint(request, progress, console.warning if leader else None)
+            note = console.warning if leader and console.stderr().is_terminal else None  # as progress
+            result = job.repair_checkpoint(request, progress, note)
         if distributed.is_leader():
             if plot is not None:
                 plots.plot_k_curve(
