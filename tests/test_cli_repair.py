@@ -397,9 +397,6 @@ def test_bad_input_fails_with_one_line_and_leaves_nothing(tmp_path: Path, head, 
     assert result.exit_code == 1, result.output
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
-    if case == "nan features":  # found in the pass, after the note that nothing will check --k 1
-        assert lines[0].startswith("warning: --k 1 without --val-features: nothing will check")
-        lines = lines[1:]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert message in lines[0]
     assert "Traceback" not in result.output

@@ -166,10 +166,14 @@ def test_a_given_k_is_written_as_asked_and_says_what_checked_it(tmp_path: Path) 
     changed = float((before.argmax(1) != after.argmax(1)).double().mean())
     assert document["train_prediction_rows"] == 400
     assert document["train_predictions_changed"] == pytest.approx(changed) and 0 < changed < 1
-    # said before the run (the first line, ahead of the pass) and after it, with the figures
+    # said before the run (at a terminal, ahead of the pass, as the progress is) and after it
+    said: list[str] = []
+    request = repair_job.RepairRequest(paths["model"], paths["features"], 2, dry_run=True)
+    repair_job.repair_checkpoint(request, lambda task, done, total: said.append(task), said.append)
+    assert said[0].startswith("--k 2 without --val-features: nothing will check this k")
+    assert "statistics" in said[1:]
     dry_run = run(*repair_args(paths, "--k", 2, "--dry-run", val=False))
     dry = " ".join(dry_run.stderr.split())
-    assert dry.startswith("warning: --k 2 without --val-features: nothing will check this k")
     train = document["accuracy"]
     assert (
         f"nothing checked k = 2 (no --val-features): it changes the predicted class of {100 * changed:.1f}% "

@@ -143,7 +143,7 @@ def test_array_files_are_recognised_by_content_too(tmp_path: Path) -> None:
     shutil.move(tmp_path / "val.data.npz", tmp_path / "val.data")
     result = run(
         "repair", tmp_path / "model.ckpt", "-f", tmp_path / "features.cache", "--k", 1,
-        "--val-features", tmp_path / "val.data", "--json",
+        "--val-features", tmp_path / "val.data", "--json", "--force-write",  # k = 1 is lower here
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     (tmp_path / "text.txt").write_text("not an array\n")

@@ -277,9 +277,8 @@ def repair(
                 + ("it confirms a k" if k == "auto" else "validation does not refuse the k")
             )
         with console.progress_bar(enabled=not json_output and distributed.is_leader()) as progress:
-            result = _with_junit_error(
-                junit, lambda: job.repair_checkpoint(request, progress, console.warning if leader else None)
-            )
+            note = console.warning if leader and console.stderr().is_terminal else None  # as progress
+            result = _with_junit_error(junit, lambda: job.repair_checkpoint(request, progress, note))
         if distributed.is_leader():
             if junit is not None:
                 _write_junit(junit, view.repair_document(result))

@@ -578,9 +578,12 @@ def _check_repaired(repaired: lip.RepairedHead, where: str) -> None:
 def _check_not_there(outputs: list[files.Output]) -> None:
     """An existing output of a run sure to write, refused before the work (after the usage errors)."""
     for out in outputs:
-        if out.deferred and os.path.lexists(out.path):
-            what = "is a dangling link" if not out.path.exists() else "already exists"
-            raise LipError(f"{out.path}: {what}; pass --force to overwrite it")
+        if out.deferred and os.path.lexists(out.path) and not out.path.exists():
+            raise LipError(
+                f"{out.path}: is a dangling link (to {os.readlink(out.path)}); pass --force to replace the link"
+            )
+        if out.deferred and out.path.exists():
+            raise LipError(f"{out.path}: already exists; pass --force to overwrite it")
 
 
 def _check_split_size(val: LabelledFeatures, alpha: float) -> None:
