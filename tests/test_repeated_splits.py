@@ -39,13 +39,13 @@ def _null_problem(seed: int) -> tuple[LapStatistics, torch.Tensor, torch.Tensor]
 
 
 def test_repeated_splits_keep_the_level_where_the_best_split_would_not() -> None:
-    """120 null problems, 5 splits each: the aggregate changes the head in at most alpha of them
-    (measured 2 of 120), where taking the best of the 5 splits (seed shopping) changes 13."""
+    """80 null problems, 5 splits each: the aggregate changes the head in at most alpha of them,
+    where taking the best of the 5 splits (seed shopping) changes about twice alpha."""
     changed = 0
-    for seed in range(120):
+    for seed in range(80):
         stats, z, y = _null_problem(seed)
         changed += selection.auto_k_repeated(stats, z, y, "logit-scale", 0.05, splits=5).confirmed
-    assert changed <= 6
+    assert changed <= 4  # alpha of 80
 
 
 def test_one_split_is_auto_k() -> None:

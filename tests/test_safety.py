@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 from lip_cli import checkpoint as checkpoint_module
 from lip_cli.cli import app
+from lip_cli.lip import DEFAULT_TARGETS
 from lip_cli.render import repair as repair_view
 
 runner = CliRunner(env={"COLUMNS": "200"})
@@ -41,7 +42,7 @@ def test_pt_provenance_sidecar(tmp_path: Path, head) -> None:
     result = run("repair", paths["model"], "-f", paths["features"], "--k", 2)
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "model.lip.pt.lip.json").read_text())
-    assert record["k"] == 2 and record["layer"] == "fc" and record["targets"] == "paper"
+    assert record["k"] == 2 and record["layer"] == "fc" and record["targets"] == DEFAULT_TARGETS
     assert record["input_sha256"] == sha256(paths["model"])
     assert record["features_sha256"] == sha256(paths["features"])
     assert record["k_selection"] == "given" and "labels.npy" in record["labels"]

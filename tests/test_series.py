@@ -75,7 +75,15 @@ def test_one_checkpoint_keeps_its_documents(tmp_path: Path) -> None:
     table = json.loads(run("inspect", path, "--json").stdout)
     assert [layer["name"] for layer in table["layers"]] == ["body", "fc"]
     layer = unversioned(run("inspect", path, "--layer", "fc", "--json"))
-    assert set(layer) == {"checkpoint", "layer", "samples", "labels_source", "k_curve", "provenance"}
+    assert set(layer) == {
+        "checkpoint",
+        "layer",
+        "samples",
+        "labels_source",
+        "k_curve",
+        "targets",
+        "provenance",
+    }
     labelled = json.loads(run("inspect", path, "--label", "clean", "--json").stdout)
     assert [entry["label"] for entry in labelled["checkpoints"]] == ["clean"]
     assert without_label(labelled["checkpoints"][0]) == layer
