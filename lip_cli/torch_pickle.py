@@ -812,7 +812,10 @@ def _read_zip(path: Path, handle: BinaryIO) -> TorchFile:
         else:
             data = _inflate(archive, pickled, path, MAX_PICKLE_BYTES)
         byteorder = prefix + "byteorder"
-        big = any(info.filename == byteorder for info in infos) and archive.read(byteorder)[:3] == b"big"
+        big = False
+        if any(info.filename == byteorder for info in infos):
+            with archive.open(byteorder) as record:  # a few bytes, however much it would inflate to
+                big = record.read(16).startswith(b"big")
         walk = _Walk(data, path, persistent=True, legacy=False)
         root, _ = walk.run(0)
         records: dict[str, Record] = {}
