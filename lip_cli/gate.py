@@ -137,7 +137,7 @@ class AccuracyTest:
     counts: selection.PairedCounts  # before = the reference A, after = the compared head B
     alpha: float
     p_value_drop: float  # one-sided: B worse than A
-    interval: tuple[float, float]  # 95% CI of the change B - A
+    interval: tuple[float, float]  # the change B - A, each end a one-sided (1 - alpha) bound
     drop_detected: float  # the drop this test detects with probability power.LEVEL
     detectable: bool  # whether these rows detect it with probability power.LEVEL
     rows_needed: int | None  # rows that would, at the measured discordance
@@ -156,7 +156,7 @@ def accuracy_test(counts: selection.PairedCounts, alpha: float, margin: float) -
         counts=counts,
         alpha=alpha,
         p_value_drop=selection.mcnemar_p_value(counts.losses, counts.gains),
-        interval=selection.change_interval(counts),
+        interval=selection.change_bounds(counts, alpha),
         drop_detected=drop,
         detectable=detectable,
         rows_needed=None if detectable else power.rows_needed(measured, alpha, drop),
@@ -170,7 +170,8 @@ def judge_accuracy(threshold: Threshold, comparison: str, test: AccuracyTest) ->
     low, high = test.interval
     measured = (
         f"accuracy change {100 * counts.change:+.1f} pt on {counts.rows:,} rows "
-        f"(95% CI {100 * low:+.1f} to {100 * high:+.1f} pt), p = {test.p_value_drop:.2g} for a drop"
+        f"({100 * (1 - 2 * test.alpha):g}% CI {100 * low:+.1f} to {100 * high:+.1f} pt), "
+        f"p = {test.p_value_drop:.2g} for a drop"
     )
     if test.p_value_drop <= test.alpha and counts.change < threshold.value:
         return Check(threshold, comparison, counts.change, FAILED, f"{measured}: significantly worse")

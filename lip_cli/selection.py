@@ -575,7 +575,7 @@ def auto_k_on(
     selection: Part,
     confirmation: Part,
     rank: int,
-    targets: str = "paper",
+    targets: str = lip.DEFAULT_TARGETS,
     alpha: float = 0.05,
     data: str = "val",
     *,
@@ -675,8 +675,9 @@ def one_split(
     p = 1 where the choice is the unrepaired layer (nothing to test)."""
     options = lip.TARGETS if targets == AUTO_TARGETS else (targets,)
     confirm = split_rows(torch.ones(int(labels.shape[0]), dtype=torch.bool), seed)
-    chooses, confirms = [(projections[~confirm], labels[~confirm])], [(projections[confirm], labels[confirm])]
-    option, _, _, best, _, test = _choose_and_test(stats, chooses, confirms, options, _same)
+    chooses = rows_part(stats, [(projections[~confirm], labels[~confirm])])
+    confirms = rows_part(stats, [(projections[confirm], labels[confirm])])
+    option, _, _, best, _, test = _choose_and_test(stats.svd.rank, chooses, confirms, options)
     return option, best, 1.0 if best == stats.svd.rank else mcnemar_p_value(test.gains, test.losses)
 
 

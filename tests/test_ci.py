@@ -154,6 +154,7 @@ def lip(*args: object, env: dict[str, str] | None = None):
 
 def compare_json(*args: object) -> tuple[int, dict]:
     result = lip("compare", *args, "--json", "--no-step-summary")
+    assert result.stdout, (result.exit_code, result.stderr, repr(result.exception))
     return result.exit_code, json.loads(result.stdout)
 
 

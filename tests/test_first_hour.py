@@ -192,7 +192,7 @@ def test_out_folders_are_made_only_for_a_run_that_succeeds(own_model: Path) -> N
     result = features(own_model, "train", "file/x/train.npy")
     assert (
         result.exit_code == 1
-        and result.stderr == f"error: file/x/train.npy: {own_model / 'file'} is a file, not a folder\n"
+        and result.stderr == "error: file/x/train.npy: file is a file, not a folder\n"  # named as given
     )
     result = features(own_model, "train", "dangling/x/train.npy")
     assert (

@@ -59,7 +59,7 @@ def test_the_accuracy_test_is_the_exact_test_lip_has() -> None:
     counts = selection.PairedCounts(both=900, gains=10, losses=40, neither=50)
     test = gate.accuracy_test(counts, alpha=0.05, margin=-0.01)
     assert test.p_value_drop == selection.mcnemar_p_value(40, 10)
-    assert test.interval == selection.change_interval(counts)
+    assert test.interval == selection.change_bounds(counts, 0.05)
     assert test.detectable == (power.power(1000, 0.05, 0.01, 0.05) >= power.LEVEL)
     threshold = gate.parse_threshold("accuracy=-0.01", "below")
     assert gate.judge_accuracy(threshold, "b", test).verdict == gate.FAILED  # -3 pt, p ~ 1e-5

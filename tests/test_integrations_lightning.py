@@ -164,7 +164,7 @@ def test_the_callback_decides_as_the_command_on_the_same_rows(tmp_path: Path, ca
     assert float(logged[0]["lip/confirmed"]) == (case == "repaired")
     if case == "repaired":
         assert float(logged[0]["lip/p_value"]) == pytest.approx(command["test"]["p_value"])
-        assert float(logged[0]["lip/ci95_low"]) > 0
+        assert float(logged[0]["lip/ci_low"]) > 0
 
 
 def test_without_a_validation_loader_nothing_changes(tmp_path: Path) -> None:
@@ -213,7 +213,7 @@ def test_options_are_checked_when_the_callback_is_built_with_the_commands_messag
     for bad in ({"k": -1}, {"k": "8"}, {"targets": "papers"}, {"seed": -1}, {"compute_dtype": "float16"}):
         with pytest.raises(LipError, match=f"--{next(iter(bad)).replace('_', '-')} "):
             LipCallback(**bad)
-    assert LipCallback().request.targets == "logit-scale" and LipCallback(k=4).request.targets == "paper"
+    assert LipCallback().request.targets == "logit-scale" and LipCallback(k=4).request.targets == "logit-scale"
     with pytest.raises(LipError, match="the model has no module `head`"):  # before any training
         trainer(tmp_path, LipCallback(layer="head"), logger=False).fit(collapsed_head(), *loaders(40, 40))
 

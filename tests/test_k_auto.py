@@ -538,7 +538,7 @@ def test_provenance_records_what_judged_k(tmp_path: Path) -> None:
     # a given k with its labels apart, and one that nothing checked
     np.save(tmp_path / "vx.npy", np.load(val)["features"])
     np.save(tmp_path / "vy.npy", np.load(val)["labels"])
-    given = ["repair", paths["model"], "-f", paths["features"], "--k", "0", "--force"]
+    given = ["repair", paths["model"], "-f", paths["features"], "--k", "0", "--targets", "paper", "--force"]
     assert run(*given, "--val-features", tmp_path / "vx.npy", "--val-labels", tmp_path / "vy.npy").exit_code == 0
     record = json.loads((tmp_path / "model.lip.pt.lip.json").read_text())
     assert record["val_labels_sha256"] == hashlib.sha256((tmp_path / "vy.npy").read_bytes()).hexdigest()
@@ -546,4 +546,4 @@ def test_provenance_records_what_judged_k(tmp_path: Path) -> None:
     assert run(*given).exit_code == 0
     record = json.loads((tmp_path / "model.lip.pt.lip.json").read_text())
     assert record["outcome"] == "unchecked" and record["checked"] is False and record["val_features"] is None
-    assert "not checked by any validation rows" in " ".join(run("inspect", tmp_path / "model.lip.pt").stderr.split())
+    assert "not checked by any validation rows" in " ".join(run("inspect", tmp_path / "model.lip.pt").stdout.split())

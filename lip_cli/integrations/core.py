@@ -337,7 +337,7 @@ def _record(
 def _metrics(record: dict[str, Any]) -> dict[str, float]:
     """The numbers of the record a logger takes, under `lip/`."""
     test = record["test"] or {}
-    low, high = test.get("ci95_accuracy_change") or (None, None)
+    low, high = test.get("ci_accuracy_change") or (None, None)
     values = {
         "k": record["k"],
         "rank": record["rank"],
@@ -348,8 +348,8 @@ def _metrics(record: dict[str, Any]) -> dict[str, float]:
         "energy_kept": record["energy_kept"],
         "p_value": test.get("p_value"),
         "accuracy_change": test.get("accuracy_change"),
-        "ci95_low": low,
-        "ci95_high": high,
+        "ci_low": low,
+        "ci_high": high,
         "confirmation_rows": test.get("confirmation_rows"),
         "smallest_detectable_gain": test.get("smallest_detectable_gain"),
         "validation_rows_for_1pt_gain": test.get("validation_rows_for_1pt_gain"),

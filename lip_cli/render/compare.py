@@ -210,7 +210,8 @@ def render_gate(reports: Sequence[Any], labels: Sequence[str]) -> None:
             counts = test.counts
             console.print(
                 f"[bold]validation accuracy[/] of {escape(label)} against the reference on {counts.rows:,} "
-                f"rows: {100 * counts.change:+.1f} pt (95% CI {100 * low:+.1f} to {100 * high:+.1f}), "
+                f"rows: {100 * counts.change:+.1f} pt ({100 * (1 - 2 * test.alpha):g}% CI {100 * low:+.1f} to "
+                f"{100 * high:+.1f}), "
                 f"{counts.gains} rows gained, {counts.losses} lost, p = {test.p_value_drop:.2g} for a drop",
                 soft_wrap=not console.is_terminal,
             )
@@ -279,7 +280,8 @@ def accuracy_document(test: Any) -> dict[str, Any] | None:
         "lost": counts.losses,
         "both_wrong": counts.neither,
         "accuracy_change": counts.change,
-        "ci95_accuracy_change": list(test.interval),
+        "ci_accuracy_change": list(test.interval),
+        "ci_level": 1 - 2 * test.alpha,
         "p_value_drop": test.p_value_drop,
         "alpha": test.alpha,
         "drop_detected": test.drop_detected,
