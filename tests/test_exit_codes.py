@@ -162,7 +162,9 @@ def test_a_given_k_is_written_as_asked_and_says_what_checked_it(tmp_path: Path) 
     # what it can measure: the share of training rows whose predicted class changes, recomputed here
     features = torch.from_numpy(np.load(paths["features"])).double()
     bias = torch.load(paths["model"], weights_only=True)["fc.bias"].double()
-    before, after = (features @ weight(path).double().T + bias for path in (paths["model"], tmp_path / "model.lip.pt"))
+    before, after = (
+        features @ weight(path).double().T + bias for path in (paths["model"], tmp_path / "model.lip.pt")
+    )
     changed = float((before.argmax(1) != after.argmax(1)).double().mean())
     assert document["train_prediction_rows"] == 400
     assert document["train_predictions_changed"] == pytest.approx(changed) and 0 < changed < 1

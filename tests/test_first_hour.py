@@ -113,8 +113,19 @@ def test_own_model_in_the_current_folder_caches_side_by_side(own_model: Path) ->
         "next: lip repair model.pt --features caches/new/train.npy --val-features caches/new/val.npy --k auto"
     )
     assert second.stdout.splitlines()[-1] == whole and "as TRAIN" not in second.stdout + first.stdout
-    repaired = run("repair", "model.pt", "-f", "caches/new/train.npy", "--val-features", "caches/new/val.npy",
-                   "--k", 1, "--dry-run", "--json", "--force-write")  # fmt: skip (a drop is refused)
+    repaired = run(
+        "repair",
+        "model.pt",
+        "-f",
+        "caches/new/train.npy",
+        "--val-features",
+        "caches/new/val.npy",
+        "--k",
+        1,
+        "--dry-run",
+        "--json",
+        "--force-write",
+    )  # fmt: skip (a drop is refused)
     assert repaired.exit_code == 0, repaired.output
     document = json.loads(repaired.stdout)
     assert document["labels_source"] == "caches/new/train.labels.npy beside the features"

@@ -213,7 +213,9 @@ def test_options_are_checked_when_the_callback_is_built_with_the_commands_messag
     for bad in ({"k": -1}, {"k": "8"}, {"targets": "papers"}, {"seed": -1}, {"compute_dtype": "float16"}):
         with pytest.raises(LipError, match=f"--{next(iter(bad)).replace('_', '-')} "):
             LipCallback(**bad)
-    assert LipCallback().request.targets == "logit-scale" and LipCallback(k=4).request.targets == "logit-scale"
+    assert (
+        LipCallback().request.targets == "logit-scale" and LipCallback(k=4).request.targets == "logit-scale"
+    )
     with pytest.raises(LipError, match="the model has no module `head`"):  # before any training
         trainer(tmp_path, LipCallback(layer="head"), logger=False).fit(collapsed_head(), *loaders(40, 40))
 

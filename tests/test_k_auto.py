@@ -524,7 +524,12 @@ def test_provenance_records_what_judged_k(tmp_path: Path) -> None:
     assert record["val_features"] == str(val) and record["val_labels"] == document["val_labels_source"]
     assert record["val_features_sha256"] == hashlib.sha256(val.read_bytes()).hexdigest()
     assert record["val_labels_sha256"] is None  # the labels are inside the features file
-    assert (record["seed"], record["alpha"], record["outcome"], record["checked"]) == (2, 0.04, "repaired", True)
+    assert (record["seed"], record["alpha"], record["outcome"], record["checked"]) == (
+        2,
+        0.04,
+        "repaired",
+        True,
+    )
     assert (record["selection_rows"], record["confirmation_rows"]) == (100, 100)
     assert record["p_value"] == test["p_value"] and record["p_value_drop"] == test["p_value_drop"]
     assert (record["discordant_gains"], record["discordant_losses"]) == (
@@ -539,11 +544,17 @@ def test_provenance_records_what_judged_k(tmp_path: Path) -> None:
     np.save(tmp_path / "vx.npy", np.load(val)["features"])
     np.save(tmp_path / "vy.npy", np.load(val)["labels"])
     given = ["repair", paths["model"], "-f", paths["features"], "--k", "0", "--targets", "paper", "--force"]
-    assert run(*given, "--val-features", tmp_path / "vx.npy", "--val-labels", tmp_path / "vy.npy").exit_code == 0
+    assert (
+        run(*given, "--val-features", tmp_path / "vx.npy", "--val-labels", tmp_path / "vy.npy").exit_code == 0
+    )
     record = json.loads((tmp_path / "model.lip.pt.lip.json").read_text())
     assert record["val_labels_sha256"] == hashlib.sha256((tmp_path / "vy.npy").read_bytes()).hexdigest()
-    assert record["outcome"] == "given" and record["selection_rows"] == 0 and record["confirmation_rows"] == 200
+    assert (
+        record["outcome"] == "given" and record["selection_rows"] == 0 and record["confirmation_rows"] == 200
+    )
     assert run(*given).exit_code == 0
     record = json.loads((tmp_path / "model.lip.pt.lip.json").read_text())
     assert record["outcome"] == "unchecked" and record["checked"] is False and record["val_features"] is None
-    assert "not checked by any validation rows" in " ".join(run("inspect", tmp_path / "model.lip.pt").stdout.split())
+    assert "not checked by any validation rows" in " ".join(
+        run("inspect", tmp_path / "model.lip.pt").stdout.split()
+    )

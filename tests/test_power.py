@@ -108,7 +108,9 @@ def test_power_grows_with_the_gain_and_the_rows_and_holds_alpha_at_no_gain(
     assert at_zero <= alpha + 1e-12  # the exact test never rejects more often than alpha under no gain
     assert power.power(rows, discordance, -low, alpha) <= at_zero + rounding
     assert at_zero <= power.power(rows, discordance, low, alpha) + rounding
-    assert power.power(rows, discordance, low, alpha) <= power.power(rows, discordance, high, alpha) + rounding
+    assert (
+        power.power(rows, discordance, low, alpha) <= power.power(rows, discordance, high, alpha) + rounding
+    )
     assert (
         power.power(rows, discordance, high, alpha)
         <= power.power(2 * rows, discordance, high, alpha) + rounding
@@ -150,9 +152,7 @@ def test_assess_states_what_a_test_could_detect() -> None:
 
 
 @settings(max_examples=30, deadline=None)
-@given(
-    rows=st.integers(1, 90), discordance=st.floats(0.01, 1.0), share=st.floats(0, 1), alpha=ALPHAS
-)
+@given(rows=st.integers(1, 90), discordance=st.floats(0.01, 1.0), share=st.floats(0, 1), alpha=ALPHAS)
 def test_the_recurrence_matches_the_direct_sum_anywhere(
     rows: int, discordance: float, share: float, alpha: float
 ) -> None:

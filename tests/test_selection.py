@@ -390,7 +390,9 @@ def test_a_collapsed_tail_is_repaired_and_confirmed() -> None:
     repaired = lip.repair(stats, decision.k, "logit-scale").weight
     after = float(((x_val @ repaired.T + stats.bias).argmax(1) == y_val).double().mean())
     assert after > collapsed + 0.05
-    confirmed = float(((x_val[confirm] @ repaired.T + stats.bias).argmax(1) == y_val[confirm]).double().mean())
+    confirmed = float(
+        ((x_val[confirm] @ repaired.T + stats.bias).argmax(1) == y_val[confirm]).double().mean()
+    )
     assert decision.accuracy(decision.k) == pytest.approx(confirmed)  # on the confirmation rows only
 
 
@@ -484,7 +486,9 @@ def test_the_selection_and_confirmation_rows_of_a_validation_set_are_disjoint(tm
     alpha=LEVELS,
     tests=st.sampled_from([1, 2]),
 )
-def test_a_decision_is_confirmed_exactly_when_its_interval_excludes_zero(counts, alpha: float, tests: int) -> None:
+def test_a_decision_is_confirmed_exactly_when_its_interval_excludes_zero(
+    counts, alpha: float, tests: int
+) -> None:
     """What the decision says (text and JSON figures) never disagrees with its test: confirmed exactly
     when the interval it shows lies above 0, at the two-sided level 1 - 2 alpha / tests."""
     test = PairedCounts(*counts)
@@ -496,4 +500,7 @@ def test_a_decision_is_confirmed_exactly_when_its_interval_excludes_zero(counts,
     assert decision.interval_level == pytest.approx(1 - 2 * alpha / tests)
     assert decision.confirmed == (low > 0)
     if decision.confirmed:
-        assert f"{100 * decision.interval_level:.4g}% CI {100 * low:+.1f} to {100 * high:+.1f} pt" in decision.reason
+        assert (
+            f"{100 * decision.interval_level:.4g}% CI {100 * low:+.1f} to {100 * high:+.1f} pt"
+            in decision.reason
+        )

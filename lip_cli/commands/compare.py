@@ -127,7 +127,9 @@ def compare(
     ] = 0.05,
     junit: Annotated[
         Path | None,
-        typer.Option("--junit", metavar="PATH", help="Also write a JUnit XML report.", rich_help_panel=OUTPUT),
+        typer.Option(
+            "--junit", metavar="PATH", help="Also write a JUnit XML report.", rich_help_panel=OUTPUT
+        ),
     ] = None,
     no_step_summary: Annotated[
         bool,

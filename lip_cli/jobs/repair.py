@@ -580,7 +580,8 @@ def _check_not_there(outputs: list[files.Output]) -> None:
     for out in outputs:
         if out.deferred and os.path.lexists(out.path) and not out.path.exists():
             raise LipError(
-                f"{out.path}: is a dangling link (to {os.readlink(out.path)}); pass --force to replace the link"
+                f"{out.path}: is a dangling link (to {os.readlink(out.path)}); "
+                "pass --force to replace the link"
             )
         if out.deferred and out.path.exists():
             raise LipError(f"{out.path}: already exists; pass --force to overwrite it")

@@ -141,13 +141,18 @@ def _evidence_text(record: dict) -> str:
         parts.append(
             f"validation {record['val_features']} (sha256 {str(record.get('val_features_sha256'))[:12]}…), "
             f"labels {record.get('val_labels')}"
-            + (f" (sha256 {str(record['val_labels_sha256'])[:12]}…)" if record.get("val_labels_sha256") else "")
+            + (
+                f" (sha256 {str(record['val_labels_sha256'])[:12]}…)"
+                if record.get("val_labels_sha256")
+                else ""
+            )
         )
     if record.get("confirmation_rows") is not None:
         parts.append(
             f"{record.get('selection_rows', 0):,} selection / {record['confirmation_rows']:,} test rows, "
             f"{record.get('discordant_gains')} gains / {record.get('discordant_losses')} losses, "
-            f"p = {record.get('p_value', float('nan')):.2g} (better), {record.get('p_value_drop', float('nan')):.2g} (worse)"
+            f"p = {record.get('p_value', float('nan')):.2g} (better), "
+            f"{record.get('p_value_drop', float('nan')):.2g} (worse)"
         )
     parts.append(f"seed {record.get('seed')}, alpha {record.get('alpha')}")
     if record.get("forced"):

@@ -210,8 +210,8 @@ def render_gate(reports: Sequence[Any], labels: Sequence[str]) -> None:
             counts = test.counts
             console.print(
                 f"[bold]validation accuracy[/] of {escape(label)} against the reference on {counts.rows:,} "
-                f"rows: {100 * counts.change:+.1f} pt ({100 * (1 - 2 * test.alpha):g}% CI {100 * low:+.1f} to "
-                f"{100 * high:+.1f}), "
+                f"rows: {100 * counts.change:+.1f} pt ({100 * (1 - 2 * test.alpha):g}% CI "
+                f"{100 * low:+.1f} to {100 * high:+.1f}), "
                 f"{counts.gains} rows gained, {counts.losses} lost, p = {test.p_value_drop:.2g} for a drop",
                 soft_wrap=not console.is_terminal,
             )

@@ -271,4 +271,3 @@ def repair_document(report: RepairReport) -> dict[str, Any]:
         "output": None if report.output is None else str(report.output),
         "warnings": report.warnings,
     }
-
