@@ -330,3 +330,29 @@ def test_demo_page_figures_are_what_the_demo_gives(demo_folder: Path) -> None:
     page = (ROOT / "docs" / "demo.md").read_text()
     assert demo_figures.block(page, "demo-intro") == demo_figures.intro_text(single)
     assert demo_figures.block(page, "demo-fixed-k") == demo_figures.fixed_k_text(single)
+
+
+def test_speed_page_figures_are_what_the_runs_saved() -> None:
+    """docs/speed.md's figures are written by benchmarks/speed_page.py from benchmarks/speed.json and
+    benchmarks/large_checkpoint.json, the files the benchmark runs saved: none is typed by hand."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import speed_page
+
+    for path, text in speed_page.generated().items():
+        assert path.read_text() == text, f"{path.name} is stale: run python benchmarks/speed_page.py"
+
+
+def test_results_speed_section_is_what_speed_json_renders(monkeypatch: pytest.MonkeyPatch) -> None:
+    """benchmarks/RESULTS.md's speed section is `speed.py --render benchmarks/speed.json`'s text."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import json
+
+    import speed
+
+    written = {}
+    monkeypatch.setattr(speed, "replace_section", lambda name, text: written.update({name: text}))
+    saved = json.loads((ROOT / "benchmarks" / "speed.json").read_text())
+    speed.write_section(saved["results"], saved["command"], saved["machine"])
+    results = (ROOT / "benchmarks" / "RESULTS.md").read_text()
+    section = results.split("<!-- speed:begin -->\n", 1)[1].split("\n<!-- speed:end -->", 1)[0]
+    assert section == written["speed"].rstrip(), "RESULTS.md's speed section is stale: speed.py --render"
