@@ -1,0 +1,69 @@
+"""Figures of the docs that follow from lip's own constants, recomputed: the sampling error of an
+accuracy curve, the fewest validation rows a confirmation needs, the size of the benchmark cache.
+(Figures of runs are generated from saved results: tests/test_docs.py checks those pages.)"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+from pathlib import Path
+
+from lip_cli import selection
+from lip_cli.commands import repair as repair_command
+from lip_cli.statistics_pass import SAMPLE_ROWS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def prose(name: str) -> str:
+    """A page with its line breaks and indents folded into single spaces."""
+    return " ".join((ROOT / name).read_text().split())
+
+
+def test_repair_page_sampling_error_follows_the_sample_size() -> None:
+    text = prose("docs/repair.md")
+    assert f"`--sample-rows` ({SAMPLE_ROWS:,}) training rows" in text
+    found = re.search(
+        r"An accuracy on ([\d,]+) rows has a standard error of at most ([\d.]+) points \(0\.5 / sqrt\((\d+)\)\)",
+        text,
+    )
+    assert found, "docs/repair.md: the standard error sentence is gone"
+    rows, error, under_root = int(found.group(1).replace(",", "")), found.group(2), int(found.group(3))
+    assert rows == under_root == SAMPLE_ROWS
+    assert error == f"{100 * 0.5 / math.sqrt(SAMPLE_ROWS):.2f}"
+    found = re.search(r"sqrt\(d / (\d+)\) for a share d .*?: ([\d.]+) points at d = ([\d.]+)%", text)
+    assert found, "docs/repair.md: the paired standard error sentence is gone"
+    assert int(found.group(1)) == SAMPLE_ROWS
+    assert found.group(2) == f"{100 * math.sqrt(float(found.group(3)) / 100 / SAMPLE_ROWS):.2f}"
+    bound = re.search(r"standard error <= ([\d.]+) points", repair_command.DETAILS["--sample-rows"])
+    assert bound and float(bound.group(1)) == round(100 * 0.5 / math.sqrt(SAMPLE_ROWS), 1)
+
+
+def test_repair_page_chunk_and_sample_defaults_are_the_commands() -> None:
+    text = prose("docs/repair.md")
+    defaults = inspect.signature(repair_command.repair).parameters
+    chunk = re.search(r"read in chunks of `--chunk-rows` \((\d+)\)", text)
+    assert chunk and int(chunk.group(1)) == defaults["chunk_rows"].default
+    assert defaults["sample_rows"].default in (None, SAMPLE_ROWS)
+
+
+def test_repair_page_fewest_rows_are_what_auto_demands() -> None:
+    found = re.search(
+        r"needs at least (\d+) rows at alpha ([\d.]+) \((\d+) at ([\d.]+)\)", prose("docs/repair.md")
+    )
+    assert found, "docs/repair.md: the fewest-rows sentence is gone"
+    assert int(found.group(1)) == selection.minimum_rows(float(found.group(2)))
+    assert int(found.group(3)) == selection.minimum_rows(float(found.group(4)))
+
+
+def test_benchmark_cache_size_is_its_shape() -> None:
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from speed import SHAPES
+
+    full = SHAPES["imagenet-full"]
+    found = re.search(r"ImageNet-1k-size float16 cache, ([\d.]+) GB of scratch", prose("docs/layout.md"))
+    assert found and full["dtype"] == "float16"
+    assert found.group(1) == f"{full['n'] * full['q'] * 2 / 1e9:.1f}"
