@@ -67,3 +67,41 @@ def test_benchmark_cache_size_is_its_shape() -> None:
     found = re.search(r"ImageNet-1k-size float16 cache, ([\d.]+) GB of scratch", prose("docs/layout.md"))
     assert found and full["dtype"] == "float16"
     assert found.group(1) == f"{full['n'] * full['q'] * 2 / 1e9:.1f}"
+
+
+def test_readme_fit_time_is_the_saved_full_size_run() -> None:
+    """README: "an ImageNet-size cache (1.28 million rows) takes under 30 s", from benchmarks/speed.json."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from speed import SHAPES
+
+    found = re.search(r"an ImageNet-size cache \(([\d.]+) million rows\) takes under (\d+) s", prose("README.md"))
+    assert found, "README.md: the fit-time sentence is gone"
+    assert found.group(1) == f"{SHAPES['imagenet-full']['n'] / 1e6:.2f}"
+    saved = json.loads((ROOT / "benchmarks" / "speed.json").read_text())["results"]["imagenet-full"]
+    assert max(saved["k"]["seconds"], saved["auto"]["seconds"]) < int(found.group(2))
+
+
+def test_features_overhead_is_the_saved_run() -> None:
+    """docs/features.md's overhead of `collect_features` is benchmarks/RESULTS.md's features section."""
+    results = (ROOT / "benchmarks" / "RESULTS.md").read_text()
+    ratio = re.search(r"lip features / plain loop: ([\d.]+)x the time", results)
+    found = re.search(r"\(ResNet-50, (\d+) images, CPU\): ([\d.]+)x the time", prose("docs/features.md"))
+    assert ratio and found
+    assert found.group(2) == f"{float(ratio.group(1)):.2f}"
+    assert f"--images {found.group(1)}" in results
+
+
+def test_pickle_bounds_in_the_docs_are_the_walks() -> None:
+    """docs/formats.md and docs/safety.md name the walk's bounds; they are torch_pickle's constants, and
+    the bomb tests build the depth the page names."""
+    from lip_cli.torch_pickle import MAX_PICKLE_BYTES, MAX_VALUES
+
+    formats, safety = prose("docs/formats.md"), prose("docs/safety.md")
+    mib = MAX_PICKLE_BYTES // 2**20
+    assert f"the pickle by {mib} MiB, the values it holds by {MAX_VALUES:,}" in formats
+    assert f"({mib} MiB of pickle, {MAX_VALUES:,} values held)" in safety
+    depth = re.search(r"(\d+) levels of shared lists", formats)
+    assert depth and f"for _ in range({depth.group(1)}):" in (ROOT / "tests" / "test_bombs.py").read_text()

@@ -27,6 +27,7 @@ Conventions of the pages (this file is their one definition):
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shlex
@@ -356,3 +357,19 @@ def test_results_speed_section_is_what_speed_json_renders(monkeypatch: pytest.Mo
     results = (ROOT / "benchmarks" / "RESULTS.md").read_text()
     section = results.split("<!-- speed:begin -->\n", 1)[1].split("\n<!-- speed:end -->", 1)[0]
     assert section == written["speed"].rstrip(), "RESULTS.md's speed section is stale: speed.py --render"
+
+
+def test_compare_page_angle_after_a_repair_is_what_compare_gives(demo_folder: Path, tmp_path: Path) -> None:
+    """docs/compare.md: after `--k 3` on the demo, compare's largest principal angle at k = 5 is the
+    one the page names (the repaired values sort in another order, so the top 5 differ)."""
+    page = " ".join((ROOT / "docs" / "compare.md").read_text().split())
+    found = re.search(r"after `--k (\d+)` on the demo, a (\d+)-degree angle at k = (\d+)\)", page)
+    assert found, "docs/compare.md: the sentence on the angle after a repair is gone"
+    k, degrees, at = found.groups()
+    repaired = tmp_path / "repaired.pt"
+    features = demo_folder / "train" / "features.npy"
+    result = runner.invoke(app, ["repair", str(demo_folder / "model.pt"), "-f", str(features), "--k", k, "-o", str(repaired)])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["compare", str(demo_folder / "model.pt"), str(repaired), "--json"])
+    angles = json.loads(result.stdout)["largest_principal_angle_degrees"]
+    assert f"{angles[at]:.0f}" == degrees
