@@ -105,3 +105,15 @@ def test_pickle_bounds_in_the_docs_are_the_walks() -> None:
     assert f"({mib} MiB of pickle, {MAX_VALUES:,} values held)" in safety
     depth = re.search(r"(\d+) levels of shared lists", formats)
     assert depth and f"for _ in range({depth.group(1)}):" in (ROOT / "tests" / "test_bombs.py").read_text()
+
+
+def test_readme_demo_description_is_the_demos_defaults() -> None:
+    from lip_cli.demo import DemoSettings
+
+    settings = DemoSettings()
+    found = re.search(r"trains a small MLP on a (\d+)-class problem with (\d+)% label noise", prose("README.md"))
+    assert found, "README.md: the demo sentence is gone"
+    assert int(found.group(1)) == settings.classes
+    assert int(found.group(2)) == round(100 * settings.noise_rate)
+    callbacks = (ROOT / "docs" / "callbacks.md").read_text()
+    assert f"# train: {round(100 * settings.noise_rate)}% of them noisy" in callbacks
