@@ -117,3 +117,14 @@ def test_readme_demo_description_is_the_demos_defaults() -> None:
     assert int(found.group(2)) == round(100 * settings.noise_rate)
     callbacks = (ROOT / "docs" / "callbacks.md").read_text()
     assert f"# train: {round(100 * settings.noise_rate)}% of them noisy" in callbacks
+
+
+def test_repair_page_grid_sizes_are_the_grids() -> None:
+    """docs/repair.md: "every k (up to 64 of them, else 65 spread out ...)" and "the best of 65"."""
+    text = prose("docs/repair.md")
+    found = re.search(r"at every k \(up to (\d+) of them, else (\d+) spread out", text)
+    assert found, "docs/repair.md: the grid sentence is gone"
+    every, spread = int(found.group(1)), int(found.group(2))
+    assert selection.k_grid(every) == list(range(every + 1))
+    assert len(selection.k_grid(every + 1)) == spread and len(selection.k_grid(10_000)) == spread
+    assert f"the best of {spread} noisy accuracy estimates" in text
