@@ -59,11 +59,13 @@ def speed_text(saved: dict) -> str:
             ratio = found[method]["seconds"] / floor
             cells.append(f"{found[method]['seconds']:.2f} s ({ratio:.2f}x)")
             if ratio > target:
-                missed.append(f"`--k {'N' if method == 'k' else 'auto'}` at {LABELS[name]} ({ratio:.2f}x > {target}x)")
+                option = "N" if method == "k" else "auto"
+                missed.append(f"`--k {option}` at {LABELS[name]} ({ratio:.2f}x > {target}x)")
         cells.append(f"{found['auto']['peak_total_mb']:.0f} MB")
         rows.append(f"| {_shape_cell(name)} | " + " | ".join(cells) + " |")
-    if "imagenet-full" in results and results["imagenet-full"]["auto"]["peak_total_mb"] > PEAK_TARGET_MB:
-        missed.append(f"the peak RSS on the full-size cache ({results['imagenet-full']['auto']['peak_total_mb']:.0f} MB)")
+    peak = results.get("imagenet-full", {}).get("auto", {}).get("peak_total_mb", 0)
+    if peak > PEAK_TARGET_MB:
+        missed.append(f"the peak RSS on the full-size cache ({peak:.0f} MB)")
     verdict = "all are met in this run" if not missed else "missed in this run: " + "; ".join(missed)
     lines = [
         "`make bench-full` (`benchmarks/speed.py --full`) times `lip repair --dry-run` end to end, process",
@@ -80,23 +82,24 @@ def speed_text(saved: dict) -> str:
         "",
         f"The targets were `--k N` <= {TARGETS['k']}x the floor and `--k auto` <= {TARGETS['auto']}x at the "
         f"two large shapes, <= {SMALL_SHAPE_TARGET:g}x at",
-        f"CIFAR-100 shape, and a peak RSS under {PEAK_TARGET_MB / 1000:g} GB on the full-size cache: {verdict}.",
+        f"CIFAR-100 shape, and a peak RSS under {PEAK_TARGET_MB / 1000:g} GB on the full-size cache: "
+        f"{verdict}.",
     ]
     large = [name for name in ("imagenet", "imagenet-full") if name in results]
     faster = [LABELS[n] for n in large if results[n]["k"]["seconds"] < results[n]["floor"]["seconds"]]
     if faster:
         lines += [
-            f"An explicit k beats the floor here ({' and '.join(faster)} shape) because it projected onto the",
-            "tail directions only (this run predates the logit-scale default for a given k: it ran the paper's",
-            "targets; the logit-scale targets fit every direction), the accuracy sample alone being projected",
-            "onto all of them, and because lip maps each chunk of a `.npy` file as it reads it, where the floor",
-            "maps the whole file.",
+            f"An explicit k beats the floor here ({' and '.join(faster)} shape) because it projected onto",
+            "the tail directions only (this run predates the logit-scale default for a given k: it ran the",
+            "paper's targets; the logit-scale targets fit every direction), the accuracy sample alone being",
+            "projected onto all of them, and because lip maps each chunk of a `.npy` file as it reads it,",
+            "where the floor maps the whole file.",
         ]
     if "imagenet-full" in results:
         full = results["imagenet-full"]
         lines += [
-            f"On the full-size cache ({_bytes(SHAPES['imagenet-full']) / 1e9:.1f} GB) the floor's peak RSS is "
-            f"{full['floor']['peak_total_mb'] / 1000:.1f} GB, most of it the",
+            f"On the full-size cache ({_bytes(SHAPES['imagenet-full']) / 1e9:.1f} GB) the floor's peak RSS "
+            f"is {full['floor']['peak_total_mb'] / 1000:.1f} GB, most of it the",
             f"file's pages; `--k auto`'s is {full['auto']['peak_total_mb']:.0f} MB.",
         ]
     spread = results["imagenet"]["floor"].get("all_seconds") if "imagenet" in results else None
@@ -124,8 +127,8 @@ def speed_text(saved: dict) -> str:
         core = results["imagenet"]
         lines += [
             "",
-            f"The paper's formula written densely takes {core['dense']['seconds']:.1f} s at the ImageNet-like "
-            "shape, where lip's core",
+            f"The paper's formula written densely takes {core['dense']['seconds']:.1f} s at the "
+            "ImageNet-like shape, where lip's core",
             f"(`lip_repair`, float32, in memory) takes {core['core32']['seconds']:.1f} s.",
         ]
     if "lip --help" in results:
@@ -142,7 +145,8 @@ def precision_text(saved: dict) -> str:
     shapes = [name for name in SHAPES if "precision" in results.get(name, {})]
     found = {name: results[name]["precision"] for name in shapes}
     cost = " and ".join(
-        f"{results[n]['core64']['seconds'] / results[n]['core32']['seconds']:.1f}x ({LABELS[n]} shape)" for n in shapes
+        f"{results[n]['core64']['seconds'] / results[n]['core32']['seconds']:.1f}x ({LABELS[n]} shape)"
+        for n in shapes
     )
     counts = " and ".join(
         f"{found[n]['curve_count_differences']} "
@@ -153,14 +157,16 @@ def precision_text(saved: dict) -> str:
     tail = max(found[n]["tail_relative_error"] for n in shapes)
     return "\n".join(
         [
-            "- **Precision**: `--compute-dtype float32` (default) computes the products over the features in",
-            "  float32 and accumulates their sums in float64; `float64` computes everything in float64: lip's",
-            f"  core took {cost} as long in float64 as in float32 (`{saved['command']}`,",
-            "  [benchmarks/speed.json](../benchmarks/speed.json), written here by `python benchmarks/speed_page.py`).",
-            "  Measured against float64 in the same run, through the library at the explicit k, the repaired",
-            f"  weight agrees to {weight:.0e} relative and the re-fitted tail singular values to {tail:.0e}; the",
-            f"  accuracy curve's correct counts, summed over every k, differed by {counts}",
-            "  (from rows whose two best logits are closer than float32 rounding). tests/test_lip_core.py holds the default to a relative tolerance of the float64 reference.",
+            "- **Precision**: `--compute-dtype float32` (default) computes the products over the features",
+            "  in float32 and accumulates their sums in float64; `float64` computes everything in float64:",
+            f"  lip's core took {cost} as long in float64 as in float32 (`{saved['command']}`,",
+            "  [benchmarks/speed.json](../benchmarks/speed.json), written here by",
+            "  `python benchmarks/speed_page.py`). Measured against float64 in the same run, through the",
+            f"  library at the explicit k, the repaired weight agrees to {weight:.0e} relative and the",
+            f"  re-fitted tail singular values to {tail:.0e}; the accuracy curve's correct counts, summed",
+            f"  over every k, differed by {counts} (from rows whose two best logits are closer than float32",
+            "  rounding). tests/test_lip_core.py holds the default to a relative tolerance of the float64",
+            "  reference.",
         ]
     )
 
@@ -212,7 +218,7 @@ def large_checkpoint_text(saved: dict) -> str:
     ]
     if max(run["read_bytes"] for run in runs.values()) < size / 4:
         lines += [
-            "The file was in the page cache, so \"from disk\" is small for every row.",
+            'The file was in the page cache, so "from disk" is small for every row.',
         ]
     lines += [
         "`lip inspect` without `--layer` computes the spectrum of every 2-D",

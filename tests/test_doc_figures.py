@@ -25,7 +25,8 @@ def test_repair_page_sampling_error_follows_the_sample_size() -> None:
     text = prose("docs/repair.md")
     assert f"`--sample-rows` ({SAMPLE_ROWS:,}) training rows" in text
     found = re.search(
-        r"An accuracy on ([\d,]+) rows has a standard error of at most ([\d.]+) points \(0\.5 / sqrt\((\d+)\)\)",
+        r"An accuracy on ([\d,]+) rows has a standard error of at most ([\d.]+) points "
+        r"\(0\.5 / sqrt\((\d+)\)\)",
         text,
     )
     assert found, "docs/repair.md: the standard error sentence is gone"
@@ -77,7 +78,8 @@ def test_readme_fit_time_is_the_saved_full_size_run() -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from speed import SHAPES
 
-    found = re.search(r"an ImageNet-size cache \(([\d.]+) million rows\) takes under (\d+) s", prose("README.md"))
+    sentence = r"an ImageNet-size cache \(([\d.]+) million rows\) takes under (\d+) s"
+    found = re.search(sentence, prose("README.md"))
     assert found, "README.md: the fit-time sentence is gone"
     assert found.group(1) == f"{SHAPES['imagenet-full']['n'] / 1e6:.2f}"
     saved = json.loads((ROOT / "benchmarks" / "speed.json").read_text())["results"]["imagenet-full"]
@@ -111,7 +113,8 @@ def test_readme_demo_description_is_the_demos_defaults() -> None:
     from lip_cli.demo import DemoSettings
 
     settings = DemoSettings()
-    found = re.search(r"trains a small MLP on a (\d+)-class problem with (\d+)% label noise", prose("README.md"))
+    sentence = r"trains a small MLP on a (\d+)-class problem with (\d+)% label noise"
+    found = re.search(sentence, prose("README.md"))
     assert found, "README.md: the demo sentence is gone"
     assert int(found.group(1)) == settings.classes
     assert int(found.group(2)) == round(100 * settings.noise_rate)

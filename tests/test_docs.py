@@ -368,8 +368,9 @@ def test_compare_page_angle_after_a_repair_is_what_compare_gives(demo_folder: Pa
     k, degrees, at = found.groups()
     repaired = tmp_path / "repaired.pt"
     features = demo_folder / "train" / "features.npy"
-    result = runner.invoke(app, ["repair", str(demo_folder / "model.pt"), "-f", str(features), "--k", k, "-o", str(repaired)])
+    model = str(demo_folder / "model.pt")
+    result = runner.invoke(app, ["repair", model, "-f", str(features), "--k", k, "-o", str(repaired)])
     assert result.exit_code == 0, result.output
-    result = runner.invoke(app, ["compare", str(demo_folder / "model.pt"), str(repaired), "--json"])
+    result = runner.invoke(app, ["compare", model, str(repaired), "--json"])
     angles = json.loads(result.stdout)["largest_principal_angle_degrees"]
     assert f"{angles[at]:.0f}" == degrees
