@@ -107,12 +107,13 @@ def speed_text(saved: dict) -> str:
         lines += [
             "",
             "The machine's speed varies from run to run (the floor's runs at the ImageNet-like shape took",
-            f"{min(spread):.2f} to {max(spread):.2f} s in this one); the ratios are what the side-by-side "
-            "runs hold steady.",
+            f"{min(spread):.2f} to {max(spread):.2f} s in this one), which is why each time is set "
+            "against a floor measured beside it.",
         ]
     auto = results[shapes[0]]["auto"]
     points = results[shapes[0]].get("precision", {}).get("curve_points")
     lines += [
+        "",
         "What `--k auto` adds to one pass: the LAP sums over every direction (the held-out rows and the rest",
         "accumulated apart, the rest copied into one buffer reused from chunk to chunk), and the accuracy",
         f"curves: {auto['accuracy_rows']:,} training rows and the held-out rows' selection and confirmation "
@@ -120,7 +121,7 @@ def speed_text(saved: dict) -> str:
         "each and every k around the best. The curves are cheap because the logits at two k differ only",
         "between them: the accuracy at every k of the grid comes from one product and blocked rank-1 updates",
         "(together one more product), not one product per k, and a row is judged by comparing its label's",
-        "logit with the largest of the others (a max without indices, faster than argmax; ties and",
+        "logit with the largest of the others (a max without indices; ties and",
         "NaN are decided by argmax).",
     ]
     if "imagenet" in results and "dense" in results["imagenet"]:
