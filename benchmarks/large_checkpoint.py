@@ -2,7 +2,11 @@
 (/proc/self/io: rchar, what read() returned; read_bytes, what came from the disk) of one child
 process per command, side by side with torch.load of the same file, in one run.
 
-    python benchmarks/large_checkpoint.py [--gigabytes 1.0] [--folder /tmp] [--all-layers]   (Linux only)
+    python benchmarks/large_checkpoint.py [--gigabytes 1.0] [--folder /tmp] [--all-layers]
+        [--out benchmarks/large_checkpoint.json]   (Linux only)
+
+docs/speed.md's "Reading a large checkpoint" table is written from the --out file by
+benchmarks/speed_page.py.
 
 The checkpoint: a Lightning-like {"state_dict": ..., "epoch": ...} of float32 layers that add up to
 the size asked for, with a 1000 x 2048 head `fc` last. The tensors lip does not need are mapped
@@ -76,6 +80,7 @@ def main() -> None:
     parser.add_argument(
         "--all-layers", action="store_true", help="also `lip inspect` of every 2-D layer (slow: SVDs)"
     )
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     options = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=options.folder) as folder:
         path = Path(folder) / "large.ckpt"
@@ -92,7 +97,11 @@ def main() -> None:
                 f"{name:<52} {found['VmHWM'] / 2**20:>12,.0f} {found['RssFile'] / 2**20:>15,.0f} "
                 f"{found['rchar'] / 2**20:>10,.1f} {found['read_bytes'] / 2**20:>8,.1f}"
             )
-        print(json.dumps({"checkpoint_bytes": size, "runs": results}))
+        command = "python benchmarks/large_checkpoint.py --gigabytes " + f"{options.gigabytes}"
+        document = {"command": command, "checkpoint_bytes": size, "runs": results}
+        print(json.dumps(document))
+        if options.out:
+            options.out.write_text(json.dumps(document, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ Conventions of the pages (this file is their one definition):
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shlex
@@ -330,3 +331,46 @@ def test_demo_page_figures_are_what_the_demo_gives(demo_folder: Path) -> None:
     page = (ROOT / "docs" / "demo.md").read_text()
     assert demo_figures.block(page, "demo-intro") == demo_figures.intro_text(single)
     assert demo_figures.block(page, "demo-fixed-k") == demo_figures.fixed_k_text(single)
+
+
+def test_speed_page_figures_are_what_the_runs_saved() -> None:
+    """docs/speed.md's figures are written by benchmarks/speed_page.py from benchmarks/speed.json and
+    benchmarks/large_checkpoint.json, the files the benchmark runs saved: none is typed by hand."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import speed_page
+
+    for path, text in speed_page.generated().items():
+        assert path.read_text() == text, f"{path.name} is stale: run python benchmarks/speed_page.py"
+
+
+def test_results_speed_section_is_what_speed_json_renders(monkeypatch: pytest.MonkeyPatch) -> None:
+    """benchmarks/RESULTS.md's speed section is `speed.py --render benchmarks/speed.json`'s text."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import json
+
+    import speed
+
+    written = {}
+    monkeypatch.setattr(speed, "replace_section", lambda name, text: written.update({name: text}))
+    saved = json.loads((ROOT / "benchmarks" / "speed.json").read_text())
+    speed.write_section(saved["results"], saved["command"], saved["machine"])
+    results = (ROOT / "benchmarks" / "RESULTS.md").read_text()
+    section = results.split("<!-- speed:begin -->\n", 1)[1].split("\n<!-- speed:end -->", 1)[0]
+    assert section == written["speed"].rstrip(), "RESULTS.md's speed section is stale: speed.py --render"
+
+
+def test_compare_page_angle_after_a_repair_is_what_compare_gives(demo_folder: Path, tmp_path: Path) -> None:
+    """docs/compare.md: after `--k 3` on the demo, compare's largest principal angle at k = 5 is the
+    one the page names (the repaired values sort in another order, so the top 5 differ)."""
+    page = " ".join((ROOT / "docs" / "compare.md").read_text().split())
+    found = re.search(r"after `--k (\d+)` on the demo, a (\d+)-degree angle at k = (\d+)\)", page)
+    assert found, "docs/compare.md: the sentence on the angle after a repair is gone"
+    k, degrees, at = found.groups()
+    repaired = tmp_path / "repaired.pt"
+    features = demo_folder / "train" / "features.npy"
+    model = str(demo_folder / "model.pt")
+    result = runner.invoke(app, ["repair", model, "-f", str(features), "--k", k, "-o", str(repaired)])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["compare", model, str(repaired), "--json"])
+    angles = json.loads(result.stdout)["largest_principal_angle_degrees"]
+    assert f"{angles[at]:.0f}" == degrees
