@@ -44,7 +44,18 @@ def test_timm_checkpoint_saver_output_repairs_and_loads_back(tmp_path: Path) -> 
     np.save(tmp_path / "labels.npy", labels.numpy())
 
     result = runner.invoke(
-        app, ["repair", str(best), "-f", str(tmp_path / "features.npy"), "--k", "2", "--json"]
+        app,
+        [
+            "repair",
+            str(best),
+            "-f",
+            str(tmp_path / "features.npy"),
+            "--k",
+            "2",
+            "--targets",
+            "paper",
+            "--json",
+        ],
     )
     assert result.exit_code == 0, result.output
     output = Path(json.loads(result.stdout)["output"])
