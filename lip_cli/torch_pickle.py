@@ -43,6 +43,7 @@ from lip_cli.errors import LipError
 
 MAX_PICKLE_BYTES = 64 * 2**20  # a pickle holds metadata; real checkpoints' are under a few MB
 MAX_VALUES = 2_000_000  # values the walk holds (containers' entries, numbers, strings, stack entries)
+FIXED_WIDTH = {0x4D: ("<H", 2), 0x4A: ("<i", 4), 0x47: (">d", 8)}  # opcode: its number's layout, bytes
 MAX_KEPT_TEXT = 4096  # a longer string or bytes value is a placeholder, never copied
 MAX_COMPRESSED_BYTES = 64 * 2**20  # a compressed zip record, once inflated (torch.save never compresses)
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -400,15 +401,11 @@ class _Walk:
                 pos += 1
                 if len(stack) > MAX_VALUES:
                     keep(len(stack))
-            elif op == 0x4D:  # BININT2
-                need(2)
-                stack.append(unpack("<H", data, pos)[0])
-                pos += 2
-                keep()
-            elif op == 0x4A:  # BININT
-                need(4)
-                stack.append(unpack("<i", data, pos)[0])
-                pos += 4
+            elif op in FIXED_WIDTH:  # BININT2, BININT, BINFLOAT
+                layout, width = FIXED_WIDTH[op]
+                need(width)
+                stack.append(unpack(layout, data, pos)[0])
+                pos += width
                 keep()
             elif op == 0x58:  # BINUNICODE
                 need(4)
@@ -533,11 +530,6 @@ class _Walk:
                 keep()
             elif op in (0x4E, 0x88, 0x89):  # NONE, NEWTRUE, NEWFALSE
                 stack.append(None if op == 0x4E else op == 0x88)
-                keep()
-            elif op == 0x47:  # BINFLOAT
-                need(8)
-                stack.append(unpack(">d", data, pos)[0])
-                pos += 8
                 keep()
             elif op in (0x8A, 0x8B):  # LONG1, LONG4
                 width = 1 if op == 0x8A else 4
