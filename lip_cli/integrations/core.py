@@ -29,6 +29,7 @@ from lip_cli.jobs.repair import (
     check_k,
     check_options,
     check_split_rows,
+    counts_total,
     decided_head,
     judge_on_validation,
     withholds,
@@ -279,11 +280,7 @@ def _judge(
         mine = confirm[offset : offset + count].to(z.device)
         return [(z[~mine], y[~mine])], [(z[mine], y[mine])]
 
-    if group.active:
-        total: selection.Total = lambda counts: group.sum(counts.to(stats.device)).cpu()  # noqa: E731
-    else:
-        total = lambda counts: counts  # noqa: E731
-    decision = judge_on_validation(request, stats, rows, project, total)
+    decision = judge_on_validation(request, stats, rows, project, counts_total(group, stats.device))
     return decision, decision.reason, rows
 
 

@@ -234,7 +234,7 @@ def _repair(
     if note is not None and request.k != AUTO and request.val_features is None:
         note(unchecked_notice(int(request.k)))
     fitted = _fit(request, loaded, group, progress)
-    total = _counts_total(group, device)
+    total = counts_total(group, device)
     decided = _decide(request, loaded, fitted, total, progress, group)
     output = _write(request, loaded, decided, group)
     return _report(request, loaded, fitted, decided, output)
@@ -556,7 +556,7 @@ def _report(
     )
 
 
-def _counts_total(group: distributed.Group, device: torch.device) -> selection.Total:
+def counts_total(group: distributed.Group, device: torch.device) -> selection.Total:
     """Adds counts over the ranks, on the device the backend reduces on."""
     if not group.active:
         return lambda counts: counts
