@@ -71,6 +71,12 @@ PlotOption = Annotated[
 ]
 
 
+JunitOption = Annotated[
+    Path | None,
+    typer.Option("--junit", metavar="PATH", help="Also write a JUnit XML report.", rich_help_panel=OUTPUT),
+]
+
+
 ForceOption = Annotated[
     bool,
     typer.Option(

@@ -14,6 +14,7 @@ from lip_cli.options import (
     OUTPUT,
     ForceOption,
     JsonOption,
+    JunitOption,
     PlotOption,
     check_series_labels,
     usage_error,
@@ -125,12 +126,7 @@ def compare(
             "--alpha", parser=_alpha, help="Level of the exact test of a drop.", rich_help_panel=GATE
         ),
     ] = 0.05,
-    junit: Annotated[
-        Path | None,
-        typer.Option(
-            "--junit", metavar="PATH", help="Also write a JUnit XML report.", rich_help_panel=OUTPUT
-        ),
-    ] = None,
+    junit: JunitOption = None,
     no_step_summary: Annotated[
         bool,
         typer.Option(
@@ -203,20 +199,12 @@ def compare(
         cases = ci.compare_cases(results, labels[1:])
         verdict = view.gate_verdict(results)
         if junit is not None:
-            _write_junit(junit, f"lip compare {results[0].layer}", cases)
+            ci.write_junit(junit, f"lip compare {results[0].layer}", cases)
         if summary:
             warning = ci.append_step_summary(ci.compare_summary(results, labels[1:], verdict, cases))
             if warning:
                 console.warning(warning)
     raise typer.Exit(GATE_EXIT_CODES[verdict])
-
-
-def _write_junit(path: Path, suite: str, cases: list) -> None:
-    from lip_cli.render import ci
-    from lip_cli.writes import atomic_output
-
-    with atomic_output(path) as temporary:
-        temporary.write_text(ci.junit_xml(suite, cases), encoding="utf-8")
 
 
 def _report_failure(message: str, junit: Path | None, summary: bool) -> None:
@@ -226,7 +214,7 @@ def _report_failure(message: str, junit: Path | None, summary: bool) -> None:
 
     if junit is not None:
         with contextlib.suppress(LipError):  # the failure's own line is what the user sees
-            _write_junit(junit, "lip compare", [ci.error_case("compare", message)])
+            ci.write_junit(junit, "lip compare", [ci.error_case("compare", message)])
     if summary:
         warning = ci.append_step_summary(ci.error_summary("compare", message))
         if warning:

@@ -20,6 +20,7 @@ from lip_cli.options import (
     DeviceOption,
     ForceOption,
     JsonOption,
+    JunitOption,
     LayerOption,
     PlotOption,
     usage_error,
@@ -221,12 +222,7 @@ def repair(
         ),
     ] = False,
     plot: PlotOption = None,
-    junit: Annotated[
-        Path | None,
-        typer.Option(
-            "--junit", metavar="PATH", help="Also write a JUnit XML report.", rich_help_panel=OUTPUT
-        ),
-    ] = None,
+    junit: JunitOption = None,
     dry_run: Annotated[
         bool,
         typer.Option(
@@ -244,7 +240,7 @@ def repair(
     with user_errors(json_output):
         from lip_cli import distributed, plots
         from lip_cli.jobs import repair as job
-        from lip_cli.render import console
+        from lip_cli.render import ci, console
         from lip_cli.render import repair as view
 
         request = job.RepairRequest(
@@ -281,7 +277,7 @@ def repair(
             result = _with_junit_error(junit, lambda: job.repair_checkpoint(request, progress, note))
         if distributed.is_leader():
             if junit is not None:
-                _write_junit(junit, view.repair_document(result))
+                ci.write_junit(junit, "lip repair", [ci.repair_case(view.repair_document(result))])
             if plot is not None:
                 plots.plot_k_curve(
                     result.k_curve, plot, title=f"{result.layer.name}: accuracy after PSP + LAP"
@@ -295,27 +291,17 @@ def repair(
     raise typer.Exit(result.exit_code)
 
 
-def _write_junit(path: Path, document: dict) -> None:
-    from lip_cli.render import ci
-    from lip_cli.writes import atomic_output
-
-    with atomic_output(path) as temporary:
-        temporary.write_text(ci.junit_xml("lip repair", [ci.repair_case(document)]), encoding="utf-8")
-
-
 def _with_junit_error(junit: Path | None, run: Callable[[], T]) -> T:
     """`run()`; a failure once the outputs were checked (`files.checked` holds --junit) also writes
     an <error> case there."""
     from lip_cli import distributed, files
     from lip_cli.errors import LipError
     from lip_cli.render import ci
-    from lip_cli.writes import atomic_output
 
     try:
         return run()
     except LipError as failure:
         if junit is not None and distributed.is_leader() and files.write_location(junit) in files.checked:
-            with contextlib.suppress(LipError), atomic_output(junit) as temporary:  # the failure's line stays
-                xml = ci.junit_xml("lip repair", [ci.error_case("repair", str(failure))])
-                temporary.write_text(xml, encoding="utf-8")
+            with contextlib.suppress(LipError):  # the failure's own line is what the user sees
+                ci.write_junit(junit, "lip repair", [ci.error_case("repair", str(failure))])
         raise

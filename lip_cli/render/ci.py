@@ -53,6 +53,14 @@ def junit_xml(suite: str, cases: Sequence[Case]) -> str:
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ElementTree.tostring(root, encoding="unicode") + "\n"
 
 
+def write_junit(path: Path, suite: str, cases: Sequence[Case]) -> None:
+    """The JUnit XML document of one test suite, written atomically to `path` (checked before)."""
+    from lip_cli.writes import atomic_output
+
+    with atomic_output(path) as temporary:
+        temporary.write_text(junit_xml(suite, cases), encoding="utf-8")
+
+
 def _cell(text: object) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
